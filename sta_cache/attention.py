@@ -1,0 +1,84 @@
+"""The "sta" attention implementation: attends from the cache's codes without rebuilding compressed keys/values.
+
+Importing ``sta_cache`` registers it, so ``from_pretrained(..., attn_implementation="sta")`` (or
+``model.set_attn_implementation("sta")``) routes every attention layer here. Layers whose cache is dense (no
+dictionary, sliding-window layers, no cache at all) go to PyTorch's sdpa unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import kernels
+from .layer import SparseSemanticLayer
+
+ATTN_IMPLEMENTATION = "sta"
+
+# transformers calls ``cache.update(...)`` and then the attention function of the same layer, and does not hand
+# the cache to the attention function; the cache leaves the layer it just updated here for the next call to take.
+_handoff = threading.local()
+
+
+def hand_over(layer_idx: int, layer: object) -> None:
+    """Called by ``SparseSemanticCache.update``: the layer that the next attention call of ``layer_idx`` reads."""
+    _handoff.entry = (layer_idx, layer)
+
+
+def _take(layer_idx: int | None) -> SparseSemanticLayer | None:
+    entry = getattr(_handoff, "entry", None)
+    _handoff.entry = None
+    if entry is None or entry[0] != layer_idx or not isinstance(entry[1], SparseSemanticLayer):
+        return None
+    return entry[1]
+
+
+def sta_mask(*args, **kwargs) -> torch.Tensor | None:
+    """The boolean sdpa mask, always materialised: the "sta" path reads padding from it."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def sta_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over ``sinks | codes | window`` of the layer the cache just updated. Returns ``[B, Lq, Hq, d]``."""
+    layer = _take(getattr(module, "layer_idx", None))
+    if layer is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, softcap=softcap, **kwargs
+        )
+    if module.training and dropout > 0:
+        raise ValueError("the 'sta' attention path is for inference; it does not implement attention dropout")
+    batch, _, q_len, head_dim = query.shape
+    length = layer.get_seq_length()
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        mask = attention_mask[:, 0, :, -length:].expand(batch, q_len, length)
+    real = None
+    if mask is not None:
+        new = torch.arange(q_len, device=mask.device)
+        real = mask[:, new, length - q_len + new]
+    layer.observe(kwargs.get("position_ids"), real)
+    layer.attention_reads_codes = True
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    out = kernels.sparse_attention(query, layer.compressed_view(), mask, scaling, softcap, layer.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, sta_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sta_mask)

@@ -1,0 +1,206 @@
+"""SparseSemanticCache: a drop-in transformers ``Cache`` that stores Top-K SAE codes instead of dense keys/values."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from .attention import hand_over
+from .dictionary import KVDictionary
+from .layer import SparseSemanticLayer
+
+DEFAULT_RESIDUAL_LENGTH = 64
+DEFAULT_NUM_SINK_TOKENS = 4
+SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's attention cannot be served by this cache, or the dictionary was made for another model."""
+
+
+def check_model_fits(dictionary: KVDictionary, config: PretrainedConfig) -> list[str]:
+    """Raise :class:`UnsupportedModelError` naming every mismatch between ``dictionary`` and the model ``config``;
+    return the model's per-layer attention types."""
+    config = config.get_text_config()
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
+        raise UnsupportedModelError(
+            f"{config.model_type} uses multi-head latent attention (MLA): its cache holds a compressed latent, not "
+            "per-head keys and values, and SparseSemanticCache cannot serve it"
+        )
+    if getattr(config, "layer_types", None) and any(
+        t not in ("full_attention", *SLIDING_LAYER_TYPES) for t in config.layer_types
+    ):
+        others = sorted(set(config.layer_types) - {"full_attention", *SLIDING_LAYER_TYPES})
+        raise UnsupportedModelError(f"{config.model_type} has layers of type {others}, which this cache cannot serve")
+    meta = dictionary.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    problems = []
+    if config.num_hidden_layers != meta.num_layers:
+        problems.append(f"{config.num_hidden_layers} layers (dictionary: {meta.num_layers})")
+    if heads != meta.num_kv_heads:
+        problems.append(f"{heads} KV heads (dictionary: {meta.num_kv_heads})")
+    if head_dim != meta.head_dim:
+        problems.append(f"head_dim {head_dim} (dictionary: {meta.head_dim})")
+    if problems:
+        raise UnsupportedModelError(
+            f"the dictionary was made for {meta.base_model} and does not fit this {config.model_type} model: the "
+            f"model has {', '.join(problems)}"
+        )
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    sliding_with_saes = [i for i in meta.layer_indices if layer_types[i] in SLIDING_LAYER_TYPES]
+    if sliding_with_saes:
+        raise UnsupportedModelError(
+            f"layers {sliding_with_saes} are sliding-window layers, which keep a bounded dense cache; the dictionary "
+            "should not hold SAEs for them"
+        )
+    return layer_types
+
+
+class SparseSemanticCache(Cache):
+    """A transformers ``Cache`` whose attention layers keep Top-K sparse codes (STA-Attention).
+
+    Per batch row, KV head and token it stores ``k_key`` atom indices + coefficients for the key and ``k_value``
+    for the value; only the first ``num_sink_tokens`` real tokens (attention sinks) and the most recent
+    ``residual_length`` tokens stay dense. Layers without a dictionary stay dense (sliding-window layers, such as
+    Gemma-3's local layers, keep transformers' own bounded sliding cache).
+
+    Pass ``config=model.config`` to check the dictionary against the model before anything runs, and to lay out
+    sliding-window layers. Use ``attn_implementation="sta"`` (see :mod:`sta_cache.attention`) to attend from the
+    codes directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
+
+    ``k_key`` / ``k_value`` default to the dictionary's budget (8 / 16 unless it says otherwise).
+    ``backend`` is ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+    """
+
+    def __init__(
+        self,
+        dictionary: KVDictionary,
+        *,
+        k_key: int | None = None,
+        k_value: int | None = None,
+        residual_length: int = DEFAULT_RESIDUAL_LENGTH,
+        num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS,
+        config: PretrainedConfig | None = None,
+        coefficient_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ):
+        meta = dictionary.config
+        self.dictionary = dictionary
+        self.k_key = meta.k_key if k_key is None else k_key
+        self.k_value = meta.k_value if k_value is None else k_value
+        self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
+        if config is not None:
+            layer_types = check_model_fits(dictionary, config)
+            text_config = config.get_text_config()
+        else:
+            layer_types, text_config = ["full_attention"] * meta.num_layers, None
+        layers = []
+        for i, layer_type in enumerate(layer_types):
+            if i in dictionary:
+                layers.append(
+                    SparseSemanticLayer(
+                        dictionary[i],
+                        layer_idx=i,
+                        k_key=self.k_key,
+                        k_value=self.k_value,
+                        key_space=meta.key_space,
+                        encoder=meta.encoder,
+                        rope_scaling=meta.rope_scaling,
+                        residual_length=residual_length,
+                        num_sink_tokens=num_sink_tokens,
+                        coefficient_dtype=coefficient_dtype,
+                        backend=backend,
+                    )
+                )
+            elif layer_type in SLIDING_LAYER_TYPES:
+                window = text_config.sliding_window if layer_type == "sliding_attention" else text_config.attention_chunk_size
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                layers.append(DynamicLayer())
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        **kwargs,
+    ) -> SparseSemanticCache:
+        """Load the dictionary from a folder or Hub repo id and build a cache; ``kwargs`` go to ``__init__``."""
+        dictionary = KVDictionary.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        return cls(dictionary, **kwargs)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"the model has a layer {layer_idx} but the dictionary ({self.dictionary.config.base_model}) covers "
+                f"{len(self.layers)} layers: it was made for another model"
+            )
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        hand_over(layer_idx, self.layers[layer_idx])
+        return keys, values
+
+    @property
+    def sparse_layers(self) -> list[SparseSemanticLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SparseSemanticLayer)]
+
+    def flush(self) -> None:
+        """Encode every token that has left its layer's recent window (otherwise done at the next update)."""
+        for layer in self.sparse_layers:
+            layer.flush()
+
+    def memory_footprint(self) -> dict[str, float | int | None]:
+        """Real bytes of the stored tensors after encoding what has left the window.
+
+        ``code_bytes``: indices + coefficients (+ positions of pre-RoPE codes); ``dense_bytes``: sinks, windows and
+        layers kept dense; ``dictionary_bytes``: the SAE tensors the cache holds; ``dynamic_cache_bytes``: what a
+        DynamicCache of the same dtype holds for the same tokens; ``compression_ratio`` = dynamic / (code + dense);
+        ``break_even_tokens``: the context length per row (at this batch size) from which codes + dense +
+        dictionaries take fewer bytes than a DynamicCache (None until some token is compressed).
+        """
+        self.flush()
+        code = dense = dynamic = dictionary = 0
+        compressed_dynamic = 0
+        compressed_tokens = batch = 0
+        for layer in self.layers:
+            if isinstance(layer, SparseSemanticLayer):
+                memory = layer.memory()
+                code += memory["code_bytes"]
+                dense += memory["dense_bytes"]
+                dynamic += memory["dynamic_cache_bytes"]
+                if layer.is_initialized:
+                    dictionary += sum(t.numel() * t.element_size() for sae in layer.sae.values() for t in sae.values())
+                    batch, compressed_tokens = layer.keys.shape[0], max(compressed_tokens, layer.num_compressed)
+                    compressed_dynamic += memory["dynamic_cache_bytes"] * layer.num_compressed / max(
+                        layer.get_seq_length(), 1
+                    )
+            elif layer.is_initialized and layer.keys is not None:
+                held = layer.keys.numel() * layer.keys.element_size() * 2
+                dense += held
+                dynamic += held
+        if dictionary == 0:
+            dictionary = self.dictionary.num_bytes()
+        stored = code + dense
+        break_even = None
+        if compressed_tokens:
+            saving_per_token = (compressed_dynamic - code) / compressed_tokens  # all rows of the batch
+            if saving_per_token > 0:
+                fixed = self.num_sink_tokens + self.residual_length
+                break_even = fixed + math.ceil(dictionary / saving_per_token)
+        return {
+            "code_bytes": code,
+            "dense_bytes": dense,
+            "dictionary_bytes": dictionary,
+            "dynamic_cache_bytes": dynamic,
+            "compression_ratio": dynamic / stored if stored else float("nan"),
+            "break_even_tokens": break_even,
+            "batch_size": batch,
+        }

@@ -1,0 +1,261 @@
+"""KVDictionary: the per-layer key and value SAEs of one model, saved as safetensors + config.json + model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .sae import TopKSAE
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "dictionary.safetensors"
+KINDS = ("key", "value")
+SAE_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class DictionaryFormatError(ValueError):
+    """A dictionary folder that is missing, truncated, corrupted or inconsistent with its config."""
+
+
+@dataclass
+class KVDictionaryConfig:
+    """What a dictionary was made for and how its codes are chosen.
+
+    ``layer_indices`` are the model layers that have SAEs (e.g. only Gemma-3's full-attention layers); the
+    other layers of a ``num_layers``-layer model keep a dense cache. ``key_space`` is ``"post_rope"`` (keys as the
+    model caches them, as in the paper) or ``"pre_rope"`` (un-rotated by their position before coding; the
+    rotary frequencies of each layer are stored with the weights). ``encoder`` is ``"topk"`` (the SAE's one-shot
+    encoder) or ``"omp"`` (orthogonal matching pursuit over the decoder).
+    """
+
+    base_model: str
+    num_layers: int
+    layer_indices: list[int]
+    num_kv_heads: int
+    head_dim: int
+    n_atoms: int
+    per_head: bool = False
+    k_key: int = 8
+    k_value: int = 16
+    key_space: str = "post_rope"
+    encoder: str = "topk"
+    rope_scaling: float = 1.0
+    training: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.key_space not in ("post_rope", "pre_rope"):
+            raise DictionaryFormatError(f"key_space must be 'post_rope' or 'pre_rope', got {self.key_space!r}")
+        if self.encoder not in ("topk", "omp"):
+            raise DictionaryFormatError(f"encoder must be 'topk' or 'omp', got {self.encoder!r}")
+        bad = [i for i in self.layer_indices if not 0 <= i < self.num_layers]
+        if bad:
+            raise DictionaryFormatError(f"layer_indices {bad} are outside a {self.num_layers}-layer model")
+        for name, k in (("k_key", self.k_key), ("k_value", self.k_value)):
+            if not 1 <= k <= self.n_atoms:
+                raise DictionaryFormatError(f"default {name}={k} must be between 1 and n_atoms={self.n_atoms}")
+
+    @property
+    def num_dictionary_heads(self) -> int:
+        return self.num_kv_heads if self.per_head else 1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KVDictionaryConfig:
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise DictionaryFormatError(f"config.json lacks the fields {missing}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise DictionaryFormatError(
+                f"dictionary format {version} is newer than this sta_cache understands ({FORMAT_VERSION}); upgrade"
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class LayerDictionary(nn.Module):
+    """The key SAEs and value SAEs of one attention layer (one of each, or one per KV head), plus that layer's
+    rotary frequencies when keys are coded before RoPE."""
+
+    def __init__(self, config: KVDictionaryConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        heads = config.num_dictionary_heads
+        make = lambda: TopKSAE(config.head_dim, config.n_atoms, encoder=config.encoder, dtype=dtype)  # noqa: E731
+        self.key = nn.ModuleList(make() for _ in range(heads))
+        self.value = nn.ModuleList(make() for _ in range(heads))
+        self.register_buffer("rope_inv_freq", torch.zeros(config.head_dim // 2, dtype=torch.float32))
+
+    def saes(self, kind: str) -> nn.ModuleList:
+        return self.key if kind == "key" else self.value
+
+    def stacked(self, kind: str) -> dict[str, torch.Tensor]:
+        """``W_enc [Hd, d, N]``, ``b_enc [Hd, N]``, ``W_dec [Hd, N, d]``, ``b_dec [Hd, d]`` for ``kind``."""
+        saes = self.saes(kind)
+        return {name: torch.stack([getattr(sae, name).detach() for sae in saes]) for name in SAE_PARAMS}
+
+
+class KVDictionary(nn.Module):
+    """The SAEs for one model: for each compressed attention layer a key SAE and a value SAE."""
+
+    def __init__(self, config: KVDictionaryConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleDict({str(i): LayerDictionary(config, dtype) for i in config.layer_indices})
+
+    def __getitem__(self, layer_idx: int) -> LayerDictionary:
+        return self.layers[str(layer_idx)]
+
+    def __contains__(self, layer_idx: int) -> bool:
+        return str(layer_idx) in self.layers
+
+    def num_bytes(self) -> int:
+        """Bytes of every tensor that the dictionaries hold."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def _flat_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for i in self.config.layer_indices:
+            layer = self[i]
+            for kind in KINDS:
+                for h, sae in enumerate(layer.saes(kind)):
+                    for name in SAE_PARAMS:
+                        tensors[f"layers.{i}.{kind}.{h}.{name}"] = getattr(sae, name).detach().contiguous()
+            if self.config.key_space == "pre_rope":
+                tensors[f"layers.{i}.rope_inv_freq"] = layer.rope_inv_freq.contiguous()
+        return tensors
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``dictionary.safetensors``, ``config.json`` and a ``README.md`` model card (never pickle).
+        ``dtype`` (e.g. ``torch.float16``) casts the SAE weights on disk; rotary frequencies stay float32."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: (t.to(dtype) if dtype is not None and "rope" not in name else t).cpu()
+            for name, t in self._flat_tensors().items()
+        }
+        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "sta_cache": str(FORMAT_VERSION)})
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        (directory / "README.md").write_text(model_card(self.config, directory / WEIGHTS_NAME))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVDictionary:
+        """Load from a local folder or a Hub repo id (resolved through huggingface_hub and its cache)."""
+        from .hub import resolve_dictionary
+
+        directory = resolve_dictionary(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        return cls.load_folder(directory, dtype=dtype)
+
+    @classmethod
+    def load_folder(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> KVDictionary:
+        """Read a saved folder, checking that config and tensors agree exactly."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise DictionaryFormatError(f"{directory} is not a sta_cache dictionary: {path.name} is missing")
+        try:
+            config = KVDictionaryConfig.from_dict(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise DictionaryFormatError(f"{config_path} is not valid dictionary JSON: {error}") from error
+        try:
+            tensors = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise DictionaryFormatError(
+                f"{weights_path} is truncated or corrupted and cannot be read ({error}); download it again"
+            ) from error
+        dictionary = cls(config, dtype=dtype)
+        expected = dictionary._flat_tensors()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            missing_layers = sorted({int(name.split(".")[1]) for name in missing})
+            raise DictionaryFormatError(
+                f"{weights_path} does not match its config.json: missing {len(missing)} tensors"
+                f" (layers {missing_layers}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+        for name, target in expected.items():
+            source = tensors[name]
+            if source.shape != target.shape:
+                raise DictionaryFormatError(
+                    f"tensor {name} has shape {tuple(source.shape)}, config.json implies {tuple(target.shape)}"
+                )
+            if not torch.isfinite(source).all():
+                raise DictionaryFormatError(f"tensor {name} holds non-finite values; the file is corrupted")
+            with torch.no_grad():
+                target.copy_(source.to(target.dtype))
+        return dictionary
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False, **kwargs) -> str:
+        """Publish to the Hugging Face Hub (fp16 weights); returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, dtype=torch.float16)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, **kwargs)
+
+
+def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:
+    """A README.md for a dictionary folder: what it is for and what it measured."""
+    size_mb = weights_path.stat().st_size / 2**20 if weights_path.exists() else float("nan")
+    training = config.training or {}
+    evaluation = config.evaluation or {}
+    lines = [
+        "---",
+        "library_name: sta_cache",
+        f"base_model: {config.base_model}",
+        "tags: [kv-cache, sparse-autoencoder, sta-attention]",
+        "---",
+        f"# STA-Attention KV dictionaries for {config.base_model}",
+        "",
+        "Per-layer Top-K sparse-autoencoder dictionaries for `sta_cache.SparseSemanticCache`: each cached key and",
+        "value vector is stored as k atom indices and k coefficients.",
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        f"| base model | `{config.base_model}` |",
+        f"| layers with dictionaries | {len(config.layer_indices)} of {config.num_layers} |",
+        f"| KV heads / head_dim | {config.num_kv_heads} / {config.head_dim} |",
+        f"| atoms per dictionary (N) | {config.n_atoms} ({'one per KV head' if config.per_head else 'shared by KV heads'}) |",
+        f"| default budget k_key / k_value | {config.k_key} / {config.k_value} |",
+        f"| key space / encoder | {config.key_space} / {config.encoder} |",
+        f"| file size | {size_mb:.2f} MiB |",
+        f"| training text | {training.get('text', 'unknown')} |",
+        f"| training tokens | {training.get('tokens', 'unknown')} |",
+    ]
+    for key, value in evaluation.items():
+        lines.append(f"| {key} | {value} |")
+    lines += [
+        "",
+        "```python",
+        "from sta_cache import SparseSemanticCache",
+        "cache = SparseSemanticCache.from_pretrained(PATH_OR_REPO_ID, config=model.config)",
+        "out = model.generate(**inputs, past_key_values=cache, max_new_tokens=200)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+

@@ -1,0 +1,84 @@
+"""Finding a dictionary folder: a local path, the Hugging Face Hub cache, or the dictionaries shipped in the wheel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from .dictionary import CONFIG_NAME, WEIGHTS_NAME, DictionaryFormatError
+
+DICTIONARY_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+# Pretrained dictionaries ship inside the package as a Hugging Face cache (models--org--name/snapshots/...), so
+# the same repo ids resolve with or without the Hub.
+PACKAGED_HUB_CACHE = Path(__file__).parent / "pretrained"
+
+
+def resolve_dictionary(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """Return a local folder holding the dictionary ``name_or_path``.
+
+    A local folder wins. Otherwise the name is a Hub repo id, resolved by ``huggingface_hub.snapshot_download``
+    (which honours ``HF_HUB_OFFLINE`` and the HF cache); if the Hub cannot be reached and the id is one of the
+    dictionaries shipped with sta_cache, the packaged copy is used.
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    repo_id = str(name_or_path)
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                allow_patterns=DICTIONARY_FILES,
+            )
+        )
+    except HFValidationError as error:
+        raise DictionaryFormatError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id") from error
+    except Exception as hub_error:  # offline, unreachable, unknown repo or revision
+        packaged = _packaged_snapshot(repo_id, revision)
+        if packaged is not None:
+            return packaged
+        offline = isinstance(hub_error, LocalEntryNotFoundError)
+        raise DictionaryFormatError(
+            f"could not find dictionary {repo_id!r}"
+            f"{' at revision ' + revision if revision else ''}: not a local folder, "
+            + ("not in the Hugging Face cache and the Hub is offline or unreachable" if offline else str(hub_error))
+        ) from hub_error
+
+
+def _packaged_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The copy of ``repo_id`` shipped in the wheel, if any."""
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=PACKAGED_HUB_CACHE,
+                local_files_only=True,
+                allow_patterns=DICTIONARY_FILES,
+            )
+        )
+    except Exception:
+        return None
+
+
+def packaged_repo_ids() -> list[str]:
+    """The dictionaries that ship with this package (usable with no Hub access)."""
+    if not PACKAGED_HUB_CACHE.is_dir():
+        return []
+    return sorted(
+        entry.name.removeprefix("models--").replace("--", "/")
+        for entry in PACKAGED_HUB_CACHE.iterdir()
+        if entry.name.startswith("models--")
+    )

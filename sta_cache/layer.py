@@ -1,0 +1,358 @@
+"""SparseSemanticLayer: one attention layer's cache, kept as dense sinks + Top-K codes + a dense recent window."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from . import kernels
+from .dictionary import KINDS, LayerDictionary
+
+
+def index_dtype(n_atoms: int) -> torch.dtype:
+    """The smallest integer dtype that holds atom indices ``0 .. n_atoms - 1``."""
+    if n_atoms <= 256:
+        return torch.uint8
+    if n_atoms <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class SparseSemanticLayer(CacheLayerMixin):
+    """The cache of one attention layer.
+
+    Slots are ordered ``sinks | compressed | window``:
+
+    * ``sinks``: the first ``num_sink_tokens`` real tokens of every row, dense. With left padding a row's pads sit
+      before its first real token, so the sink region extends until every row has its sinks; a row with fewer
+      pads keeps a few more dense tokens there.
+    * ``compressed``: ``k_key`` atom indices + coefficients per key and ``k_value`` per value, per KV head.
+    * ``window``: the most recent ``residual_length`` tokens, dense, plus the tokens the current step appended.
+
+    A token is encoded once, when it has left the window, at the next ``update`` (so the step that wrote it
+    attends to it exactly). Keys are coded post-RoPE, or pre-RoPE when the dictionary says so: then each key is
+    un-rotated by the position the model gave it and re-rotated when used. The positions come from the "sta"
+    attention function (which sees the model's ``position_ids``); other attention implementations do not
+    report them and slot ``i`` is taken to be position ``i`` (exact without left padding).
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        dictionary: LayerDictionary,
+        *,
+        layer_idx: int,
+        k_key: int,
+        k_value: int,
+        key_space: str,
+        encoder: str,
+        rope_scaling: float,
+        residual_length: int,
+        num_sink_tokens: int,
+        coefficient_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        n_atoms = dictionary.key[0].n_atoms
+        for name, k in (("k_key", k_key), ("k_value", k_value)):
+            if not 1 <= k <= n_atoms:
+                raise ValueError(f"{name}={k} must be between 1 and the dictionary's N={n_atoms} atoms")
+        if residual_length < 0 or num_sink_tokens < 0:
+            raise ValueError("residual_length and num_sink_tokens must be >= 0")
+        self.dictionary = dictionary
+        self.layer_idx = layer_idx
+        self.k = {"key": k_key, "value": k_value}
+        self.key_space, self.encoder, self.rope_scaling = key_space, encoder, rope_scaling
+        self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
+        self.n_atoms, self.head_dim = n_atoms, dictionary.key[0].d
+        self.num_dictionary_heads = len(dictionary.key)
+        self.requested_coefficient_dtype = coefficient_dtype
+        self.requested_backend = backend
+        self.attention_reads_codes = False  # set by the "sta" attention function
+        self._clear()
+
+    # ------------------------------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.keys = self.values = None  # the window, as transformers' layers call their dense tensors
+        self.is_initialized = False
+        self.sink_keys = self.sink_values = None
+        self.sink_positions = self.sink_real = None
+        self.window_positions = self.window_real = None
+        self.codes: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"key": None, "value": None}
+        self.key_positions = None
+        self.sinks_settled = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        if head_dim != self.head_dim:
+            raise ValueError(
+                f"layer {self.layer_idx}: the model's head_dim is {head_dim} but the dictionary was made for "
+                f"head_dim {self.head_dim}"
+            )
+        if self.num_dictionary_heads not in (1, heads):
+            raise ValueError(
+                f"layer {self.layer_idx}: the model has {heads} KV heads but the dictionary holds per-head SAEs "
+                f"for {self.num_dictionary_heads}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.backend = kernels.resolve_backend(self.requested_backend, self.device)
+        self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
+        self.sae = {
+            kind: {name: t.to(self.device, torch.float32) for name, t in self.dictionary.stacked(kind).items()}
+            for kind in KINDS
+        }
+        self.rope_inv_freq = self.dictionary.rope_inv_freq.to(self.device)
+        empty = key_states[:, :, :0]
+        self.keys, self.values = empty, value_states[:, :, :0]
+        self.sink_keys, self.sink_values = empty, value_states[:, :, :0]
+        self.sink_positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.sink_real = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        self.window_positions, self.window_real = self.sink_positions, self.sink_real
+        for kind in KINDS:
+            k = self.k[kind]
+            self.codes[kind] = (
+                torch.zeros(batch, heads, 0, k, dtype=index_dtype(self.n_atoms), device=self.device),
+                torch.zeros(batch, heads, 0, k, dtype=self.coefficient_dtype, device=self.device),
+            )
+        if self.key_space == "pre_rope":
+            self.key_positions = torch.zeros(batch, 0, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def num_sinks(self) -> int:
+        return 0 if self.sink_keys is None else self.sink_keys.shape[2]
+
+    @property
+    def num_compressed(self) -> int:
+        return 0 if self.codes["key"] is None else self.codes["key"][0].shape[2]
+
+    @property
+    def num_window(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    # ------------------------------------------------------------------------------------ the protocol
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode what has left the window, append the new tokens densely, and return the keys and values that
+        attention should see: all of them (codes rebuilt) for dense attention implementations, or only the
+        window when the "sta" attention function reads the codes itself."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.flush()
+        start, new = self.get_seq_length(), key_states.shape[2]
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        default_positions = torch.arange(start, start + new, device=self.device).expand(key_states.shape[0], -1)
+        self.window_positions = torch.cat([self.window_positions, default_positions], dim=1)
+        self.window_real = torch.cat(
+            [self.window_real, torch.ones_like(default_positions, dtype=torch.bool)], dim=1
+        )
+        if self.attention_reads_codes:
+            return self.keys, self.values
+        return self.dense_keys_values()
+
+    def observe(self, position_ids: torch.Tensor | None, real: torch.Tensor | None) -> None:
+        """Record the rotary positions ``[B or 1, q]`` and real-token flags ``[B, q]`` of the ``q`` tokens that the
+        last ``update`` appended (called by the "sta" attention function, which sees them)."""
+        new = position_ids.shape[-1] if position_ids is not None else (real.shape[-1] if real is not None else 0)
+        if new == 0:
+            return
+        if new > self.num_window:
+            raise ValueError(f"layer {self.layer_idx}: {new} new tokens observed but the window holds fewer")
+        if position_ids is not None:
+            self.window_positions[:, -new:] = position_ids.to(self.device).expand(self.window_positions.shape[0], -1)
+        if real is not None:
+            self.window_real[:, -new:] = real.to(self.device)
+
+    def flush(self) -> None:
+        """Settle the sinks once every row has them, then encode every token beyond the recent window."""
+        if not self.is_initialized:
+            return
+        if not self.sinks_settled:
+            self._settle_sinks()
+            if not self.sinks_settled:
+                return
+        overflow = self.num_window - self.residual_length
+        if overflow <= 0:
+            return
+        keys, values = self.keys[:, :, :overflow], self.values[:, :, :overflow]
+        positions = self.window_positions[:, :overflow]
+        if self.key_space == "pre_rope":
+            keys = kernels.undo_rope(keys, positions, self.rope_inv_freq, self.rope_scaling)
+            self.key_positions = torch.cat([self.key_positions, positions.to(torch.int32)], dim=1)
+        for kind, states in (("key", keys), ("value", values)):
+            indices, coefficients = self._encode(kind, states)
+            old_indices, old_coefficients = self.codes[kind]
+            self.codes[kind] = (
+                torch.cat([old_indices, indices], dim=2),
+                torch.cat([old_coefficients, coefficients], dim=2),
+            )
+        self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+        self.window_positions = self.window_positions[:, overflow:]
+        self.window_real = self.window_real[:, overflow:]
+
+    def _settle_sinks(self) -> None:
+        """Move the window's first slots into the sink region once every row has ``num_sink_tokens`` real tokens
+        there (and the window overflows, so the choice matters)."""
+        if self.num_window <= self.residual_length:
+            return
+        needed = 0
+        if self.num_sink_tokens:
+            seen = self.window_real.cumsum(dim=1)
+            reached = seen >= self.num_sink_tokens
+            if not bool(reached[:, -1].all()):
+                return
+            needed = int(reached.int().argmax(dim=1).max()) + 1
+        self.sink_keys, self.keys = self.keys[:, :, :needed], self.keys[:, :, needed:]
+        self.sink_values, self.values = self.values[:, :, :needed], self.values[:, :, needed:]
+        self.sink_positions, self.window_positions = self.window_positions[:, :needed], self.window_positions[:, needed:]
+        self.sink_real, self.window_real = self.window_real[:, :needed], self.window_real[:, needed:]
+        self.sinks_settled = True
+
+    def _encode(self, kind: str, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Code ``states [B, H, n, d]`` with this layer's ``kind`` SAE(s) -> indices and coefficients ``[B, H, n, k]``."""
+        if not torch.isfinite(states).all():
+            raise ValueError(
+                f"layer {self.layer_idx}: non-finite {kind} states reached the encoder (NaN or inf in the model's "
+                "activations); refusing to store codes for them"
+            )
+        batch, heads, n, d = states.shape
+        k, sae = self.k[kind], self.sae[kind]
+        if self.num_dictionary_heads == 1:
+            one = {name: t[0] for name, t in sae.items()}
+            indices, coefficients = kernels.encode(states.reshape(-1, d).float(), one, k, self.encoder, self.backend)
+            indices, coefficients = indices.view(batch, heads, n, k), coefficients.view(batch, heads, n, k)
+        else:
+            per_head = [
+                kernels.encode(
+                    states[:, h].reshape(-1, d).float(), {name: t[h] for name, t in sae.items()}, k, self.encoder,
+                    self.backend,
+                )
+                for h in range(heads)
+            ]
+            indices = torch.stack([i.view(batch, n, k) for i, _ in per_head], dim=1)
+            coefficients = torch.stack([c.view(batch, n, k) for _, c in per_head], dim=1)
+        return indices.to(index_dtype(self.n_atoms)), coefficients.to(self.coefficient_dtype)
+
+    def compressed_view(self) -> kernels.CompressedKV:
+        """The layer as decode-into-attention reads it."""
+        (key_indices, key_coefficients), (value_indices, value_coefficients) = self.codes["key"], self.codes["value"]
+        return kernels.CompressedKV(
+            sink_keys=self.sink_keys,
+            sink_values=self.sink_values,
+            key_indices=key_indices,
+            key_coefficients=key_coefficients,
+            value_indices=value_indices,
+            value_coefficients=value_coefficients,
+            window_keys=self.keys,
+            window_values=self.values,
+            key_atoms=self.sae["key"]["W_dec"],
+            key_bias=self.sae["key"]["b_dec"],
+            value_atoms=self.sae["value"]["W_dec"],
+            value_bias=self.sae["value"]["b_dec"],
+            key_positions=self.key_positions if self.key_space == "pre_rope" else None,
+            rope_inv_freq=self.rope_inv_freq if self.key_space == "pre_rope" else None,
+            rope_scaling=self.rope_scaling,
+        )
+
+    def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All keys and values, with the compressed tokens rebuilt (and re-rotated for pre-RoPE codes)."""
+        if self.num_compressed == 0:
+            return torch.cat([self.sink_keys, self.keys], dim=2), torch.cat([self.sink_values, self.values], dim=2)
+        view = self.compressed_view()
+        keys = kernels.decode_reference(view.key_indices, view.key_coefficients, view.key_atoms, view.key_bias)
+        if view.key_positions is not None:
+            keys = kernels.apply_rope(keys, view.key_positions, view.rope_inv_freq, view.rope_scaling)
+        values = kernels.decode_reference(
+            view.value_indices, view.value_coefficients, view.value_atoms, view.value_bias
+        )
+        return (
+            torch.cat([self.sink_keys, keys.to(self.dtype), self.keys], dim=2),
+            torch.cat([self.sink_values, values.to(self.dtype), self.values], dim=2),
+        )
+
+    def get_seq_length(self) -> int:
+        return self.num_sinks + self.num_compressed + self.num_window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def _map_batch(self, fn) -> None:
+        """Apply ``fn`` to the batch dimension of every stored tensor (beam search and batch edits)."""
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "sink_keys", "sink_values", "sink_positions", "sink_real",
+                     "window_positions", "window_real", "key_positions"):  # fmt: skip
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+        for kind in KINDS:
+            self.codes[kind] = tuple(fn(t) for t in self.codes[kind])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens. Tokens still in the window go exactly; deeper crops drop codes
+        (the kept tokens are not re-encoded), and a crop into the sinks returns them to the window."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}) with a positive value is not supported; pass minus the number of tokens "
+                "to remove"
+            )
+        remove = min(-tokens_to_remove, self.get_seq_length())
+        if remove == 0 or not self.is_initialized:
+            return
+        from_window = min(remove, self.num_window)
+        keep = self.num_window - from_window
+        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+        self.window_positions, self.window_real = self.window_positions[:, :keep], self.window_real[:, :keep]
+        remove -= from_window
+        from_codes = min(remove, self.num_compressed)
+        if from_codes:
+            keep = self.num_compressed - from_codes
+            for kind in KINDS:
+                self.codes[kind] = tuple(t[:, :, :keep] for t in self.codes[kind])
+            if self.key_positions is not None:
+                self.key_positions = self.key_positions[:, :keep]
+        remove -= from_codes
+        if remove:
+            keep = self.num_sinks - remove
+            self.keys, self.values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
+            self.window_positions, self.window_real = self.sink_positions[:, :keep], self.sink_real[:, :keep]
+            self.sink_keys, self.sink_values = self.sink_keys[:, :, :0], self.sink_values[:, :, :0]
+            self.sink_positions, self.sink_real = self.sink_positions[:, :0], self.sink_real[:, :0]
+            self.sinks_settled = False
+
+    # ---------------------------------------------------------------------------------------- accounting
+    def memory(self) -> dict[str, int]:
+        """Real bytes held: ``code_bytes`` (indices, coefficients, positions of pre-RoPE codes), ``dense_bytes``
+        (sinks and window with their position/padding bookkeeping), and ``dynamic_cache_bytes``: what a
+        DynamicCache of the same dtype would hold for these tokens."""
+        if not self.is_initialized:
+            return {"code_bytes": 0, "dense_bytes": 0, "dynamic_cache_bytes": 0}
+        code = _nbytes(*self.codes["key"], *self.codes["value"], self.key_positions)
+        dense = _nbytes(self.sink_keys, self.sink_values, self.keys, self.values, self.sink_positions,
+                        self.sink_real, self.window_positions, self.window_real)  # fmt: skip
+        batch, heads, _, d = self.keys.shape
+        dynamic = 2 * batch * heads * self.get_seq_length() * d * self.keys.element_size()
+        return {"code_bytes": code, "dense_bytes": dense, "dynamic_cache_bytes": dynamic}
