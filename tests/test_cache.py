@@ -1,0 +1,223 @@
+"""SparseSemanticCache against DynamicCache on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from conftest import VOCAB, make_dictionary, tiny_model
+from sta_cache import SparseSemanticCache, SparseSemanticLayer
+
+
+def chunked_logits(model, ids, cache, chunks=(20, 7, 1, 1, 1, 1), attention_mask=None):
+    """Prefill then decode in chunks (the way generate and perplexity evaluation feed a cache)."""
+    outs, start = [], 0
+    for size in chunks:
+        end = start + size
+        mask = None if attention_mask is None else attention_mask[:, :end]
+        outs.append(model(ids[:, start:end], past_key_values=cache, attention_mask=mask).logits)
+        start = end
+    return torch.cat(outs, dim=1)
+
+
+def relative_error(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("attn", ["sdpa", "sta"])
+def test_exact_dictionary_reproduces_dynamic_cache(arch, attn, key_space):
+    """A complete signed basis with k = d codes every vector exactly: logits equal DynamicCache's to 1e-5."""
+    model = tiny_model(arch, attn)
+    dictionary = make_dictionary(model, kind="exact", key_space=key_space)
+    ids = torch.randint(1, VOCAB, (2, 31), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = chunked_logits(model, ids, DynamicCache(config=model.config))
+        cache = SparseSemanticCache(dictionary, residual_length=3, num_sink_tokens=2, config=model.config)
+        logits = chunked_logits(model, ids, cache)
+    assert all(layer.num_compressed > 0 for layer in cache.sparse_layers)
+    assert all(layer.attention_reads_codes == (attn == "sta") for layer in cache.sparse_layers)
+    assert (logits - reference).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_sta_path_matches_dense_path_with_lossy_codes(arch, key_space, per_head):
+    """With a random dictionary (lossy codes) the two paths still compute the same attention."""
+    dictionary = make_dictionary(tiny_model(arch), key_space=key_space, per_head=per_head)
+    ids = torch.randint(1, VOCAB, (2, 31), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for attn in ("sdpa", "sta"):
+        model = tiny_model(arch, attn)
+        cache = SparseSemanticCache(dictionary, residual_length=4, num_sink_tokens=1, config=model.config)
+        with torch.no_grad():
+            logits[attn] = chunked_logits(model, ids, cache)
+    reference = make_reference_logits(arch, ids)
+    assert relative_error(logits["sta"], logits["sdpa"]) < 1e-5
+    assert relative_error(logits["sta"], reference) > 1e-3  # the codes are really lossy: the test can fail
+
+
+def make_reference_logits(arch, ids):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        return chunked_logits(model, ids, DynamicCache(config=model.config))
+
+
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_left_padding_learns_positions_and_sinks(key_space):
+    """"sta" learns each row's positions and real tokens: a left-padded row gives the logits it gives alone."""
+    model = tiny_model("llama", "sta")
+    dictionary = make_dictionary(model, key_space=key_space)
+    generator = torch.Generator().manual_seed(3)
+    short = torch.randint(1, VOCAB, (1, 24), generator=generator)
+    long = torch.randint(1, VOCAB, (1, 29), generator=generator)
+    pad = long.shape[1] - short.shape[1]
+    batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :pad] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    kwargs = dict(residual_length=3, num_sink_tokens=2, config=model.config)
+    with torch.no_grad():
+        cache = SparseSemanticCache(dictionary, **kwargs)
+        batched = model(batch, attention_mask=mask, position_ids=position_ids, past_key_values=cache).logits
+        step = torch.randint(1, VOCAB, (2, 1), generator=generator)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        batched_step = model(step, attention_mask=mask, position_ids=position_ids[:, -1:] + 1, past_key_values=cache)
+        alone_cache = SparseSemanticCache(dictionary, **kwargs)
+        alone = model(short, past_key_values=alone_cache).logits
+        alone_step = model(step[:1], past_key_values=alone_cache).logits
+    layer = cache.sparse_layers[0]
+    assert layer.num_sinks == pad + 2  # the padded row's sinks are its first real tokens
+    assert relative_error(batched[0, pad:], alone[0]) < 1e-4
+    assert relative_error(batched_step.logits[0], alone_step[0]) < 1e-4
+
+
+def test_generate_greedy_sampling_beam_and_padding_match_dynamic_cache(arch):
+    """With the exact dictionary, generate gives DynamicCache's tokens for greedy, beam search and a left-padded
+    batch; sampling runs under a seed and gives the same tokens too."""
+    model = tiny_model(arch, "sta")
+    dictionary = make_dictionary(model, kind="exact")
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    settings = [
+        dict(do_sample=False),
+        dict(do_sample=False, num_beams=3),
+        dict(do_sample=True, top_k=5),
+    ]
+    for generation in settings:
+        outputs = []
+        for cache in (DynamicCache(config=model.config), SparseSemanticCache(dictionary, residual_length=2,
+                                                                           num_sink_tokens=1, config=model.config)):
+            torch.manual_seed(0)
+            outputs.append(
+                model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                               min_new_tokens=10, pad_token_id=0, **generation)
+            )
+        assert torch.equal(outputs[0], outputs[1]), generation
+
+
+def test_crop_inside_window_is_exact_rollback():
+    """Assisted decoding crops rejected draft tokens: while they are still in the window, the rollback is exact."""
+    model = tiny_model("llama", "sta")
+    dictionary = make_dictionary(model)
+    ids = torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(residual_length=4, num_sink_tokens=1, config=model.config)
+    with torch.no_grad():
+        straight = SparseSemanticCache(dictionary, **kwargs)
+        model(ids[:, :30], past_key_values=straight)
+        expected = model(ids[:, 30:33], past_key_values=straight).logits
+        cropped = SparseSemanticCache(dictionary, **kwargs)
+        model(ids[:, :30], past_key_values=cropped)
+        model(ids[:, 30:36], past_key_values=cropped)  # a draft of 6, all rejected
+        cropped.crop(-6)
+        assert cropped.get_seq_length() == 30
+        got = model(ids[:, 30:33], past_key_values=cropped).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_deep_crop_drops_codes_and_sinks_consistently():
+    model = tiny_model("llama")
+    cache = SparseSemanticCache(make_dictionary(model), residual_length=3, num_sink_tokens=2, config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, VOCAB, (1, 20)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
+        cache.crop(-10)
+        layer = cache.sparse_layers[0]
+        assert (cache.get_seq_length(), layer.num_window, layer.num_sinks) == (11, 0, 2)
+        cache.crop(-10)
+        assert (cache.get_seq_length(), layer.num_compressed, layer.num_sinks, layer.sinks_settled) == (1, 0, 0, False)
+        model(torch.randint(1, VOCAB, (1, 5)), past_key_values=cache)
+        assert cache.get_seq_length() == 6
+    with pytest.raises(ValueError, match="positive"):
+        cache.crop(3)
+
+
+def test_batch_edits_and_reset_act_per_row():
+    """reorder_cache / batch_select_indices / batch_repeat_interleave move rows; reset starts afresh."""
+    model = tiny_model("qwen3", "sta")
+    dictionary = make_dictionary(model, key_space="pre_rope")
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, VOCAB, (3, 25), generator=generator)
+    step = torch.randint(1, VOCAB, (3, 1), generator=generator)
+    kwargs = dict(residual_length=3, num_sink_tokens=1, config=model.config)
+
+    def run(rows):
+        cache = SparseSemanticCache(dictionary, **kwargs)
+        with torch.no_grad():
+            model(ids[rows], past_key_values=cache)
+            return cache, model(step[rows], past_key_values=cache).logits
+
+    with torch.no_grad():
+        cache = SparseSemanticCache(dictionary, **kwargs)
+        model(ids, past_key_values=cache)
+        cache.reorder_cache(torch.tensor([2, 0, 1]))
+        reordered = model(step[[2, 0, 1]], past_key_values=cache).logits
+    assert torch.allclose(reordered, run([2, 0, 1])[1], atol=1e-5)
+
+    with torch.no_grad():
+        cache = SparseSemanticCache(dictionary, **kwargs)
+        model(ids, past_key_values=cache)
+        cache.batch_select_indices(torch.tensor([1]))
+        cache.batch_repeat_interleave(2)
+        repeated = model(step[[1, 1]], past_key_values=cache).logits
+        assert torch.allclose(repeated, run([1, 1])[1], atol=1e-5)
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        model(ids[[0]], past_key_values=cache)
+        after_reset = model(step[[0]], past_key_values=cache).logits
+    assert torch.allclose(after_reset, run([0])[1], atol=1e-5)
+
+
+def _bytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_memory_footprint_counts_the_stored_tensors():
+    model = tiny_model("gemma3", "sta")
+    cache = SparseSemanticCache(make_dictionary(model), residual_length=5, num_sink_tokens=2, config=model.config)
+    dynamic = DynamicCache(config=model.config)
+    ids = torch.randint(1, VOCAB, (2, 40))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=dynamic)
+    footprint = cache.memory_footprint()
+    sparse = cache.sparse_layers
+    assert all(layer.num_window == 5 and layer.num_compressed == 33 for layer in sparse)
+    codes = sum(_bytes(*layer.codes["key"], *layer.codes["value"]) for layer in sparse)
+    assert footprint["code_bytes"] == codes
+    assert sparse[0].codes["key"][0].dtype == torch.uint8  # 128 atoms: one byte per index
+    sliding = [layer for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer)]
+    assert len(sliding) == 2
+    dense = sum(_bytes(layer.sink_keys, layer.sink_values, layer.keys, layer.values, layer.sink_positions,
+                       layer.sink_real, layer.window_positions, layer.window_real) for layer in sparse)
+    dense += sum(_bytes(layer.keys, layer.values) for layer in sliding)
+    assert footprint["dense_bytes"] == dense
+    assert footprint["dynamic_cache_bytes"] == sum(_bytes(layer.keys, layer.values) for layer in dynamic.layers)
+    assert footprint["compression_ratio"] == pytest.approx(footprint["dynamic_cache_bytes"] / (codes + dense))
+    assert footprint["dictionary_bytes"] == sum(
+        _bytes(*sae.values()) for layer in sparse for sae in layer.sae.values()
+    )

@@ -1,0 +1,123 @@
+"""The dictionary file format, its checks, and resolving Hub repo ids offline through the HF cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import huggingface_hub.constants
+import pytest
+import torch
+
+from conftest import make_dictionary, tiny_model
+from sta_cache import DictionaryFormatError, KVDictionary, SparseSemanticCache, TopKSAE
+from sta_cache.dictionary import CONFIG_NAME, WEIGHTS_NAME
+
+
+@pytest.fixture
+def saved(tmp_path):
+    dictionary = make_dictionary(tiny_model("gemma3"), key_space="pre_rope", per_head=False)
+    dictionary.save_pretrained(tmp_path / "dict")
+    return dictionary, tmp_path / "dict"
+
+
+def test_round_trip_is_exact_and_writes_no_pickle(saved):
+    dictionary, folder = saved
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    loaded = KVDictionary.from_pretrained(folder)
+    assert loaded.config == dictionary.config
+    for (name, a), (_, b) in zip(dictionary.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    card = (folder / "README.md").read_text()
+    assert "base_model: tiny-gemma3_text" in card and "pre_rope" in card
+
+
+def test_fp16_save_halves_the_file(saved, tmp_path):
+    dictionary, folder = saved
+    dictionary.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    assert (tmp_path / "half" / WEIGHTS_NAME).stat().st_size < 0.6 * (folder / WEIGHTS_NAME).stat().st_size
+    loaded = KVDictionary.from_pretrained(tmp_path / "half")
+    assert torch.allclose(loaded[1].key[0].W_dec, dictionary[1].key[0].W_dec, atol=1e-3)
+    assert torch.equal(loaded[1].rope_inv_freq, dictionary[1].rope_inv_freq)  # rotary stays float32
+
+
+def test_truncated_file_is_a_clear_error(saved):
+    _, folder = saved
+    weights = folder / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DictionaryFormatError, match="truncated or corrupted"):
+        KVDictionary.from_pretrained(folder)
+
+
+def test_missing_layer_is_a_clear_error(saved):
+    _, folder = saved
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["layer_indices"] = [1, 3, 0]
+    config["num_layers"] = 4
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(DictionaryFormatError, match=r"missing 9 tensors \(layers \[0\]\)"):
+        KVDictionary.from_pretrained(folder)
+
+
+def test_shape_disagreement_and_bad_config_are_clear_errors(saved):
+    _, folder = saved
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "n_atoms": 32}))
+    with pytest.raises(DictionaryFormatError, match="has shape .* config.json implies"):
+        KVDictionary.from_pretrained(folder)
+    (folder / CONFIG_NAME).write_text(json.dumps({k: v for k, v in config.items() if k != "head_dim"}))
+    with pytest.raises(DictionaryFormatError, match=r"lacks the fields \['head_dim'\]"):
+        KVDictionary.from_pretrained(folder)
+    (folder / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(DictionaryFormatError, match="not valid dictionary JSON"):
+        KVDictionary.from_pretrained(folder)
+
+
+def test_unknown_repo_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DictionaryFormatError, match="could not find dictionary 'nobody/nothing'"):
+        KVDictionary.from_pretrained("nobody/nothing", cache_dir=tmp_path)
+
+
+def _place_in_hf_cache(folder, cache_dir, repo_id, revision="main"):
+    """Lay a folder out as huggingface_hub's cache does: blobs by hash, a snapshot of links, a ref."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in folder.iterdir():
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    return commit
+
+
+def test_hub_id_resolves_offline_from_the_hf_cache(saved, tmp_path, monkeypatch):
+    dictionary, folder = saved
+    commit = _place_in_hf_cache(folder, tmp_path / "hf", "sta-cache/tiny-gemma3")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = KVDictionary.from_pretrained("sta-cache/tiny-gemma3", cache_dir=tmp_path / "hf")
+    assert torch.equal(loaded[3].value[0].W_dec, dictionary[3].value[0].W_dec)
+    pinned = KVDictionary.from_pretrained("sta-cache/tiny-gemma3", cache_dir=tmp_path / "hf", revision=commit)
+    assert pinned.config == dictionary.config
+    model = tiny_model("gemma3")
+    cache = SparseSemanticCache.from_pretrained(
+        "sta-cache/tiny-gemma3", cache_dir=tmp_path / "hf", config=model.config, k_key=3
+    )
+    assert cache.k_key == 3 and len(cache.sparse_layers) == 2
+
+
+def test_topk_sae_encode_decode_shapes_and_relu():
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 32)
+    x = torch.randn(5, 3, 8)
+    indices, coefficients = sae.encode(x, 4)
+    assert indices.shape == coefficients.shape == (5, 3, 4)
+    assert (coefficients >= 0).all()
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(32))
+    assert sae.decode(indices, coefficients).shape == x.shape
