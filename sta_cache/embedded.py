@@ -24,12 +24,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 __all__ = [
     "default_cache_dir",
-    "smollm2_path",
-    "gemma3_path",
-    "load_model",
-    "load_default_model",
-    "wikipedia_text",
     "eval_texts",
+    "gemma3_path",
+    "load_default_model",
+    "load_model",
+    "smollm2_path",
+    "wikipedia_text",
 ]
 
 EmbeddedName = Literal["smollm2", "gemma3"]
@@ -216,7 +216,8 @@ def wikipedia_text(split: Literal["train", "eval"], cache_dir: str | os.PathLike
             bucket = "eval" if index % _EVAL_EVERY == 0 else "train"
             parts[bucket].append("\n".join([title, *paragraphs]))
         for name, path in paths.items():
-            _publish(path, lambda work, name=name: (work / "out").write_text("\n\n".join(parts[name]) + "\n"))
+            text = "\n\n".join(parts[name]) + "\n"
+            _publish(path, lambda work, text=text: (work / "out").write_text(text, "utf-8"))
     return paths[split]
 
 
@@ -231,10 +232,10 @@ def eval_texts(
     Windows start at evenly spaced offsets of the tokenized split, so they cover many articles; a tokenizer
     that adds a BOS token gets it as the first of the ``n_tokens`` ids of each window.
     """
-    text = wikipedia_text("eval", cache_dir).read_text()
+    text = wikipedia_text("eval", cache_dir).read_text("utf-8")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    adds_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
-    bos = [tokenizer.bos_token_id] if adds_bos else []
+    bos_id = tokenizer.bos_token_id
+    bos = [bos_id] if bos_id is not None and tokenizer("x")["input_ids"][:1] == [bos_id] else []
     body = n_tokens - len(bos)
     stride = len(ids) // n_texts if n_texts > 0 else 0
     if n_texts <= 0 or body <= 0 or stride < body:
