@@ -1,0 +1,113 @@
+"""`sta-cache demo`: generate with DynamicCache and with SparseSemanticCache on the embedded default model and
+print both texts, the memory saved and held-out perplexity."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from .cache import SparseSemanticCache
+from .dictionary import DictionaryFormatError, KVDictionary
+from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
+from .evaluate import perplexity
+
+PACKAGED_DICTIONARIES = {"smollm2": "sta-cache/SmolLM2-135M-Instruct", "gemma3": "sta-cache/gemma-3-270m"}
+DEFAULT_PROMPT = "The history of the printing press begins"
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2"
+    dictionary: str | None = None  # folder or Hub id; default: the packaged one, else train small ones once
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 60
+    k_key: int | None = None
+    k_value: int | None = None
+    residual_length: int = 64
+    num_sink_tokens: int = 4
+    eval_texts: int = 2
+    eval_tokens: int = 1024
+    prefill: int = 256
+    chunk: int = 32
+
+
+def demo_dictionary(name: str, model, tokenizer, dictionary: str | None) -> KVDictionary:
+    """The dictionary the demo runs with: the one asked for, the packaged one, or small ones trained here once."""
+    if dictionary is not None:
+        return KVDictionary.from_pretrained(dictionary)
+    if name in PACKAGED_DICTIONARIES:
+        try:
+            return KVDictionary.from_pretrained(PACKAGED_DICTIONARIES[name])
+        except DictionaryFormatError:
+            pass
+    from .train import TrainConfig, train_dictionary
+
+    out = default_cache_dir() / "dictionaries" / f"{Path(str(name)).name}-demo"
+    try:
+        return KVDictionary.from_pretrained(out)
+    except DictionaryFormatError:
+        print(f"No pretrained dictionaries for {name}: training small ones into {out} (a few minutes, once).")
+        return train_dictionary(model, tokenizer, wikipedia_text("train"), TrainConfig.demo(), out)
+
+
+def _format_bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def run_demo(config: DemoConfig) -> dict:
+    torch.manual_seed(0)
+    model, tokenizer = load_model(config.model, attn_implementation="sta")
+    dictionary = demo_dictionary(config.model, model, tokenizer, config.dictionary)
+    meta = dictionary.config
+
+    def sparse_cache() -> SparseSemanticCache:
+        return SparseSemanticCache(
+            dictionary, k_key=config.k_key, k_value=config.k_value, residual_length=config.residual_length,
+            num_sink_tokens=config.num_sink_tokens, config=model.config,
+        )  # fmt: skip
+
+    def dynamic_cache() -> DynamicCache:
+        return DynamicCache(config=model.config)
+
+    inputs = tokenizer(config.prompt, return_tensors="pt").to(model.device)
+    texts, caches = {}, {}
+    for name, make in (("DynamicCache", dynamic_cache), ("SparseSemanticCache", sparse_cache)):
+        caches[name] = make()
+        start = time.perf_counter()
+        out = model.generate(**inputs, past_key_values=caches[name], max_new_tokens=config.max_new_tokens,
+                             do_sample=False)  # fmt: skip
+        elapsed = time.perf_counter() - start
+        texts[name] = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        print(f"\n=== {name} ({elapsed:.1f} s) ===\n{config.prompt}{texts[name]}")
+
+    held_out = eval_texts(tokenizer, config.eval_texts, config.eval_tokens)
+    quality = {
+        name: perplexity(model, held_out, make, prefill=config.prefill, chunk=config.chunk, desc=name)
+        for name, make in (("DynamicCache", dynamic_cache), ("SparseSemanticCache", sparse_cache))
+    }
+    memory = quality["SparseSemanticCache"].memory
+    budget = caches["SparseSemanticCache"]
+    print(
+        f"\nDictionary: {meta.base_model}, N={meta.n_atoms}, {meta.key_space} keys, {meta.encoder} encoder; "
+        f"budget k_key={budget.k_key}, k_value={budget.k_value}; window {config.residual_length}, "
+        f"{config.num_sink_tokens} sinks"
+    )
+    print(f"\nMemory at {config.eval_tokens} tokens of context (real bytes of the stored tensors):")
+    print(f"  DynamicCache          {_format_bytes(memory['dynamic_cache_bytes'])}")
+    print(f"  SparseSemanticCache   {_format_bytes(memory['code_bytes'] + memory['dense_bytes'])}"
+          f"  (codes {_format_bytes(memory['code_bytes'])}, dense sinks+window {_format_bytes(memory['dense_bytes'])})")
+    print(f"  compression ratio     {memory['compression_ratio']:.2f}x   memory saved "
+          f"{_format_bytes(memory['dynamic_cache_bytes'] - memory['code_bytes'] - memory['dense_bytes'])}")
+    print(f"  dictionaries          {_format_bytes(memory['dictionary_bytes'])}, paid back from "
+          f"{memory['break_even_tokens']} tokens of context")
+    dense_ppl = quality["DynamicCache"].perplexity
+    print(f"\nHeld-out Wikipedia perplexity ({config.eval_texts} texts x {config.eval_tokens} tokens, prefill "
+          f"{config.prefill}, then chunks of {config.chunk}; {quality['DynamicCache'].tokens} scored tokens):")
+    for name, result in quality.items():
+        print(f"  {name:<21} {result.perplexity:8.2f}  (x{result.perplexity / dense_ppl:.3f})  "
+              f"next-token accuracy {result.accuracy:.3f}")
+    return {"texts": texts, "memory": memory, "perplexity": {n: r.perplexity for n, r in quality.items()}}
