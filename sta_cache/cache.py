@@ -74,6 +74,8 @@ class SparseSemanticCache(Cache):
     codes directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
 
     ``k_key`` / ``k_value`` default to the dictionary's budget (8 / 16 unless it says otherwise).
+    ``coefficient_dtype`` stores coefficients in another dtype than the model's (e.g. ``torch.float8_e4m3fn``);
+    ``pack_indices=True`` packs each index into ceil(log2 N) bits.
     ``backend`` is ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
     """
 
@@ -87,6 +89,7 @@ class SparseSemanticCache(Cache):
         num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS,
         config: PretrainedConfig | None = None,
         coefficient_dtype: torch.dtype | None = None,
+        pack_indices: bool = False,
         backend: str = "auto",
     ):
         meta = dictionary.config
@@ -114,6 +117,7 @@ class SparseSemanticCache(Cache):
                         residual_length=residual_length,
                         num_sink_tokens=num_sink_tokens,
                         coefficient_dtype=coefficient_dtype,
+                        pack_indices=pack_indices,
                         backend=backend,
                     )
                 )

@@ -7,6 +7,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from . import kernels
 from .dictionary import KINDS, LayerDictionary
+from .packing import pack_indices, packed_bytes, unpack_indices
 
 
 def index_dtype(n_atoms: int) -> torch.dtype:
@@ -56,6 +57,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         residual_length: int,
         num_sink_tokens: int,
         coefficient_dtype: torch.dtype | None = None,
+        pack_indices: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
@@ -73,6 +75,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.n_atoms, self.head_dim = n_atoms, dictionary.key[0].d
         self.num_dictionary_heads = len(dictionary.key)
         self.requested_coefficient_dtype = coefficient_dtype
+        self.pack_indices = pack_indices
         self.requested_backend = backend
         self.attention_reads_codes = False  # set by the "sta" attention function
         self._clear()
@@ -116,13 +119,18 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.window_positions, self.window_real = self.sink_positions, self.sink_real
         for kind in KINDS:
             k = self.k[kind]
+            index_shape = (batch, heads, 0, packed_bytes(k, self.n_atoms) if self.pack_indices else k)
             self.codes[kind] = (
-                torch.zeros(batch, heads, 0, k, dtype=index_dtype(self.n_atoms), device=self.device),
+                torch.zeros(index_shape, dtype=self.stored_index_dtype, device=self.device),
                 torch.zeros(batch, heads, 0, k, dtype=self.coefficient_dtype, device=self.device),
             )
         if self.key_space == "pre_rope":
             self.key_positions = torch.zeros(batch, 0, dtype=torch.int32, device=self.device)
         self.is_initialized = True
+
+    @property
+    def stored_index_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.pack_indices else index_dtype(self.n_atoms)
 
     @property
     def num_sinks(self) -> int:
@@ -239,18 +247,26 @@ class SparseSemanticLayer(CacheLayerMixin):
             ]
             indices = torch.stack([i.view(batch, n, k) for i, _ in per_head], dim=1)
             coefficients = torch.stack([c.view(batch, n, k) for _, c in per_head], dim=1)
-        return indices.to(index_dtype(self.n_atoms)), coefficients.to(self.coefficient_dtype)
+        if self.coefficient_dtype.itemsize == 1 and self.coefficient_dtype.is_floating_point:
+            limit = torch.finfo(self.coefficient_dtype).max  # float8 casts overflow to NaN, not to the maximum
+            coefficients = coefficients.clamp(-limit, limit)
+        if self.pack_indices:
+            return pack_indices(indices, self.n_atoms), coefficients.to(self.coefficient_dtype)
+        return indices.to(self.stored_index_dtype), coefficients.to(self.coefficient_dtype)
+
+    def _indices(self, kind: str) -> torch.Tensor:
+        stored = self.codes[kind][0]
+        return unpack_indices(stored, self.k[kind], self.n_atoms) if self.pack_indices else stored
 
     def compressed_view(self) -> kernels.CompressedKV:
         """The layer as decode-into-attention reads it."""
-        (key_indices, key_coefficients), (value_indices, value_coefficients) = self.codes["key"], self.codes["value"]
         return kernels.CompressedKV(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
-            key_indices=key_indices,
-            key_coefficients=key_coefficients,
-            value_indices=value_indices,
-            value_coefficients=value_coefficients,
+            key_indices=self._indices("key"),
+            key_coefficients=self.codes["key"][1],
+            value_indices=self._indices("value"),
+            value_coefficients=self.codes["value"][1],
             window_keys=self.keys,
             window_values=self.values,
             key_atoms=self.sae["key"]["W_dec"],

@@ -1,0 +1,35 @@
+"""Bit-packing of atom indices: k indices of ceil(log2 N) bits each in ceil(k * bits / 8) bytes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def index_bits(n_atoms: int) -> int:
+    return max(1, math.ceil(math.log2(n_atoms)))
+
+
+def packed_bytes(k: int, n_atoms: int) -> int:
+    return math.ceil(k * index_bits(n_atoms) / 8)
+
+
+def pack_indices(indices: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """``indices [..., k]`` (values < n_atoms) -> ``uint8 [..., packed_bytes(k, n_atoms)]``, little-endian bits."""
+    bits = index_bits(n_atoms)
+    k = indices.shape[-1]
+    shifts = torch.arange(bits, device=indices.device)
+    stream = ((indices.long().unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., k * bits]
+    n_bytes = packed_bytes(k, n_atoms)
+    stream = torch.nn.functional.pad(stream, (0, n_bytes * 8 - k * bits))
+    weights = 1 << torch.arange(8, device=indices.device)
+    return (stream.view(*indices.shape[:-1], n_bytes, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, k: int, n_atoms: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices` -> ``int64 [..., k]``."""
+    bits = index_bits(n_atoms)
+    stream = ((packed.long().unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1).flatten(-2)
+    stream = stream[..., : k * bits].view(*packed.shape[:-1], k, bits)
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
