@@ -15,9 +15,9 @@ def topk_encode_reference(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SAE's one-shot encoder: ``TopK((x - b_dec) W_enc + b_enc)`` then ReLU. ``x [M, d]`` -> ``[M, k]`` codes."""
-    pre = (x - b_dec) @ W_enc + b_enc
+    pre = (x.float() - b_dec.float()) @ W_enc.float() + b_enc.float()
     values, indices = pre.topk(k, dim=-1)
-    return indices, torch.relu(values)
+    return indices, torch.relu(values).to(x.dtype)
 
 
 def omp_encode_reference(
@@ -26,7 +26,7 @@ def omp_encode_reference(
     """Orthogonal matching pursuit over unit-norm ``atoms [N, d]``: ``k`` greedy steps, each picking the atom most
     correlated (in absolute value) with the residual, then refitting all chosen coefficients by least squares.
     Coefficients are signed. ``x [M, d]`` -> ``(indices [M, k], coefficients [M, k])``."""
-    target = (x - b_dec).float()
+    target = x.float() - b_dec.float()
     atoms32 = atoms.float()
     m = target.shape[0]
     indices = torch.zeros(m, k, dtype=torch.long, device=x.device)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# The Triton kernels run on the CPU under the interpreter; it must be chosen before anything imports triton
+# (transformers does, through the model imports below).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 from transformers import (
     Gemma3ForCausalLM,

@@ -221,3 +221,19 @@ def test_memory_footprint_counts_the_stored_tensors():
     assert footprint["dictionary_bytes"] == sum(
         _bytes(*sae.values()) for layer in sparse for sae in layer.sae.values()
     )
+
+
+@pytest.mark.parametrize("key_space,encoder", [("post_rope", "topk"), ("pre_rope", "omp")])
+def test_triton_backend_matches_torch_backend_end_to_end(key_space, encoder):
+    """backend="triton" (here under TRITON_INTERPRET=1) encodes and attends like the PyTorch path in a model."""
+    model = tiny_model("qwen2", "sta")
+    dictionary = make_dictionary(model, key_space=key_space, encoder=encoder)
+    ids = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(7))
+    logits = {}
+    for backend in ("torch", "triton"):
+        cache = SparseSemanticCache(dictionary, residual_length=3, num_sink_tokens=1, config=model.config,
+                                    backend=backend)  # fmt: skip
+        with torch.no_grad():
+            logits[backend] = chunked_logits(model, ids, cache, chunks=(16, 1, 1, 1, 1))
+        assert all(layer.backend == backend for layer in cache.sparse_layers)
+    assert relative_error(logits["triton"], logits["torch"]) < 1e-4

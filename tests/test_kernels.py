@@ -1,0 +1,281 @@
+"""Triton kernels vs their PyTorch references, on the CPU under the Triton interpreter.
+
+Inputs are fresh random tensors (never zeros). Outputs the kernels allocate are NaN / -1 poisoned and their
+scratch is NaN-poisoned off CUDA, so an element nobody wrote fails the finiteness and range checks. Tolerance:
+relative L2 error < 1e-4 in float32, < 1e-2 in float16 / bfloat16.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything below imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if not isinstance(tl.zeros, InterpretedFunction):
+    raise RuntimeError(
+        "triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py imports transformers models, "
+        "which import triton), so its kernels cannot run on the CPU here. Set TRITON_INTERPRET=1 in the "
+        "environment, or at the top of tests/conftest.py before any other import."
+    )
+
+from sta_cache import kernels  # noqa: E402
+from sta_cache.kernels import reference, triton_attention, triton_encode  # noqa: E402
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+TOL = {F32: 1e-4, F16: 1e-2, BF16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "kernel output has NaN/inf (unwritten or poisoned elements)"
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape: int, scale: float = 1.0, dtype: torch.dtype = F32) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def unit_atoms(g: torch.Generator, n: int, d: int, dtype: torch.dtype = F32) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1).to(dtype)
+
+
+def check_indices(indices: torch.Tensor, n: int) -> None:
+    assert ((indices >= 0) & (indices < n)).all(), "index out of range (unwritten output?)"
+    ordered = indices.sort(dim=-1).values
+    assert (ordered[:, 1:] != ordered[:, :-1]).all(), "an atom was chosen twice"
+
+
+def decode_rows(indices: torch.Tensor, coefficients: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """``[M, k]`` codes over ``atoms [N, d]`` -> ``[M, d]`` with the package's decoder (bias left out)."""
+    m, k = indices.shape
+    bias = torch.zeros(1, atoms.shape[1])
+    return reference.decode_reference(indices.view(1, 1, m, k), coefficients.view(1, 1, m, k), atoms[None], bias)[0, 0]
+
+
+# ------------------------------------------------------------------------------------------------------ Top-K
+
+
+@pytest.mark.parametrize(
+    "m, d, n, k, dtype, splits",
+    [
+        (7, 64, 256, 1, F32, None),
+        (33, 64, 300, 8, F16, 2),
+        (5, 128, 1000, 16, BF16, 3),
+        (3, 256, 512, 64, F32, 2),
+        (18, 128, 777, 13, F32, 1),
+        (2, 128, 16384, 8, F32, None),
+        (2, 64, 16384, 32, BF16, 5),
+    ],
+)
+def test_topk_encode(m: int, d: int, n: int, k: int, dtype: torch.dtype, splits: int | None) -> None:
+    g = gen(m * n + k)
+    x, W_enc = randn(g, m, d, dtype=dtype), randn(g, d, n, scale=d**-0.5, dtype=dtype)
+    b_enc, b_dec = randn(g, n, scale=0.1, dtype=dtype), randn(g, d, scale=0.1, dtype=dtype)
+    indices, values = triton_encode.topk_encode(x, W_enc, b_enc, b_dec, k, num_splits=splits)
+    assert indices.shape == values.shape == (m, k) and values.dtype == dtype
+    check_indices(indices, n)
+    # The kernel computes in float32; so does the reference on float32 copies of the same (rounded) inputs.
+    args = [t.float() for t in (x, W_enc, b_enc, b_dec)]
+    ref_indices, ref_values = reference.topk_encode_reference(*args, k)
+    pre = (args[0] - args[3]) @ args[1] + args[2]
+    kth = ref_values.min(dim=-1).values  # pre-ReLU k-th largest pre-activation
+    chosen = pre.gather(1, indices)
+    scale = pre.abs().max()
+    assert (chosen >= kth[:, None] - 1e-5 * scale).all(), "a chosen atom is not among the k largest"
+    assert rel_err(values, chosen.relu()) < TOL[dtype]
+    W_dec = unit_atoms(g, n, d)
+    assert rel_err(decode_rows(indices, values, W_dec), decode_rows(ref_indices, ref_values.relu(), W_dec)) < TOL[dtype]
+    if dtype == F32:
+        assert torch.equal(indices, ref_indices)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_topk_encode_separated_indices(dtype: torch.dtype) -> None:
+    """Pre-activations dominated by distinct encoder biases: the reference's index list, in order, exactly."""
+    g = gen(1)
+    m, d, n, k = 20, 64, 512, 24
+    x, W_enc = randn(g, m, d, dtype=dtype), randn(g, d, n, scale=1e-3, dtype=dtype)
+    b_enc = (torch.randperm(n, generator=g).float() * 0.25).to(dtype)
+    b_dec = randn(g, d, scale=0.1, dtype=dtype)
+    indices, values = triton_encode.topk_encode(x, W_enc, b_enc, b_dec, k, num_splits=3)
+    ref_indices, ref_values = reference.topk_encode_reference(*(t.float() for t in (x, W_enc, b_enc, b_dec)), k)
+    assert torch.equal(indices, ref_indices)
+    assert rel_err(values, ref_values) < TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------- OMP
+
+
+@pytest.mark.parametrize("d, n, k, dtype", [(64, 256, 4, F32), (128, 1024, 8, F16), (256, 512, 16, F32)])
+def test_omp_recovers_sparse_codes(d: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """Exactly k-sparse inputs with well-separated coefficients: the reference's indices, in order, and its
+    coefficients."""
+    g = gen(d + k)
+    m = 6
+    atoms, b_dec = unit_atoms(g, n, d, dtype), randn(g, d, scale=0.1, dtype=dtype)
+    support = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
+    magnitude = torch.linspace(3.0, 1.0, k) * torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
+    x = (decode_rows(support, magnitude, atoms.float()) + b_dec.float()).to(dtype)
+    indices, coefficients = triton_encode.omp_encode(x, atoms, b_dec, k)
+    ref_indices, ref_coefficients = reference.omp_encode_reference(x, atoms, b_dec, k)
+    assert coefficients.dtype == dtype
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(indices.sort(-1).values, support.sort(-1).values)
+    assert rel_err(coefficients, ref_coefficients) < TOL[dtype]
+
+
+def test_omp_never_repeats_an_atom() -> None:
+    """Inputs in the span of 3 atoms with k = 6: once the residual is ~0 a chosen atom can have the largest
+    |correlation|, which sends the kernel through its exclusion pass."""
+    g = gen(3)
+    atoms, b_dec = unit_atoms(g, 200, 64), randn(g, 64, scale=0.1)
+    support = torch.stack([torch.randperm(200, generator=g)[:3] for _ in range(5)])
+    target = decode_rows(support, randn(g, 5, 3).abs() + 1, atoms)
+    indices, coefficients = triton_encode.omp_encode(target + b_dec, atoms, b_dec, 6)
+    ref_indices, _ = reference.omp_encode_reference(target + b_dec, atoms, b_dec, 6)
+    check_indices(indices, 200)
+    assert torch.equal(indices[:, :3], ref_indices[:, :3])
+    assert rel_err(decode_rows(indices, coefficients, atoms), target) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "m, d, n, k, dtype",
+    [
+        (5, 64, 256, 1, F32),
+        (17, 128, 1000, 16, F32),
+        (3, 64, 512, 64, F32),
+        (4, 256, 512, 32, BF16),
+        (2, 128, 16384, 3, F16),
+    ],
+)
+def test_omp_encode_random(m: int, d: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """Dense random inputs. Greedy picks can differ from the reference only on near-ties, which happen once the
+    residual is at noise level (k near d); so: same reconstruction while k <= d / 2, never a worse residual, and
+    coefficients that are the least-squares fit on the kernel's own atoms."""
+    g = gen(m + n + k)
+    atoms, b_dec = unit_atoms(g, n, d, dtype), randn(g, d, scale=0.1, dtype=dtype)
+    x = randn(g, m, d, dtype=dtype)
+    indices, coefficients = triton_encode.omp_encode(x, atoms, b_dec, k)
+    # The reference rounds x - b_dec to x's dtype before going to float32; the kernel subtracts in float32. In
+    # half precision that rounding alone can flip a greedy pick, so the reference runs on float32 copies.
+    ref_indices, ref_coefficients = reference.omp_encode_reference(x.float(), atoms.float(), b_dec.float(), k)
+    assert indices.shape == coefficients.shape == (m, k) and coefficients.dtype == dtype
+    check_indices(indices, n)
+    target = (x.float() - b_dec.float()).double()
+    atoms64 = atoms.double()
+    recon = decode_rows(indices, coefficients, atoms.float())
+    ref_recon = decode_rows(ref_indices, ref_coefficients, atoms.float())
+    if 2 * k <= d:
+        assert rel_err(recon, ref_recon) < TOL[dtype]
+    residual = (target - recon.double()).norm(dim=-1)
+    ref_residual = (target - ref_recon.double()).norm(dim=-1)
+    assert (residual <= ref_residual + TOL[dtype] * target.norm(dim=-1)).all()
+    lstsq = torch.linalg.lstsq(atoms64[indices].transpose(1, 2), target.unsqueeze(-1)).solution.squeeze(-1)
+    assert rel_err(decode_rows(indices, coefficients, atoms.float()), decode_rows(indices, lstsq, atoms64)) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------------------------------- attention
+
+
+def make_cache(
+    g: torch.Generator, b: int, hkv: int, d: int, s: int, c: int, w: int, n: int, k_key: int, k_value: int,
+    hd: int, dtype: torch.dtype, pre_rope: bool,
+) -> reference.CompressedKV:
+    index_dtype = torch.uint8 if n <= 256 else torch.int16 if n <= 2**15 else torch.int32
+
+    def codes(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.rand(b * hkv * c, n, generator=g)
+        indices = scores.topk(k, dim=-1).indices.view(b, hkv, c, k)  # distinct atoms per token
+        return indices.to(index_dtype), randn(g, b, hkv, c, k, scale=k**-0.5, dtype=dtype)
+
+    key_indices, key_coefficients = codes(k_key)
+    value_indices, value_coefficients = codes(k_value)
+    positions = inv_freq = None
+    if pre_rope:
+        positions = (torch.randperm(40_000, generator=g)[:c].sort().values + 7).to(torch.int32).expand(b, c)
+        inv_freq = 1.0 / (10_000 ** (torch.arange(0, d, 2).float() / d))
+    return reference.CompressedKV(
+        sink_keys=randn(g, b, hkv, s, d, dtype=dtype), sink_values=randn(g, b, hkv, s, d, dtype=dtype),
+        key_indices=key_indices, key_coefficients=key_coefficients,
+        value_indices=value_indices, value_coefficients=value_coefficients,
+        window_keys=randn(g, b, hkv, w, d, dtype=dtype), window_values=randn(g, b, hkv, w, d, dtype=dtype),
+        key_atoms=randn(g, hd, n, d, scale=0.3, dtype=dtype), key_bias=randn(g, hd, d, scale=0.1, dtype=dtype),
+        value_atoms=randn(g, hd, n, d, scale=0.3, dtype=dtype), value_bias=randn(g, hd, d, scale=0.1, dtype=dtype),
+        key_positions=positions, rope_inv_freq=inv_freq, rope_scaling=1.25 if pre_rope else 1.0,
+    )
+
+
+def make_mask(kind: str | None, b: int, lq: int, length: int) -> torch.Tensor | None:
+    """``left``: left padding (rows > 0 lose their first slots); ``empty``: also one query row sees nothing;
+    ``causal``: ``lq`` new tokens at the end of the window that each see only the past."""
+    if kind is None:
+        return None
+    mask = torch.ones(b, lq, length, dtype=torch.bool)
+    for row in range(1, b):
+        mask[row, :, : 3 * row + 1] = False
+    if kind == "empty":
+        mask[-1, lq - 1] = False
+    if kind == "causal":
+        for i in range(lq):
+            mask[:, i, length - lq + i + 1 :] = False
+    return mask
+
+
+ATTENTION_CASES = {
+    # name: (B, Hkv, G, Lq, d, sinks, codes, window, N, k_key, k_value, Hd, dtype, pre_rope, mask, softcap, chunk)
+    "one-token-window": (1, 1, 1, 1, 64, 0, 0, 1, 256, 8, 16, 1, F32, False, None, None, None),
+    "one-code-k1": (1, 2, 2, 1, 64, 0, 1, 0, 256, 1, 1, 1, F32, False, None, None, None),
+    "gqa4-left-pad": (2, 2, 4, 1, 64, 3, 100, 20, 256, 8, 16, 1, F32, False, "left", None, 32),
+    "gqa8-fp16-softcap": (2, 1, 8, 1, 128, 4, 300, 37, 4096, 8, 16, 1, F16, False, "left", 30.0, None),
+    "pre-rope-bf16-empty-row": (2, 2, 2, 3, 128, 2, 150, 9, 1000, 16, 32, 2, BF16, True, "empty", None, 64),
+    "pre-rope-d256-softcap": (2, 2, 1, 1, 256, 1, 77, 13, 512, 32, 64, 2, F32, True, None, 50.0, 32),
+    "n16384": (1, 4, 2, 1, 64, 0, 200, 0, 16384, 4, 8, 1, F32, False, None, None, None),
+    "k64-odd-n-fp16-empty-row": (3, 1, 4, 2, 128, 5, 90, 11, 300, 64, 64, 1, F16, False, "empty", None, 32),
+    "pre-rope-gqa8-left-pad": (2, 1, 8, 1, 64, 4, 130, 8, 2048, 8, 16, 1, F32, True, "left", None, None),
+    "gqa3-odd-k-bf16-per-head": (2, 2, 3, 1, 128, 2, 60, 5, 512, 12, 20, 2, BF16, False, "left", None, 32),
+    "speculative-causal": (1, 2, 4, 4, 64, 2, 40, 30, 256, 8, 16, 1, F32, False, "causal", None, 32),
+    "no-codes-fp16-d256": (2, 2, 2, 1, 256, 4, 0, 9, 256, 8, 16, 1, F16, False, "left", None, None),
+    "prefill-falls-back": (1, 1, 4, 20, 64, 2, 50, 30, 256, 8, 16, 1, F32, False, "causal", None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_sparse_attention(case: str) -> None:
+    b, hkv, groups, lq, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope, mask_kind, softcap, chunk = (
+        ATTENTION_CASES[case]
+    )
+    g = gen(sum(map(ord, case)))
+    kv = make_cache(g, b, hkv, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope)
+    query = randn(g, b, hkv * groups, lq, d, dtype=dtype)
+    mask = make_mask(mask_kind, b, lq, kv.length)
+    out = triton_attention.sparse_attention(query, kv, mask, d**-0.5, softcap, chunk_tokens=chunk)
+    ref = reference.sparse_attention_reference(query, kv, mask, d**-0.5, softcap)
+    assert out.shape == query.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    if mask_kind == "empty":
+        assert (out[-1, :, lq - 1] == 0).all(), "a row that sees nothing must be zeros"
+
+
+def test_dispatcher_routes_to_triton() -> None:
+    g = gen(7)
+    d, n, k = 64, 256, 8
+    sae = {
+        "W_enc": randn(g, d, n, scale=d**-0.5), "b_enc": randn(g, n, scale=0.1),
+        "W_dec": unit_atoms(g, n, d), "b_dec": randn(g, d, scale=0.1),
+    }
+    x = randn(g, 9, d)
+    for encoder in ("topk", "omp"):
+        got = kernels.encode(x, sae, k, encoder, "triton")
+        want = kernels.encode(x, sae, k, encoder, "torch")
+        assert torch.equal(got[0], want[0]) and rel_err(got[1], want[1]) < 1e-4
+    kv = make_cache(g, 1, 2, d, 2, 40, 5, n, 4, 8, 1, F32, False)
+    query = randn(g, 1, 4, 1, d)
+    got = kernels.sparse_attention(query, kv, None, 0.125, None, "triton")
+    assert rel_err(got, kernels.sparse_attention(query, kv, None, 0.125, None, "torch")) < 1e-4
