@@ -126,12 +126,15 @@ class KVDictionary(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- saving
     def _flat_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors on disk. Matching-pursuit dictionaries never use the encoder, so they store only the
+        decoder (half the bytes); loading sets ``W_enc = W_dec^T`` and ``b_enc = 0``."""
         tensors = {}
+        params = ("W_dec", "b_dec") if self.config.encoder == "omp" else SAE_PARAMS
         for i in self.config.layer_indices:
             layer = self[i]
             for kind in KINDS:
                 for h, sae in enumerate(layer.saes(kind)):
-                    for name in SAE_PARAMS:
+                    for name in params:
                         tensors[f"layers.{i}.{kind}.{h}.{name}"] = getattr(sae, name).detach().contiguous()
             if self.config.key_space == "pre_rope":
                 tensors[f"layers.{i}.rope_inv_freq"] = layer.rope_inv_freq.contiguous()
@@ -205,6 +208,13 @@ class KVDictionary(nn.Module):
                 raise DictionaryFormatError(f"tensor {name} holds non-finite values; the file is corrupted")
             with torch.no_grad():
                 target.copy_(source.to(target.dtype))
+        if config.encoder == "omp":
+            with torch.no_grad():
+                for i in config.layer_indices:
+                    for kind in KINDS:
+                        for sae in dictionary[i].saes(kind):
+                            sae.W_enc.copy_(sae.W_dec.T)
+                            sae.b_enc.zero_()
         return dictionary
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False, **kwargs) -> str:

@@ -121,3 +121,17 @@ def test_topk_sae_encode_decode_shapes_and_relu():
     assert (coefficients >= 0).all()
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(32))
     assert sae.decode(indices, coefficients).shape == x.shape
+
+
+def test_pursuit_dictionaries_store_only_the_decoder(tmp_path):
+    dictionary = make_dictionary(tiny_model("llama"), encoder="omp")
+    dictionary.save_pretrained(tmp_path / "omp")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "omp" / WEIGHTS_NAME, "pt") as handle:
+        names = set(handle.keys())
+    assert names and not any(name.endswith(("W_enc", "b_enc")) for name in names)
+    loaded = KVDictionary.from_pretrained(tmp_path / "omp")
+    sae = loaded[2].value[0]
+    assert torch.equal(sae.W_enc, sae.W_dec.T) and not sae.b_enc.any()
+    assert torch.equal(sae.W_dec, dictionary[2].value[0].W_dec)
