@@ -13,6 +13,10 @@ STA-Attention KV-cache compression for Hugging Face transformers.
   sta-cache demo     generate with DynamicCache and SparseSemanticCache on the embedded SmolLM2-135M,
                      print both texts, memory saved and held-out perplexity
   sta-cache train    collect a model's cached keys/values over a text and train per-layer Top-K SAEs
+  sta-cache analyze  semantic elbow (cosine/FVU vs k), elbow detection and suggested budget, key-value asymmetry
+                     across depth, semantic atoms of a layer -> plots, results.json, report.md
+  sta-cache eval     perplexity, next-token accuracy and passkey retrieval against measured bytes per token for
+                     DynamicCache, SparseSemanticCache budgets and QuantizedCache -> table, Pareto plot
 
 Models: "smollm2" and "gemma3" are embedded (converted once from PyPI wheels); any local path or Hub id works too.
 """
@@ -62,7 +66,74 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)")
     train.add_argument("--out", type=Path, required=True, help="output folder (checkpoints are resumed from here)")
     _add_dataclass_options(train, TrainConfig)
+
+    analyze = commands.add_parser("analyze", help="semantic elbow, K/V asymmetry and semantic atoms of a dictionary")
+    analyze.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
+    analyze.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
+    analyze.add_argument("--out", type=Path, required=True, help="output folder (plots, results.json, report.md)")
+    analyze.add_argument("--quick", action="store_true", help="fewer held-out vectors (a few minutes on 2 cores)")
+    analyze.add_argument("--ks", type=_int_list, default=None, help="k grid, e.g. 1,2,4,8,16,32,64")
+    analyze.add_argument("--layer", type=int, default=None, help="layer for the atom analysis (default: middle)")
+    analyze.add_argument("--windows", type=int, default=None, help="held-out windows (default 24, quick 8)")
+    analyze.add_argument("--context", type=int, default=None, help="tokens per held-out window (default 256)")
+    analyze.add_argument("--max-vectors", type=int, default=None, help="vectors per layer and kind")
+    analyze.add_argument("--encoder", choices=["topk", "omp"], default=None, help="override the dictionary's")
+    analyze.add_argument("--reference-k", type=int, default=None, help="k of the asymmetry comparison (default 8)")
+    analyze.add_argument("--gain-threshold", type=float, default=None, help="gain rule threshold (default 0.01)")
+    analyze.add_argument("--train-per-k", action="store_true", help="also train a small dictionary at each k (slow)")
+    analyze.add_argument("--train-tokens", type=int, default=None, help="training tokens per k with --train-per-k")
+    analyze.add_argument("--train-text", default=None, help="training text for --train-per-k (default: Wikipedia train)")
+    analyze.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    evaluate = commands.add_parser("eval", help="quality vs bytes against DynamicCache and QuantizedCache")
+    evaluate.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
+    evaluate.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
+    evaluate.add_argument("--out", type=Path, required=True, help="output folder (report.md, results.json, pareto.png)")
+    evaluate.add_argument("--quick", action="store_true", help="2 texts x 1k tokens, fewer configs, passkey at 2 depths")
+    evaluate.add_argument("--context", type=int, default=None, help="tokens per held-out text (default 2048, quick 1024)")
+    evaluate.add_argument("--n-texts", type=int, default=None, help="held-out texts (default 4, quick 2)")
+    evaluate.add_argument("--prefill", type=int, default=None, help="prefill tokens before the chunks (default 256)")
+    evaluate.add_argument("--chunk", type=int, default=None, help="tokens per chunk after the prefill (default 32)")
+    evaluate.add_argument("--window", dest="residual_length", type=int, default=None, help="dense recent window (64)")
+    evaluate.add_argument("--sinks", dest="num_sink_tokens", type=int, default=None, help="dense sink tokens (4)")
+    evaluate.add_argument("--budgets", type=_budget_list, default=None, help="k_key/k_value list, e.g. 4/8,8/16,16/32")
+    evaluate.add_argument("--paths", type=_str_list, default=None, help="attention paths for STA: sta,sdpa")
+    evaluate.add_argument("--baselines", type=_str_list, default=None,
+                          help="QuantizedCache backends: quanto:4,quanto:2,hqq:4,hqq:2,fp8 ('none' for none)")
+    evaluate.add_argument("--encoder", choices=["topk", "omp"], default=None,
+                          help="STA encoder (default: the dictionary's)")
+    evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (64)")
+    evaluate.add_argument("--coefficient-dtype", choices=["float32", "float16", "bfloat16", "float8_e4m3fn"],
+                          default=None, help="STA coefficient storage (default: the model's dtype)")
+    evaluate.add_argument("--pack-indices", action=argparse.BooleanOptionalAction, default=None,
+                          help="STA: pack indices into ceil(log2 N) bits")
+    evaluate.add_argument("--max-context", type=int, default=None, help="longest passkey prompt (default 4096)")
+    evaluate.add_argument("--passkey-depths", type=_float_list, default=None, help="e.g. 0.1,0.5,0.9")
+    evaluate.add_argument("--passkey-trials", type=int, default=None, help="keys per length and depth")
+    evaluate.add_argument("--passkey-feed", choices=["generate", "chunked"], default=None,
+                          help="passkey prompt: one prefill as model.generate (default) or chunked like perplexity")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
+
+
+def _str_list(value: str) -> list[str]:
+    return [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _int_list(value: str) -> list[int]:
+    return [int(v) for v in _str_list(value)]
+
+
+def _float_list(value: str) -> list[float]:
+    return [float(v) for v in _str_list(value)]
+
+
+def _budget_list(value: str) -> list[tuple[int, int]]:
+    budgets = []
+    for item in _str_list(value):
+        key, _, val = item.partition("/")
+        budgets.append((int(key), int(val or key)))
+    return budgets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         text = args.text or wikipedia_text("train")
         dictionary = train_dictionary(model, tokenizer, text, TrainConfig(**_options(args, TrainConfig)), args.out)
         print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
+    elif args.command == "analyze":
+        from .analyze import AnalyzeConfig, run_analysis
+
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "quick", "train_per_k")}
+        config = AnalyzeConfig.preset(args.quick, **{**options, "out": str(args.out)},
+                                      train_per_k=args.train_per_k or None)
+        results = run_analysis(config)
+        budget = results["suggested_budget"]
+        print(f"suggested budget k_key={budget['k_key']} k_value={budget['k_value']}; report: {args.out / 'report.md'}")
+    elif args.command == "eval":
+        from .benchmark_quality import EvalConfig, run_eval
+
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
+        config = EvalConfig.preset(args.quick, **{**options, "out": str(args.out)})
+        run_eval(config)
+        print((args.out / "report.md").read_text())
     return 0
 
 

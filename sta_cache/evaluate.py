@@ -30,10 +30,15 @@ def perplexity(
     chunk: int = 32,
     progress: bool = True,
     desc: str = "perplexity",
+    measure: Callable[[Cache], dict] | None = None,
 ) -> PerplexityResult:
     """Feed each ``[1, T]`` token tensor as a prefill of ``prefill`` tokens and then chunks of ``chunk`` tokens
     through a fresh cache, and score the next-token predictions made after the prefill (the ones that read a
-    possibly compressed cache). Returns perplexity, next-token accuracy and the scored token count."""
+    possibly compressed cache). Returns perplexity, next-token accuracy and the scored token count.
+
+    ``memory`` is ``measure(cache)`` after the last text when ``measure`` is given (e.g.
+    :func:`sta_cache.benchmark_quality.cache_bytes`, which counts any cache), else the cache's
+    ``memory_footprint()`` if it has one."""
     texts = list(texts)
     total_nll, total_correct, total_tokens, memory = 0.0, 0, 0, None
     bar = tqdm(total=sum(t.shape[-1] - prefill for t in texts), desc=desc, unit="tok", disable=not progress)
@@ -50,7 +55,9 @@ def perplexity(
             total_tokens += targets.shape[1]
             logits = out[:, -1:]
             bar.update(targets.shape[1])
-        if hasattr(cache, "memory_footprint"):
+        if measure is not None:
+            memory = measure(cache)
+        elif hasattr(cache, "memory_footprint"):
             memory = cache.memory_footprint()
     bar.close()
     return PerplexityResult(math.exp(total_nll / total_tokens), total_correct / total_tokens, total_tokens, memory)
