@@ -51,7 +51,8 @@ def demo_dictionary(name: str, model, tokenizer, dictionary: str | None) -> KVDi
         return KVDictionary.from_pretrained(out)
     except DictionaryFormatError:
         print(f"No pretrained dictionaries for {name}: training small ones into {out} (a few minutes, once).")
-        return train_dictionary(model, tokenizer, wikipedia_text("train"), TrainConfig.demo(), out)
+        quick = TrainConfig(n_atoms=256, max_tokens=16_000, key_space="pre_rope", encoder="omp")
+        return train_dictionary(model, tokenizer, wikipedia_text("train"), quick, out)
 
 
 def _format_bytes(n: float) -> str:

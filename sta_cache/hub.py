@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
@@ -82,3 +84,21 @@ def packaged_repo_ids() -> list[str]:
         for entry in PACKAGED_HUB_CACHE.iterdir()
         if entry.name.startswith("models--")
     )
+
+
+def place_in_hf_cache(folder: str | os.PathLike, cache_dir: str | os.PathLike, repo_id: str, revision: str = "main") -> str:
+    """Lay a dictionary folder out as a Hugging Face cache snapshot (``models--org--name/refs/<revision>`` and
+    ``snapshots/<commit>/``), so that ``from_pretrained(repo_id, cache_dir=...)`` finds it offline. This is how the
+    pretrained dictionaries ship in the wheel. Returns the (content-derived) commit hash."""
+    folder, repo = Path(folder), Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    digest = hashlib.sha1()
+    for name in DICTIONARY_FILES:
+        digest.update((folder / name).read_bytes())
+    commit = digest.hexdigest()
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name in DICTIONARY_FILES:
+        shutil.copyfile(folder / name, snapshot / name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return commit

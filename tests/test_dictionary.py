@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -13,6 +12,7 @@ import torch
 from conftest import make_dictionary, tiny_model
 from sta_cache import DictionaryFormatError, KVDictionary, SparseSemanticCache, TopKSAE
 from sta_cache.dictionary import CONFIG_NAME, WEIGHTS_NAME
+from sta_cache.hub import packaged_repo_ids, place_in_hf_cache
 
 
 @pytest.fixture
@@ -80,26 +80,9 @@ def test_unknown_repo_offline_is_a_clear_error(tmp_path, monkeypatch):
         KVDictionary.from_pretrained("nobody/nothing", cache_dir=tmp_path)
 
 
-def _place_in_hf_cache(folder, cache_dir, repo_id, revision="main"):
-    """Lay a folder out as huggingface_hub's cache does: blobs by hash, a snapshot of links, a ref."""
-    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / revision).write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for file in folder.iterdir():
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    return commit
-
-
 def test_hub_id_resolves_offline_from_the_hf_cache(saved, tmp_path, monkeypatch):
     dictionary, folder = saved
-    commit = _place_in_hf_cache(folder, tmp_path / "hf", "sta-cache/tiny-gemma3")
+    commit = place_in_hf_cache(folder, tmp_path / "hf", "sta-cache/tiny-gemma3")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     loaded = KVDictionary.from_pretrained("sta-cache/tiny-gemma3", cache_dir=tmp_path / "hf")
     assert torch.equal(loaded[3].value[0].W_dec, dictionary[3].value[0].W_dec)
@@ -135,3 +118,13 @@ def test_pursuit_dictionaries_store_only_the_decoder(tmp_path):
     sae = loaded[2].value[0]
     assert torch.equal(sae.W_enc, sae.W_dec.T) and not sae.b_enc.any()
     assert torch.equal(sae.W_dec, dictionary[2].value[0].W_dec)
+
+
+def test_packaged_dictionaries_resolve_with_the_hub_offline(monkeypatch, tmp_path):
+    """The dictionaries shipped in the wheel load by their Hub ids with no network and an empty HF cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    shipped = packaged_repo_ids()
+    assert "sta-cache/SmolLM2-135M-Instruct" in shipped
+    for repo_id in shipped:
+        dictionary = KVDictionary.from_pretrained(repo_id, cache_dir=tmp_path)
+        assert dictionary.config.encoder == "omp" and dictionary.config.key_space == "pre_rope"

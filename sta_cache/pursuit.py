@@ -1,0 +1,71 @@
+"""Dictionary learning for matching-pursuit codes: the Method of Optimal Directions (Engan et al. 1999).
+
+The cache codes vectors by orthogonal matching pursuit over the decoder, so the decoder should be learned with
+the same pursuit as its inner step rather than through an encoder that inference never uses. Each MOD iteration
+codes the training vectors with OMP, then refits all atoms at once by least squares,
+``D = argmin ||X - C D||^2 = (C^T C)^-1 C^T X``, renormalises them, and re-seeds unused atoms with the
+worst-reconstructed vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .kernels.reference import omp_encode_reference
+
+
+def _codes_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """Sparse codes ``[n, k]`` as a dense ``[n, N]`` coefficient matrix."""
+    dense = torch.zeros(indices.shape[0], n_atoms, dtype=torch.float32)
+    return dense.scatter_add_(1, indices, coefficients.float())
+
+
+def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    return ((x - reconstruction).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+def omp_reconstruct(x: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+    indices, coefficients = omp_encode_reference(x, atoms, bias, k)
+    return torch.einsum("nk,nkd->nd", coefficients.float(), atoms[indices]) + bias
+
+
+def mod_step(x: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor, k: int, ridge: float = 1e-4):
+    """One MOD iteration on training vectors ``x [n, d]``; returns ``(atoms [N, d], bias [d], train FVU)``."""
+    n_atoms = atoms.shape[0]
+    indices, coefficients = omp_encode_reference(x, atoms, bias, k)
+    codes = _codes_matrix(indices, coefficients, n_atoms)
+    gram = codes.T @ codes
+    usage = gram.diagonal().clone()
+    gram.diagonal().add_(ridge * usage.mean().clamp_min(1e-6))
+    new_atoms = torch.linalg.solve(gram, codes.T @ (x - bias))
+    reconstruction = codes @ new_atoms + bias
+    fvu = fraction_of_variance_unexplained(x, reconstruction)
+    bias = bias + (x - reconstruction).mean(0)
+    unused = usage <= 0
+    if unused.any():  # re-seed dead atoms with the directions of the worst-coded vectors
+        errors = (x - reconstruction).pow(2).sum(-1)
+        worst = errors.topk(int(unused.sum())).indices
+        new_atoms[unused] = (x - reconstruction)[worst]
+    norms = new_atoms.norm(dim=-1, keepdim=True)
+    new_atoms = torch.where(norms > 1e-8, new_atoms / norms.clamp_min(1e-8), atoms)
+    return new_atoms, bias, fvu
+
+
+def learn_pursuit_dictionary(
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    iterations: int = 5,
+    progress: bool = False,
+    desc: str = "MOD",
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Refine ``atoms [N, d]`` / ``bias [d]`` for k-sparse OMP codes of ``x [n, d]``; returns the per-iteration
+    training FVU too."""
+    history = []
+    x, atoms, bias = x.float(), atoms.float().clone(), bias.float().clone()
+    for _ in tqdm(range(iterations), desc=desc, disable=not progress, leave=False):
+        atoms, bias, fvu = mod_step(x, atoms, bias, k)
+        history.append(fvu)
+    return atoms, bias, history
