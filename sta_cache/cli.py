@@ -32,16 +32,10 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif default is None:
-            parser.add_argument(flag, default=None, type=_int_or_str, help="(default: unset)")
+            kind = int if "int" in str(field.type) else str
+            parser.add_argument(flag, default=None, type=kind, help="(default: unset)")
         else:
             parser.add_argument(flag, default=default, type=type(default), help=f"(default: {default})")
-
-
-def _int_or_str(value: str) -> int | str:
-    try:
-        return int(value)
-    except ValueError:
-        return value
 
 
 def _options(args: argparse.Namespace, cls) -> dict:

@@ -16,14 +16,14 @@ from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
 from .evaluate import perplexity
 
 PACKAGED_DICTIONARIES = {"smollm2": "sta-cache/SmolLM2-135M-Instruct", "gemma3": "sta-cache/gemma-3-270m"}
-DEFAULT_PROMPT = "The history of the printing press begins"
 
 
 @dataclass
 class DemoConfig:
     model: str = "smollm2"
     dictionary: str | None = None  # folder or Hub id; default: the packaged one, else train small ones once
-    prompt: str = DEFAULT_PROMPT
+    prompt: str | None = None  # default: the first prompt_tokens tokens of a held-out Wikipedia text
+    prompt_tokens: int = 512
     max_new_tokens: int = 60
     k_key: int | None = None
     k_value: int | None = None
@@ -74,7 +74,14 @@ def run_demo(config: DemoConfig) -> dict:
     def dynamic_cache() -> DynamicCache:
         return DynamicCache(config=model.config)
 
-    inputs = tokenizer(config.prompt, return_tensors="pt").to(model.device)
+    held_out = eval_texts(tokenizer, config.eval_texts + 1, max(config.eval_tokens, config.prompt_tokens))
+    if config.prompt is None:  # a long prompt, so that most of it is compressed before generation starts
+        prompt_ids = held_out.pop()[: config.prompt_tokens].unsqueeze(0)
+    else:
+        prompt_ids, held_out = tokenizer(config.prompt, return_tensors="pt")["input_ids"], held_out[:-1]
+    inputs = {"input_ids": prompt_ids.to(model.device), "attention_mask": torch.ones_like(prompt_ids)}
+    prompt_text = tokenizer.decode(prompt_ids[0], skip_special_tokens=True)
+    print(f"Prompt ({prompt_ids.shape[1]} tokens), ending: ...{prompt_text[-300:]}")
     texts, caches = {}, {}
     for name, make in (("DynamicCache", dynamic_cache), ("SparseSemanticCache", sparse_cache)):
         caches[name] = make()
@@ -82,10 +89,11 @@ def run_demo(config: DemoConfig) -> dict:
         out = model.generate(**inputs, past_key_values=caches[name], max_new_tokens=config.max_new_tokens,
                              do_sample=False)  # fmt: skip
         elapsed = time.perf_counter() - start
-        texts[name] = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        print(f"\n=== {name} ({elapsed:.1f} s) ===\n{config.prompt}{texts[name]}")
-
-    held_out = eval_texts(tokenizer, config.eval_texts, config.eval_tokens)
+        texts[name] = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+        print(f"\n=== {name} continuation ({elapsed:.1f} s) ===\n{texts[name]}")
+    compressed = caches["SparseSemanticCache"].sparse_layers[0].num_compressed
+    print(f"\n(SparseSemanticCache held {compressed} of {caches['SparseSemanticCache'].get_seq_length()} tokens as codes)")
+    held_out = [ids[: config.eval_tokens] for ids in held_out]
     quality = {
         name: perplexity(model, held_out, make, prefill=config.prefill, chunk=config.chunk, desc=name)
         for name, make in (("DynamicCache", dynamic_cache), ("SparseSemanticCache", sparse_cache))
