@@ -15,6 +15,7 @@ from .layer import SparseSemanticLayer
 
 DEFAULT_RESIDUAL_LENGTH = 64
 DEFAULT_NUM_SINK_TOKENS = 4
+DEFAULT_ENCODE_BATCH = 16
 SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
 
@@ -66,8 +67,9 @@ class SparseSemanticCache(Cache):
 
     Per batch row, KV head and token it stores ``k_key`` atom indices + coefficients for the key and ``k_value``
     for the value; only the first ``num_sink_tokens`` real tokens (attention sinks) and the most recent
-    ``residual_length`` tokens stay dense. Layers without a dictionary stay dense (sliding-window layers, such as
-    Gemma-3's local layers, keep transformers' own bounded sliding cache).
+    ``residual_length`` tokens stay dense; tokens that have left the window are encoded ``encode_batch`` at a
+    time. Layers without a dictionary stay dense (sliding-window layers, such as Gemma-3's local layers, keep
+    transformers' own bounded sliding cache).
 
     Pass ``config=model.config`` to check the dictionary against the model before anything runs, and to lay out
     sliding-window layers. Use ``attn_implementation="sta"`` (see :mod:`sta_cache.attention`) to attend from the
@@ -87,6 +89,7 @@ class SparseSemanticCache(Cache):
         k_value: int | None = None,
         residual_length: int = DEFAULT_RESIDUAL_LENGTH,
         num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS,
+        encode_batch: int = DEFAULT_ENCODE_BATCH,
         config: PretrainedConfig | None = None,
         coefficient_dtype: torch.dtype | None = None,
         pack_indices: bool = False,
@@ -116,6 +119,7 @@ class SparseSemanticCache(Cache):
                         rope_scaling=meta.rope_scaling,
                         residual_length=residual_length,
                         num_sink_tokens=num_sink_tokens,
+                        encode_batch=encode_batch,
                         coefficient_dtype=coefficient_dtype,
                         pack_indices=pack_indices,
                         backend=backend,

@@ -34,8 +34,9 @@ class SparseSemanticLayer(CacheLayerMixin):
     * ``compressed``: ``k_key`` atom indices + coefficients per key and ``k_value`` per value, per KV head.
     * ``window``: the most recent ``residual_length`` tokens, dense, plus the tokens the current step appended.
 
-    A token is encoded once, when it has left the window, at the next ``update`` (so the step that wrote it
-    attends to it exactly). Keys are coded post-RoPE, or pre-RoPE when the dictionary says so: then each key is
+    A token is encoded once, after it has left the window, at a later ``update`` (so the step that wrote it
+    attends to it exactly); tokens are encoded ``encode_batch`` at a time, which amortises the encoder's per-call
+    cost over decode steps (the window then holds up to ``residual_length + encode_batch - 1`` dense tokens). Keys are coded post-RoPE, or pre-RoPE when the dictionary says so: then each key is
     un-rotated by the position the model gave it and re-rotated when used. The positions come from the "sta"
     attention function (which sees the model's ``position_ids``); other attention implementations do not
     report them and slot ``i`` is taken to be position ``i`` (exact without left padding).
@@ -56,6 +57,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         rope_scaling: float,
         residual_length: int,
         num_sink_tokens: int,
+        encode_batch: int = 1,
         coefficient_dtype: torch.dtype | None = None,
         pack_indices: bool = False,
         backend: str = "auto",
@@ -65,13 +67,14 @@ class SparseSemanticLayer(CacheLayerMixin):
         for name, k in (("k_key", k_key), ("k_value", k_value)):
             if not 1 <= k <= n_atoms:
                 raise ValueError(f"{name}={k} must be between 1 and the dictionary's N={n_atoms} atoms")
-        if residual_length < 0 or num_sink_tokens < 0:
-            raise ValueError("residual_length and num_sink_tokens must be >= 0")
+        if residual_length < 0 or num_sink_tokens < 0 or encode_batch < 1:
+            raise ValueError("residual_length and num_sink_tokens must be >= 0, encode_batch >= 1")
         self.dictionary = dictionary
         self.layer_idx = layer_idx
         self.k = {"key": k_key, "value": k_value}
         self.key_space, self.encoder, self.rope_scaling = key_space, encoder, rope_scaling
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
+        self.encode_batch = encode_batch
         self.n_atoms, self.head_dim = n_atoms, dictionary.key[0].d
         self.num_dictionary_heads = len(dictionary.key)
         self.requested_coefficient_dtype = coefficient_dtype
@@ -106,8 +109,10 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.backend = kernels.resolve_backend(self.requested_backend, self.device)
         self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
+        used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
         self.sae = {
-            kind: {name: t.to(self.device, torch.float32) for name, t in self.dictionary.stacked(kind).items()}
+            kind: {name: t.to(self.device, torch.float32) for name, t in self.dictionary.stacked(kind).items()
+                   if name in used}  # fmt: skip
             for kind in KINDS
         }
         self.rope_inv_freq = self.dictionary.rope_inv_freq.to(self.device)
@@ -153,7 +158,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         window when the "sta" attention function reads the codes itself."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.flush()
+        self.flush(min_tokens=self.encode_batch)
         start, new = self.get_seq_length(), key_states.shape[2]
         self.keys = torch.cat([self.keys, key_states], dim=2)
         self.values = torch.cat([self.values, value_states], dim=2)
@@ -179,8 +184,9 @@ class SparseSemanticLayer(CacheLayerMixin):
         if real is not None:
             self.window_real[:, -new:] = real.to(self.device)
 
-    def flush(self) -> None:
-        """Settle the sinks once every row has them, then encode every token beyond the recent window."""
+    def flush(self, min_tokens: int = 1) -> None:
+        """Settle the sinks once every row has them, then encode every token beyond the recent window, if there
+        are at least ``min_tokens`` of them."""
         if not self.is_initialized:
             return
         if not self.sinks_settled:
@@ -188,7 +194,7 @@ class SparseSemanticLayer(CacheLayerMixin):
             if not self.sinks_settled:
                 return
         overflow = self.num_window - self.residual_length
-        if overflow <= 0:
+        if overflow <= 0 or overflow < min_tokens:
             return
         keys, values = self.keys[:, :, :overflow], self.values[:, :, :overflow]
         positions = self.window_positions[:, :overflow]

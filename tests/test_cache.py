@@ -141,7 +141,8 @@ def test_crop_inside_window_is_exact_rollback():
 
 def test_deep_crop_drops_codes_and_sinks_consistently():
     model = tiny_model("llama")
-    cache = SparseSemanticCache(make_dictionary(model), residual_length=3, num_sink_tokens=2, config=model.config)
+    cache = SparseSemanticCache(make_dictionary(model), residual_length=3, num_sink_tokens=2, encode_batch=1,
+                                config=model.config)  # fmt: skip
     with torch.no_grad():
         model(torch.randint(1, VOCAB, (1, 20)), past_key_values=cache)
         model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
@@ -237,3 +238,19 @@ def test_triton_backend_matches_torch_backend_end_to_end(key_space, encoder):
             logits[backend] = chunked_logits(model, ids, cache, chunks=(16, 1, 1, 1, 1))
         assert all(layer.backend == backend for layer in cache.sparse_layers)
     assert relative_error(logits["triton"], logits["torch"]) < 1e-4
+
+
+def test_encoding_waits_for_a_batch_of_tokens():
+    """Tokens that left the window are encoded encode_batch at a time; memory_footprint encodes the rest."""
+    model = tiny_model("llama", "sta")
+    cache = SparseSemanticCache(make_dictionary(model), residual_length=4, num_sink_tokens=1, encode_batch=8,
+                                config=model.config)  # fmt: skip
+    layer = cache.sparse_layers[0]
+    with torch.no_grad():
+        model(torch.randint(1, VOCAB, (1, 12)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
+        assert (layer.num_sinks, layer.num_compressed, layer.num_window) == (1, 0, 12)  # 7 left the window: < 8
+        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
+        assert (layer.num_compressed, layer.num_window) == (8, 5)  # 8 left the window: all encoded
+    cache.memory_footprint()
+    assert (layer.num_compressed, layer.num_window) == (9, 4)
