@@ -38,6 +38,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
 STATE_NAME = "train_state.json"
 EVALUATION_NAME = "evaluation.json"
+INIT_VECTORS = 8192  # per dictionary, for b_dec, the loss normalizer, data-initialised atoms and the W_enc scale
 _TIMERS = ("collect", "collect_cpu", "train", "train_cpu")  # wall-clock and process CPU seconds
 DEFAULT_SINKS = 4  # SparseSemanticCache keeps the first 4 tokens dense: no need to learn them
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,10 +53,12 @@ class TrainConfig:
     """How to train a dictionary. Sizes count vectors of one dictionary (one layer, one kind, one head group).
 
     ``epochs`` is the average number of times each collected vector is trained on: the text is read once and
-    vectors are replayed from the reservoir (``buffer_size`` vectors per dictionary, randomly replaced as new
-    ones stream in). ``steps`` overrides it. ``encoder`` is what the saved dictionary uses in the cache (the
-    one-shot ``"topk"`` encoder is what is trained; ``"omp"`` codes with the same atoms). ``skip_first`` window
-    positions (the attention sinks the cache keeps dense) are not trained on. ``dtype`` is the saved weights'.
+    vectors are replayed from a reservoir per dictionary (``buffer_size`` vectors, randomly replaced as new ones
+    stream in; all reservoirs together hold at most ``buffer_mb`` MiB, in bfloat16). ``steps`` overrides it.
+    ``encoder`` is what the saved dictionary uses in the cache (the one-shot ``"topk"`` encoder is what is
+    trained; ``"omp"`` codes with the same atoms). ``skip_first`` window positions (the attention sinks the cache
+    keeps dense) are not trained on. ``dtype`` is the saved weights' dtype. ``init="data"`` starts the atoms at
+    random centred training vectors (better than random directions here), ``b_dec`` at their geometric median.
     """
 
     n_atoms: int = 1024
@@ -78,7 +81,8 @@ class TrainConfig:
     aux_k: int | None = None
     aux_coef: float = 1 / 32
     dead_steps: int = 32
-    buffer_size: int = 8192
+    buffer_size: int = 32768
+    buffer_mb: float = 512.0
     init: str = "data"
     b_dec_init: str = "geometric_median"
     seed: int = 0
@@ -379,7 +383,10 @@ class _Run:
         ks = [config.k_key if kind == "key" else config.k_value for _ in layers for kind in KINDS for _ in range(self.hd)]
         self.sae = _MultiSAE(self.S, d, config.n_atoms, ks, config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.buffer = torch.zeros(self.S, config.buffer_size, d)
+        # reservoirs in bfloat16 (float32 range; its 0.4% rounding is far below any reconstruction error here)
+        per_dictionary = int(config.buffer_mb * 2**20) // (self.S * d * 2)
+        self.buffer_size = max(config.batch_size, min(config.buffer_size, per_dictionary))
+        self.buffer = torch.zeros(self.S, self.buffer_size, d, dtype=torch.bfloat16)
         self.fill = 0
         self.windows_done = 0
         self.vectors_in = 0
@@ -402,6 +409,7 @@ class _Run:
 
     def insert(self, x: torch.Tensor) -> None:
         """Add ``x [S, n, d]`` to the reservoirs: append until full, then overwrite random slots."""
+        x = x.to(self.buffer.dtype)
         n = x.shape[1]
         M = self.buffer.shape[1]
         self.vectors_in += n
@@ -437,12 +445,14 @@ class _Run:
         return self.fill >= self.buffer.shape[1] or (final and self.fill >= 1)
 
     def initialize(self) -> None:
-        self.sae.initialize(self.buffer[:, : self.fill], self.generator)
+        """Initialize from (a random sample of at most INIT_VECTORS vectors of) the first reservoir fill."""
+        sample = torch.randperm(self.fill, generator=self.generator)[:INIT_VECTORS]
+        self.sae.initialize(self.buffer[:, : self.fill].index_select(1, sample).float(), self.generator)
         self.initialized = True
 
     def train_step(self) -> dict[str, torch.Tensor]:
         batch = torch.randint(self.fill, (self.config.batch_size,), generator=self.generator)
-        stats = self.sae.step(self.buffer.index_select(1, batch), self.steps_done, self.lr(self.steps_done))
+        stats = self.sae.step(self.buffer.index_select(1, batch).float(), self.steps_done, self.lr(self.steps_done))
         self.steps_done += 1
         self.last_stats = stats
         return stats
@@ -707,7 +717,7 @@ def train_dictionary(
             "lr": config.lr,
             "aux_k": run.sae.aux_k,
             "dead_steps": config.dead_steps,
-            "buffer_size": config.buffer_size,
+            "buffer_size": run.buffer_size,
             "init": config.init,
             "b_dec_init": config.b_dec_init,
             "eval_text": Path(eval_text_path).name if eval_text_path is not None else f"{text_path.name} (after training tokens)",

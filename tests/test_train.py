@@ -191,8 +191,16 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("interrupt_at", [1, 3])
+@pytest.mark.parametrize("interrupt_at", [1, 3, "tail"])
 def test_resume_after_interruption_gives_the_same_weights(trained, model, text, tmp_path, monkeypatch, interrupt_at):
+    """Interrupted while the text streams in (1st or 3rd checkpoint), or in the training that follows the stream
+    when the reservoir holds all the data ("tail"): the resumed run ends with the same weights and log."""
+    overrides = {}
+    if interrupt_at == "tail":
+        overrides, interrupt_at = {"buffer_size": 4096}, 2
+        reference = tmp_path / "reference"
+        train_dictionary(model, CharTokenizer(), text, small_config(**overrides), reference, progress=False)
+        trained = reference
     out = tmp_path / "interrupted"
     real_save = train_module._save_checkpoint
     calls = []
@@ -205,12 +213,12 @@ def test_resume_after_interruption_gives_the_same_weights(trained, model, text, 
 
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        train_dictionary(model, CharTokenizer(), text, small_config(), out, progress=False)
+        train_dictionary(model, CharTokenizer(), text, small_config(**overrides), out, progress=False)
     assert (out / "checkpoint.pt").is_file() and not (out / "dictionary.safetensors").exists()
     monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
     with pytest.raises(ValueError, match="different run"):
-        train_dictionary(model, CharTokenizer(), text, small_config(lr=1e-3), out, progress=False)
-    train_dictionary(model, CharTokenizer(), text, small_config(), out, progress=False)
+        train_dictionary(model, CharTokenizer(), text, small_config(lr=1e-3, **overrides), out, progress=False)
+    train_dictionary(model, CharTokenizer(), text, small_config(**overrides), out, progress=False)
     assert_same_weights(trained, out)
     assert not (out / "checkpoint.pt").exists()
     log = (out / "train_log.jsonl").read_text().splitlines()
