@@ -13,6 +13,7 @@ STA-Attention KV-cache compression for Hugging Face transformers.
   sta-cache demo     generate with DynamicCache and SparseSemanticCache on the embedded SmolLM2-135M,
                      print both texts, memory saved and held-out perplexity
   sta-cache train    collect a model's cached keys/values over a text and train per-layer Top-K SAEs
+  sta-cache train-pursuit   learn dictionaries for matching-pursuit codes (MOD; the shipped recipe)
   sta-cache analyze  semantic elbow (cosine/FVU vs k), elbow detection and suggested budget, key-value asymmetry
                      across depth, semantic atoms of a layer -> plots, results.json, report.md
   sta-cache eval     perplexity, next-token accuracy and passkey retrieval against measured bytes per token for
@@ -45,6 +46,7 @@ def _options(args: argparse.Namespace, cls) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
+    from .pursuit import PursuitConfig
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -60,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)")
     train.add_argument("--out", type=Path, required=True, help="output folder (checkpoints are resumed from here)")
     _add_dataclass_options(train, TrainConfig)
+
+    pursuit = commands.add_parser(
+        "train-pursuit", help="learn dictionaries for matching-pursuit codes (MOD): how the shipped ones were made"
+    )
+    pursuit.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
+    pursuit.add_argument("--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)")
+    pursuit.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_dataclass_options(pursuit, PursuitConfig)
 
     analyze = commands.add_parser("analyze", help="semantic elbow, K/V asymmetry and semantic atoms of a dictionary")
     analyze.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
@@ -143,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(args.model)
         text = args.text or wikipedia_text("train")
         dictionary = train_dictionary(model, tokenizer, text, TrainConfig(**_options(args, TrainConfig)), args.out)
+        print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
+    elif args.command == "train-pursuit":
+        from .embedded import load_model, wikipedia_text
+        from .pursuit import PursuitConfig, train_pursuit_dictionary
+
+        model, tokenizer = load_model(args.model)
+        text = args.text or wikipedia_text("train")
+        dictionary = train_pursuit_dictionary(model, tokenizer, text, PursuitConfig(**_options(args, PursuitConfig)), args.out)
         print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
     elif args.command == "analyze":
         from .analyze import AnalyzeConfig, run_analysis

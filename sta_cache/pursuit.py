@@ -9,9 +9,12 @@ worst-reconstructed vectors.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 from tqdm.auto import tqdm
 
+from .dictionary import KINDS
 from .kernels.reference import omp_encode_reference
 
 
@@ -69,3 +72,69 @@ def learn_pursuit_dictionary(
         atoms, bias, fvu = mod_step(x, atoms, bias, k)
         history.append(fvu)
     return atoms, bias, history
+
+
+@dataclass
+class PursuitConfig:
+    """How ``sta-cache train --method mod`` builds a dictionary: keys and values of ``windows`` x ``context`` tokens
+    (the first ``skip_first`` positions of each window left out: the cache keeps them dense as sinks), ``vectors``
+    of them per dictionary, ``n_atoms`` atoms initialised from random training vectors, ``iterations`` MOD steps
+    at the budget ``k_key`` / ``k_value``. The shipped SmolLM2 and Gemma-3 dictionaries are the defaults."""
+
+    n_atoms: int = 1024
+    k_key: int = 8
+    k_value: int = 16
+    key_space: str = "pre_rope"
+    context: int = 256
+    windows: int = 48
+    skip_first: int = 4
+    vectors: int = 16000
+    iterations: int = 6
+    seed: int = 0
+
+
+def train_pursuit_dictionary(model, tokenizer, text_path, config: PursuitConfig, out_dir, progress: bool = True):
+    """Collect a model's cached keys/values over a text and learn OMP dictionaries for every compressible layer
+    by MOD; saves to ``out_dir`` and returns the :class:`KVDictionary`."""
+    from .collect import compressible_layers, iter_kv, kv_geometry, rotary_for_layer, token_windows
+    from .dictionary import KVDictionary, KVDictionaryConfig
+
+    generator = torch.Generator().manual_seed(config.seed)
+    layers = compressible_layers(model.config)
+    num_layers, heads, head_dim = kv_geometry(model.config)
+    windows = token_windows(tokenizer, text_path, config.context, config.windows)
+    if windows.shape[0] == 0:
+        raise ValueError(f"{text_path} holds fewer than {config.context} tokens")
+    collected = {(i, kind): [] for i in layers for kind in KINDS}
+    batches = iter_kv(model, windows, layers=layers, key_space=config.key_space, skip_first=config.skip_first)
+    for batch in tqdm(batches, total=-(-windows.shape[0] // 4), desc="collect keys/values", disable=not progress):
+        for i in layers:
+            collected[i, "key"].append(batch.keys[i][0])
+            collected[i, "value"].append(batch.values[i][0])
+    rope_scaling = rotary_for_layer(model, layers[0])[1] if config.key_space == "pre_rope" else 1.0
+    meta = KVDictionaryConfig(
+        base_model=model.config._name_or_path, num_layers=num_layers, layer_indices=layers, num_kv_heads=heads,
+        head_dim=head_dim, n_atoms=config.n_atoms, k_key=config.k_key, k_value=config.k_value,
+        key_space=config.key_space, encoder="omp", rope_scaling=float(rope_scaling),
+        training={"text": str(text_path), "tokens": int(windows.numel()), "method": "MOD on OMP codes",
+                  **asdict(config)},
+    )  # fmt: skip
+    dictionary = KVDictionary(meta)
+    for (i, kind), parts in tqdm(collected.items(), desc="MOD per layer and kind", disable=not progress):
+        x = torch.cat(parts)
+        x = x[torch.randperm(x.shape[0], generator=generator)[: config.vectors]]
+        seeds = x[torch.randperm(x.shape[0], generator=generator)[: config.n_atoms]] - x.mean(0)
+        k = config.k_key if kind == "key" else config.k_value
+        atoms, bias, _ = learn_pursuit_dictionary(
+            x, torch.nn.functional.normalize(seeds, dim=-1), x.mean(0), k, config.iterations
+        )
+        sae = dictionary[i].saes(kind)[0]
+        with torch.no_grad():
+            sae.W_dec.copy_(atoms)
+            sae.W_enc.copy_(atoms.T)
+            sae.b_dec.copy_(bias)
+            sae.b_enc.zero_()
+        if kind == "key" and config.key_space == "pre_rope":
+            dictionary[i].rope_inv_freq.copy_(rotary_for_layer(model, i)[0])
+    dictionary.save_pretrained(out_dir)
+    return dictionary
