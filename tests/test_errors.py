@@ -61,7 +61,8 @@ def test_sliding_layers_with_saes_are_refused():
 
 def test_non_finite_states_never_reach_the_codes():
     model = tiny_model("llama")
-    cache = SparseSemanticCache(make_dictionary(model), residual_length=2, num_sink_tokens=0, config=model.config)
+    cache = SparseSemanticCache(make_dictionary(model), residual_length=2, num_sink_tokens=0, encode_batch=1,
+                                config=model.config)  # fmt: skip
     hook = model.model.layers[1].self_attn.v_proj.register_forward_hook(
         lambda module, args, out: out.index_fill(1, torch.tensor([0]), float("nan"))
     )
