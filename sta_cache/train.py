@@ -69,7 +69,7 @@ class TrainConfig:
     per_head: bool = False
     context: int = 256
     max_tokens: int = 60_000
-    eval_tokens: int = 4096
+    eval_tokens: int = 2048
     skip_first: int = DEFAULT_SINKS
     batch_windows: int = 4
     epochs: float = 2.0
@@ -367,7 +367,8 @@ def evaluate_dictionary(
             for h, sae in enumerate(dictionary[layer].saes(kind)):
                 recon = _reconstruct(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, x[h].float(), ks[kind], encoder)
                 stats.append(_stats(x[h].float(), recon))
-            out[layer][kind] = {"fvu": sum(s[0] for s in stats) / len(stats), "cos": sum(s[1] for s in stats) / len(stats)}
+            out[layer][kind] = {"fvu": sum(s[0] for s in stats) / len(stats),
+                                "cos": sum(s[1] for s in stats) / len(stats)}
     return out
 
 
@@ -380,7 +381,8 @@ class _Run:
         self.layers = layers
         self.hd = heads if config.per_head else 1
         self.S = len(layers) * len(KINDS) * self.hd
-        ks = [config.k_key if kind == "key" else config.k_value for _ in layers for kind in KINDS for _ in range(self.hd)]
+        k_of = {"key": config.k_key, "value": config.k_value}
+        ks = [k_of[kind] for _ in layers for kind in KINDS for _ in range(self.hd)]
         self.sae = _MultiSAE(self.S, d, config.n_atoms, ks, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         # reservoirs in bfloat16 (float32 range; its 0.4% rounding is far below any reconstruction error here)
@@ -720,7 +722,8 @@ def train_dictionary(
             "buffer_size": run.buffer_size,
             "init": config.init,
             "b_dec_init": config.b_dec_init,
-            "eval_text": Path(eval_text_path).name if eval_text_path is not None else f"{text_path.name} (after training tokens)",
+            "eval_text": Path(eval_text_path).name if eval_text_path is not None
+            else f"{text_path.name} (after the training tokens)",
             "collect_seconds": round(run.seconds["collect"], 1),
             "collect_cpu_seconds": round(run.seconds["collect_cpu"], 1),
             "train_seconds": round(run.seconds["train"], 1),
