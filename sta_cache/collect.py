@@ -182,7 +182,9 @@ class RecordingCache(DynamicCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def record_forward(model, input_ids: torch.LongTensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def record_forward(
+    model, input_ids: torch.LongTensor, layers: list[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``input_ids [B, C]`` (positions ``0..C-1``) and return ``{layer: (keys, values)}``, each
     ``[B, H, C, d]`` post-RoPE as the model cached them."""
     wanted = set(layers)
@@ -206,8 +208,14 @@ def record_forward(model, input_ids: torch.LongTensor, layers: list[int]) -> dic
 
 
 @torch.no_grad()
-def verify_rotary(model, input_ids: torch.LongTensor, layers: list[int], rotary: dict[int, tuple[torch.Tensor, float]],
-                  rtol: float = 1e-4, ptol: float = 1e-3) -> None:
+def verify_rotary(
+    model,
+    input_ids: torch.LongTensor,
+    layers: list[int],
+    rotary: dict[int, tuple[torch.Tensor, float]],
+    rtol: float = 1e-4,
+    ptol: float = 1e-3,
+) -> None:
     """Check on a real forward that our RoPE is the model's: ``apply_rope(undo_rope(k)) == k`` for the cached
     keys, and, where the attention module exposes ``k_proj`` (and ``k_norm``), that ``undo_rope(k)`` equals the
     projected keys before rotation. Raises ``AssertionError`` naming the layer otherwise."""
