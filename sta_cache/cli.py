@@ -39,6 +39,22 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str
             parser.add_argument(flag, default=default, type=type(default), help=f"(default: {default})")
 
 
+def _add_training_inputs(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The model, text and output folder that both training commands take."""
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
+    parser.add_argument("--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+
+
+def _train(args: argparse.Namespace, train_fn, config) -> None:
+    """Load the model and text that ``args`` name, train with ``train_fn`` and say where the result went."""
+    from .embedded import load_model, wikipedia_text
+
+    model, tokenizer = load_model(args.model)
+    dictionary = train_fn(model, tokenizer, args.text or wikipedia_text("train"), config, args.out)
+    print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
+
+
 def _options(args: argparse.Namespace, cls) -> dict:
     names = {field.name for field in dataclasses.fields(cls)}
     return {name: value for name, value in vars(args).items() if name in names}
@@ -58,17 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(demo, DemoConfig)
 
     train = commands.add_parser("train", help="train per-layer key/value dictionaries for a model")
-    train.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
-    train.add_argument("--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)")
-    train.add_argument("--out", type=Path, required=True, help="output folder (checkpoints are resumed from here)")
+    _add_training_inputs(train, out_help="output folder (checkpoints are resumed from here)")
     _add_dataclass_options(train, TrainConfig)
 
     pursuit = commands.add_parser(
         "train-pursuit", help="learn dictionaries for matching-pursuit codes (MOD): how the shipped ones were made"
     )
-    pursuit.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
-    pursuit.add_argument("--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)")
-    pursuit.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_training_inputs(pursuit, out_help="output folder")
     _add_dataclass_options(pursuit, PursuitConfig)
 
     analyze = commands.add_parser("analyze", help="semantic elbow, K/V asymmetry and semantic atoms of a dictionary")
@@ -147,21 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(DemoConfig(**_options(args, DemoConfig)))
     elif args.command == "train":
-        from .embedded import load_model, wikipedia_text
         from .train import TrainConfig, train_dictionary
 
-        model, tokenizer = load_model(args.model)
-        text = args.text or wikipedia_text("train")
-        dictionary = train_dictionary(model, tokenizer, text, TrainConfig(**_options(args, TrainConfig)), args.out)
-        print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
+        _train(args, train_dictionary, TrainConfig(**_options(args, TrainConfig)))
     elif args.command == "train-pursuit":
-        from .embedded import load_model, wikipedia_text
         from .pursuit import PursuitConfig, train_pursuit_dictionary
 
-        model, tokenizer = load_model(args.model)
-        text = args.text or wikipedia_text("train")
-        dictionary = train_pursuit_dictionary(model, tokenizer, text, PursuitConfig(**_options(args, PursuitConfig)), args.out)
-        print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
+        _train(args, train_pursuit_dictionary, PursuitConfig(**_options(args, PursuitConfig)))
     elif args.command == "analyze":
         from .analyze import AnalyzeConfig, run_analysis
 
