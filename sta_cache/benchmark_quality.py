@@ -44,6 +44,7 @@ DEFAULT_BUDGETS = ((4, 8), (8, 16), (16, 32))
 DEFAULT_BASELINES = ("quanto:4", "quanto:2", "hqq:4", "hqq:2", "fp8")
 COEFFICIENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                       "float8_e4m3fn": torch.float8_e4m3fn}  # fmt: skip
+DTYPE_LABELS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}
 
 
 # ============================================================================================ configuration
@@ -66,7 +67,7 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     q_group_size: int = 64
     encoder: str | None = None  # None: the dictionary's own ("topk" or "omp")
-    coefficient_dtype: str | None = None  # None: the model's dtype
+    coefficient_dtypes: list[str | None] = field(default_factory=lambda: [None])  # None: the model's dtype
     pack_indices: bool = False
     max_context: int = 4096
     passkey_lengths: list[int] | None = None  # None: powers of two from 512 up to max_context
@@ -302,27 +303,28 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
 
     specs = [CacheSpec("DynamicCache", "dynamic", "sdpa", lambda: DynamicCache(config=model.config),
                        {"dtype": str(model.dtype).replace("torch.", "")})]  # fmt: skip
-    coefficient_dtype = COEFFICIENT_DTYPES[config.coefficient_dtype] if config.coefficient_dtype else None
     window = dict(residual_length=config.residual_length, num_sink_tokens=config.num_sink_tokens)
     sdpa_budgets = None if config.sdpa_budgets is None else {tuple(b) for b in config.sdpa_budgets}
     for k_key, k_value in config.budgets:
-        for path in config.paths:
-            if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
-                continue
+        for dtype_name in config.coefficient_dtypes:
+            for path in config.paths:
+                if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
+                    continue
 
-            def make(k_key=k_key, k_value=k_value):
-                return SparseSemanticCache(dictionary, k_key=k_key, k_value=k_value, config=model.config,
-                                           coefficient_dtype=coefficient_dtype, pack_indices=config.pack_indices,
-                                           **window)  # fmt: skip
+                def make(k_key=k_key, k_value=k_value, dtype=COEFFICIENT_DTYPES.get(dtype_name)):
+                    return SparseSemanticCache(dictionary, k_key=k_key, k_value=k_value, config=model.config,
+                                               coefficient_dtype=dtype, pack_indices=config.pack_indices,
+                                               **window)  # fmt: skip
 
-            specs.append(CacheSpec(
-                f"STA {k_key}/{k_value} ({path})", "sta", path, make,
-                {"k_key": k_key, "k_value": k_value, "window": config.residual_length,
-                 "sinks": config.num_sink_tokens, "n_atoms": dictionary.config.n_atoms,
-                 "encoder": dictionary.config.encoder,
-                 "coefficient_dtype": config.coefficient_dtype or str(model.dtype).replace("torch.", ""),
-                 "pack_indices": config.pack_indices},
-            ))  # fmt: skip
+                dtype_label = f", {DTYPE_LABELS[dtype_name]}" if dtype_name else ""
+                specs.append(CacheSpec(
+                    f"STA {k_key}/{k_value}{dtype_label} ({path})", "sta", path, make,
+                    {"k_key": k_key, "k_value": k_value, "window": config.residual_length,
+                     "sinks": config.num_sink_tokens, "n_atoms": dictionary.config.n_atoms,
+                     "encoder": dictionary.config.encoder,
+                     "coefficient_dtype": dtype_name or str(model.dtype).replace("torch.", ""),
+                     "pack_indices": config.pack_indices},
+                ))  # fmt: skip
     for baseline in config.baselines:
         specs.append(_quantized_spec(model, baseline, config))
     return specs
@@ -380,6 +382,7 @@ def _evaluate_spec(model, tokenizer, spec: CacheSpec, texts, prompts, config: Ev
                        "correct": passkey_correct(answer, prompt.key)})  # fmt: skip
     return {
         "perplexity": result.perplexity,
+        "per_text_perplexity": result.per_text,
         "accuracy": result.accuracy,
         "scored_tokens": result.tokens,
         "bytes": result.memory,
@@ -431,6 +434,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
     for row in rows:
         if dense and row.get("perplexity"):
             row["perplexity_ratio"] = row["perplexity"] / dense["perplexity"]
+            row["per_text_ratio"] = [p / d for p, d in zip(row["per_text_perplexity"], dense["per_text_perplexity"])]
             row["compression_vs_dynamic"] = dense["bytes"]["per_token"] / row["bytes"]["per_token"]
     results = {
         "config": {k: v for k, v in asdict(config).items() if k != "progress"},
@@ -508,6 +512,7 @@ def render_report(results: dict) -> str:
             f"| {_fmt(row['perplexity'], '.3f')} | {_fmt(row.get('perplexity_ratio'), '.4f')} "
             f"| {_fmt(row['accuracy'], '.4f')} | {_fmt(row['passkey']['accuracy'], '.2f')} |"
         )
+    lines += per_text_section(rows)
     dictionary_bytes = next((r["bytes"]["dictionary"] for r in rows if r["family"] == "sta" and r.get("bytes")), 0)
     lines += [
         "",
@@ -541,6 +546,30 @@ def render_report(results: dict) -> str:
         )  # fmt: skip
         lines.append(f"| {row['name']} | {row['seconds']} | {answers} |")
     return "\n".join(lines) + "\n"
+
+
+def per_text_section(rows: list[dict]) -> list[str]:
+    """Each text's perplexity ratio, and which STA rows beat each quantized baseline on every text while storing
+    no more marginal bytes per token (the claim "better at equal bytes" needs every text, not the mean)."""
+    measured = [r for r in rows if r["available"] and r.get("per_text_ratio")]
+    if not measured:
+        return []
+    count = len(measured[0]["per_text_ratio"])
+    lines = ["", "## Per text", "", "Perplexity ratio to DynamicCache on each held-out text.", "",
+             "| cache | " + " | ".join(f"text {i + 1}" for i in range(count)) + " | worst |",
+             "| --- |" + " ---: |" * (count + 1)]  # fmt: skip
+    for row in measured:
+        ratios = row["per_text_ratio"]
+        lines.append(f"| {row['name']} | " + " | ".join(f"{r:.4f}" for r in ratios) + f" | {max(ratios):.4f} |")
+    for baseline in (r for r in measured if r["family"] == "quantized"):
+        cheaper = [r for r in measured if r["family"] == "sta"
+                   and r["bytes"]["marginal_per_token"] <= baseline["bytes"]["marginal_per_token"]]  # fmt: skip
+        winners = [r["name"] for r in cheaper
+                   if all(s < b for s, b in zip(r["per_text_ratio"], baseline["per_text_ratio"]))]  # fmt: skip
+        lines += ["", f"{baseline['name']} ({baseline['bytes']['marginal_per_token']:,.0f} marginal B/token): "
+                  + (f"beaten on every text by {', '.join(winners)}." if winners else
+                     f"no STA row at or below its bytes ({len(cheaper)} measured) beats it on every text.")]
+    return lines
 
 
 def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:

@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--encoder", choices=["topk", "omp"], default=None,
                           help="STA encoder (default: the dictionary's)")
     evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (64)")
-    evaluate.add_argument("--coefficient-dtype", choices=["float32", "float16", "bfloat16", "float8_e4m3fn"],
-                          default=None, help="STA coefficient storage (default: the model's dtype)")
+    evaluate.add_argument("--coefficient-dtypes", type=_dtype_list, default=None,
+                          help="STA coefficient storage, one row each: float32,float16,bfloat16,float8_e4m3fn "
+                          "(default: the model's dtype)")
     evaluate.add_argument("--pack-indices", action=argparse.BooleanOptionalAction, default=None,
                           help="STA: pack indices into ceil(log2 N) bits")
     evaluate.add_argument("--max-context", type=int, default=None, help="longest passkey prompt (default 4096)")
@@ -134,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _str_list(value: str) -> list[str]:
     return [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _dtype_list(value: str) -> list[str]:
+    from .benchmark_quality import COEFFICIENT_DTYPES
+
+    names = _str_list(value)
+    unknown = [name for name in names if name not in COEFFICIENT_DTYPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"coefficient dtypes must be among {sorted(COEFFICIENT_DTYPES)}, got {value!r}")
+    return names
 
 
 def _int_list(value: str) -> list[int]:

@@ -200,14 +200,15 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
     dictionary = make_dictionary(llama)
     texts = [_ids(96, seed=s)[0] for s in range(2)]
     config = EvalConfig(out=str(tmp_path), prefill=32, chunk=16, residual_length=16, num_sink_tokens=2,
-                        budgets=[(2, 4)], paths=["sta", "sdpa"], baselines=["fp8", "nosuch:4"], max_context=400,
+                        budgets=[(2, 4)], coefficient_dtypes=[None, "float8_e4m3fn"], paths=["sta", "sdpa"],
+                        baselines=["fp8", "nosuch:4"], max_context=400,
                         passkey_lengths=[400], passkey_depths=[0.5], passkey_trials=1, passkey_new_tokens=3,
                         progress=False)  # fmt: skip
     results = run_eval(config, model=llama, tokenizer=CharTokenizer(), dictionary=dictionary, texts=texts)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     names = [row["name"] for row in on_disk["rows"]]
-    assert names == ["DynamicCache", "STA 2/4 (sta)", "STA 2/4 (sdpa)", "QuantizedCache fp8",
-                     "QuantizedCache nosuch int4"]  # fmt: skip
+    assert names == ["DynamicCache", "STA 2/4 (sta)", "STA 2/4 (sdpa)", "STA 2/4, fp8 (sta)", "STA 2/4, fp8 (sdpa)",
+                     "QuantizedCache fp8", "QuantizedCache nosuch int4"]  # fmt: skip
     rows = {row["name"]: row for row in results["rows"]}
     assert not rows["QuantizedCache nosuch int4"]["available"]
     assert "Unknown quantization backend" in rows["QuantizedCache nosuch int4"]["reason"]
@@ -219,12 +220,22 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
         assert row["available"] and row["bytes"]["per_token"] < dense["bytes"]["per_token"]
         assert math.isfinite(row["perplexity"]) and 0 <= row["accuracy"] <= 1
         assert row["passkey"]["accuracy"] in (0.0, 1.0) and len(row["passkey"]["trials"]) == 1
+        per_text = row["per_text_perplexity"]
+        assert len(per_text) == 2 and min(per_text) <= row["perplexity"] <= max(per_text)
+        assert row["per_text_ratio"] == pytest.approx([p / d for p, d in zip(per_text, dense["per_text_perplexity"])])
+    fp32, fp8 = rows["STA 2/4 (sta)"], rows["STA 2/4, fp8 (sta)"]
+    assert fp8["params"]["coefficient_dtype"] == "float8_e4m3fn" and fp32["params"]["coefficient_dtype"] == "float32"
+    assert fp8["bytes"]["codes"] < fp32["bytes"]["codes"]
     # the two attention paths read the same codes
     assert rows["STA 2/4 (sta)"]["perplexity"] == pytest.approx(rows["STA 2/4 (sdpa)"]["perplexity"], rel=1e-3)
     report = (tmp_path / "report.md").read_text()
     table = [line for line in report.splitlines()
              if line.startswith("| ") and "bytes/token" not in line and not line.startswith("| ---")]  # fmt: skip
     assert any(line.startswith("| QuantizedCache nosuch int4 |") and "unavailable" in line for line in table)
+    per_text_rows = report.split("## Per text")[1].split("STA dictionaries")[0]
+    for name in ("DynamicCache", "STA 2/4, fp8 (sta)", "QuantizedCache fp8"):
+        assert f"| {name} | " in per_text_rows
+    assert "QuantizedCache fp8 (" in per_text_rows
     header = next(line for line in report.splitlines() if line.startswith("| cache | attention"))
     for line in table[: len(names)]:
         assert line.count("|") == header.count("|")
