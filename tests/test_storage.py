@@ -10,7 +10,9 @@ from sta_cache import SparseSemanticCache
 from sta_cache.packing import pack_indices, packed_bytes, unpack_indices
 
 
-@pytest.mark.parametrize("n_atoms,k", [(2, 1), (256, 8), (1000, 7), (1024, 16), (16384, 64), (5, 3)])
+@pytest.mark.parametrize(
+    "n_atoms,k", [(2, 1), (256, 8), (1000, 7), (1024, 16), (16384, 64), (5, 3), (65536, 3), (32768, 9)]
+)
 def test_pack_round_trip(n_atoms, k):
     indices = torch.randint(0, n_atoms, (3, 2, 5, k))
     indices[0, 0, 0, 0] = n_atoms - 1
