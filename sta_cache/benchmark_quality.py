@@ -175,14 +175,15 @@ def cache_bytes(cache: Cache) -> dict:
         marginal = totals["quantized"] / quantized_tokens
     else:
         marginal = total / tokens if tokens else float("nan")
-    dictionary = getattr(cache, "dictionary", None)
+    # what the cache's layers hold on the device (a matching-pursuit cache keeps no encoder weights)
+    dictionary = cache.memory_footprint()["dictionary_bytes"] if hasattr(cache, "memory_footprint") else 0
     return {
         "total": total,
         **totals,
         "tokens": tokens,
         "per_token": total / tokens if tokens else float("nan"),
         "marginal_per_token": marginal,
-        "dictionary": dictionary.num_bytes() if dictionary is not None else 0,
+        "dictionary": dictionary,
     }
 
 
@@ -483,6 +484,7 @@ def render_report(results: dict) -> str:
         f"(prefill {cfg['prefill']}, then chunks of {cfg['chunk']}); only tokens predicted after the prefill are "
         "scored. STA rows: recent window "
         f"{cfg['residual_length']} tokens + {cfg['num_sink_tokens']} sink tokens kept dense.",
+        "Passkey: not run." if not texts["passkey_trials"] else
         f"Passkey: lengths {texts['passkey_lengths']} tokens, depths {texts['passkey_depths']}, "
         f"{texts['passkey_trials']} key(s) each; "
         + ("the prompt is prefilled at once and the answer greedy-generated (`model.generate`): every answer "

@@ -127,7 +127,8 @@ def test_bytes_of_sparse_cache_equal_its_stored_tensors(llama):
     assert counted["marginal_per_token"] == expected_codes / 60
     footprint = cache.memory_footprint()
     assert footprint["code_bytes"] + footprint["dense_bytes"] == counted["total"]
-    assert counted["dictionary"] == dictionary.num_bytes()
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for sae in layer.sae.values() for t in sae.values())
+    assert counted["dictionary"] == footprint["dictionary_bytes"] == held
 
 
 def test_bytes_of_fp8_quantized_cache_equal_its_tensors(llama):
