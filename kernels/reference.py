@@ -66,6 +66,15 @@ def omp_encode_reference(
     return indices, coefficients.to(x.dtype)
 
 
+def as_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()``, with float8 read through a 256-entry table: PyTorch's CPU float8 cast is about 3x slower
+    than the table gather, and coefficients are read on every decode step."""
+    if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or t.device.type != "cpu":
+        return t.float()
+    table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(t.dtype).float()
+    return table.index_select(0, t.view(torch.uint8).reshape(-1).int()).view(t.shape)
+
+
 def code_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: int, blocks: torch.Tensor) -> torch.Tensor:
     """Codes ``[B, H, C, k]`` as one CSR matrix ``[B*H*C, (max(blocks)+1) * n_atoms]``: row ``(b, h, c)`` holds its
     ``k`` coefficients at columns ``blocks[b, h] * n_atoms + index``. ``blocks [B, H]`` picks the block of atoms a
@@ -74,7 +83,7 @@ def code_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: int,
     columns = (indices.long() + (blocks.long() * n_atoms).view(b, h, 1, 1)).reshape(-1)
     rows = torch.arange(0, b * h * c * k + 1, k, device=indices.device)
     width = (int(blocks.max()) + 1) * n_atoms if blocks.numel() else n_atoms
-    return torch.sparse_csr_tensor(rows, columns, coefficients.float().reshape(-1), size=(b * h * c, width))
+    return torch.sparse_csr_tensor(rows, columns, as_float32(coefficients).reshape(-1), size=(b * h * c, width))
 
 
 def decode_reference(indices: torch.Tensor, coefficients: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor):
@@ -119,9 +128,13 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
 def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, direction: float) -> torch.Tensor:
     """``x [B, H, C, d]`` rotated by ``direction * position`` in the rotate-half convention (pairs ``i, i + d/2``)."""
     cos, sin = rope_cos_sin(positions, inv_freq)
-    cos, sin = cos.unsqueeze(1), direction * sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     first, second = x.float().chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out_first, out_second = out.chunk(2, dim=-1)  # written in place: 4 passes over x instead of 8 and a cat
+    torch.mul(first, cos, out=out_first).addcmul_(second, sin, value=-direction)
+    torch.mul(second, cos, out=out_second).addcmul_(first, sin, value=direction)
+    return out
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0):
@@ -204,7 +217,8 @@ def _compressed_value_output(weights: torch.Tensor, kv: CompressedKV) -> torch.T
     b, h, c, k = kv.value_indices.shape
     rows = weights.shape[2]
     n = kv.value_atoms.shape[1]
-    contributions = (weights.unsqueeze(-1) * kv.value_coefficients.float().unsqueeze(2)).reshape(b, h, rows, c * k)
+    coefficients = as_float32(kv.value_coefficients)
+    contributions = (weights.unsqueeze(-1) * coefficients.unsqueeze(2)).reshape(b, h, rows, c * k)
     index = kv.value_indices.long().reshape(b, h, 1, c * k).expand(-1, -1, rows, -1)
     atom_weights = torch.zeros(b, h, rows, n, dtype=torch.float32, device=weights.device)
     atom_weights.scatter_add_(-1, index, contributions)

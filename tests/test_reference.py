@@ -82,3 +82,9 @@ def test_apply_and_undo_rope_match_naive_rotation():
     torch.testing.assert_close(rotated.double(), 1.5 * naive_rope(x, positions, inv_freq, 1.0), rtol=1e-4, atol=1e-4)
     back = reference.undo_rope(rotated, positions, inv_freq, scaling=1.5)
     torch.testing.assert_close(back, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_table_read_equals_the_cast(dtype):
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).view(4, 64)
+    torch.testing.assert_close(reference.as_float32(every_byte), every_byte.float(), rtol=0, atol=0, equal_nan=True)
