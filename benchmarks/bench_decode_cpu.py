@@ -1,29 +1,38 @@
-"""End-to-end decode benchmark on the CPU: bytes per token, compression and decode-step latency against context.
+"""End-to-end decode benchmark on the CPU: bytes per token, compression, perplexity ratio and decode-step latency
+against context length, for DynamicCache, quanto int4 and SparseSemanticCache.
 
 For each context length the caches are filled directly with states of the right shapes (random values; attention
-cost does not depend on them) instead of running a long prefill, then the median latency of one decode step of
-the whole model is timed — for SparseSemanticCache that step includes encoding the token that leaves the window.
-Bytes are the real stored tensors after the fill. Writes JSON + a PNG plot to --out and prints a markdown table.
+cost does not depend on them) instead of running a long prefill. Then ``--steps`` decode steps of the whole model
+are timed (after one warm-up step). SparseSemanticCache encodes the tokens that leave its window ``encode_batch``
+(16) at a time, so one step in 16 also runs the encoder: the table gives the median step (no encoding), the mean
+step over 16 steps (encoding amortised: what generation really pays per token) and the encoder's cost per token.
 
-    python benchmarks/bench_decode_cpu.py --contexts 1024,4096,16384 --threads 2
+Post-RoPE rows time the same shapes with the dictionary's ``key_space`` switched to post-RoPE (scores gathered from
+one ``q . D^T`` product instead of rebuilding and rotating keys): a speed measurement only; the quality of
+post-RoPE dictionaries is measured by ``sta-cache eval``. ``--quality results.json`` (from ``sta-cache eval``)
+adds the perplexity ratio of the matching rows.
+
+    python benchmarks/bench_decode_cpu.py --contexts 1024,4096,16384,32768 --threads 2 \
+        --quality eval_out/results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_memory import fill_sparse  # a sibling script
 from transformers import DynamicCache, QuantizedCache
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.benchmark_quality import cache_bytes
 from sta_cache.embedded import load_model
-
-from bench_memory import fill_sparse  # noqa: E402 (a sibling script)
 
 
 def fill_dense(cache, config, length: int) -> None:
@@ -38,14 +47,32 @@ def fill_codes(cache, config, length: int) -> None:
 
 
 @torch.no_grad()
-def decode_latency(model, cache, steps: int) -> float:
+def step_times(model, cache, steps: int) -> list[float]:
+    """Milliseconds of each of ``steps`` single-token decode steps, after one warm-up step."""
     token = torch.tensor([[42]])
+    model(token, past_key_values=cache)
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps):
         start = time.perf_counter()
         model(token, past_key_values=cache)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * 1000
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+@torch.no_grad()
+def encode_ms_per_token(cache, config, tokens: int = 16) -> float:
+    """Encoder time per token over all layers: code ``tokens`` new window overflow tokens of every layer."""
+    heads, d = config.num_key_value_heads, config.head_dim
+    for layer in cache.sparse_layers:
+        extra = torch.randn(1, heads, tokens, d)
+        layer.keys, layer.values = torch.cat([layer.keys, extra], 2), torch.cat([layer.values, extra.clone()], 2)
+        last = int(layer.window_positions[0, -1])
+        more = torch.arange(last + 1, last + 1 + tokens).unsqueeze(0)
+        layer.window_positions = torch.cat([layer.window_positions, more], 1)
+        layer.window_real = torch.cat([layer.window_real, torch.ones(1, tokens, dtype=torch.bool)], 1)
+    start = time.perf_counter()
+    cache.flush()
+    return (time.perf_counter() - start) * 1000 / tokens
 
 
 def main() -> None:
@@ -53,50 +80,71 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dictionary", default="sta-cache/SmolLM2-135M-Instruct")
     parser.add_argument("--contexts", default="1024,4096,16384")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=16, help="timed steps (16 = one encoder batch)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quality", type=Path, default=None, help="results.json of `sta-cache eval` to join")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
     config = model.config.get_text_config()
     dictionary = KVDictionary.from_pretrained(args.dictionary)
+    post_rope = copy.copy(dictionary)
+    post_rope.config = dataclasses.replace(dictionary.config, key_space="post_rope")
 
-    def sparse(**options):
-        return lambda: SparseSemanticCache(dictionary, config=model.config, **options)
+    def sparse(source=dictionary, **options):
+        return lambda: SparseSemanticCache(source, config=model.config, **options)
 
+    fp8_packed = dict(coefficient_dtype=torch.float8_e4m3fn, pack_indices=True)
+    # name: (attention, make, fill, name of the matching `sta-cache eval` row)
     setups = {
-        "DynamicCache (sdpa)": ("sdpa", lambda: DynamicCache(config=model.config), fill_dense),
+        "DynamicCache (sdpa)": ("sdpa", lambda: DynamicCache(config=model.config), fill_dense, "DynamicCache"),
         "QuantizedCache quanto int4 (sdpa)": (
-            "sdpa", lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, residual_length=64), fill_dense
-        ),
-        "STA 8/16 (sta)": ("sta", sparse(), fill_codes),
-        "STA 8/16 (sdpa, dense path)": ("sdpa", sparse(), fill_codes),
-        "STA 8/16 fp8+packed (sta)": ("sta", sparse(coefficient_dtype=torch.float8_e4m3fn, pack_indices=True), fill_codes),
+            "sdpa", lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, residual_length=64),
+            fill_dense, "QuantizedCache quanto int4",
+        ),  # fmt: skip
+        "STA 8/16 pre-RoPE (sta)": ("sta", sparse(), fill_codes, "STA 8/16, fp32 (sta)"),
+        "STA 8/16 pre-RoPE fp8+packed (sta)": ("sta", sparse(**fp8_packed), fill_codes, "STA 8/16, fp8 (sta)"),
+        "STA 8/16 pre-RoPE (sdpa, dense path)": ("sdpa", sparse(), fill_codes, None),
+        "STA 8/16 post-RoPE fp8+packed (sta)": ("sta", sparse(post_rope, **fp8_packed), fill_codes, None),
     }
+    quality = {}
+    if args.quality:
+        quality = {row["name"]: row.get("perplexity_ratio") for row in json.loads(args.quality.read_text())["rows"]}
     rows = []
     for context in [int(c) for c in args.contexts.split(",")]:
-        for name, (attention, make, fill) in setups.items():
+        for name, (attention, make, fill, quality_name) in setups.items():
             model.set_attn_implementation(attention)
             cache = make()
             fill(cache, config, context)
             stored = cache_bytes(cache)["total"]
-            latency = decode_latency(model, cache, args.steps)
-            rows.append({"cache": name, "context": context, "ms": latency, "bytes_per_token": stored / context})
-            print(f"{name:36s} ctx {context:6d}  {latency:8.1f} ms  {stored / context:9.0f} B/token", flush=True)
+            times = step_times(model, cache, args.steps)
+            row = {"cache": name, "context": context, "median_ms": statistics.median(times),
+                   "mean_ms": statistics.fmean(times), "bytes_per_token": stored / context,
+                   "perplexity_ratio": quality.get(quality_name)}  # fmt: skip
+            if isinstance(cache, SparseSemanticCache):
+                row["encode_ms_per_token"] = encode_ms_per_token(cache, config)
+            rows.append(row)
+            print(f"{name:38s} ctx {context:6d}  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms  "
+                  f"{row['bytes_per_token']:8.0f} B/token", flush=True)  # fmt: skip
     dense = {row["context"]: row for row in rows if row["cache"].startswith("DynamicCache")}
     for row in rows:
-        row["vs_dynamic"] = row["ms"] / dense[row["context"]]["ms"]
+        row["mean_vs_dynamic"] = row["mean_ms"] / dense[row["context"]]["mean_ms"]
         row["compression"] = dense[row["context"]]["bytes_per_token"] / row["bytes_per_token"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
     plot(rows, args.out / "decode_latency.png")
-    print(f"\nSmolLM2-135M fp32, {args.threads} threads, median of {args.steps} decode steps, batch 1\n")
-    print("| cache | context | step ms | x DynamicCache | bytes/token | x smaller |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n{args.model} fp32, {args.threads} threads, batch 1, {args.steps} decode steps per row; window 64 + 4 "
+          "sinks; mean = encoder amortised\n")  # fmt: skip
+    print("| cache | context | median step ms | mean step ms | mean x DynamicCache | tokens/s | encode ms/token "
+          "| bytes/token | x smaller | ppl ratio |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['cache']} | {row['context']} | {row['ms']:.1f} | {row['vs_dynamic']:.2f} | "
-              f"{row['bytes_per_token']:,.0f} | {row['compression']:.2f} |")
+        encode = f"{row['encode_ms_per_token']:.1f}" if "encode_ms_per_token" in row else "—"
+        ratio = f"{row['perplexity_ratio']:.4f}" if row["perplexity_ratio"] else "—"
+        print(f"| {row['cache']} | {row['context']} | {row['median_ms']:.1f} | {row['mean_ms']:.1f} | "
+              f"{row['mean_vs_dynamic']:.2f} | {1000 / row['mean_ms']:.1f} | {encode} | "
+              f"{row['bytes_per_token']:,.0f} | {row['compression']:.2f} | {ratio} |")  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -105,15 +153,17 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(7.5, 4.2))
     for name in dict.fromkeys(row["cache"] for row in rows):
-        points = [(row["context"], row["ms"]) for row in rows if row["cache"] == name]
+        points = [(row["context"], row["mean_ms"]) for row in rows if row["cache"] == name]
         axis.plot(*zip(*points), marker="o", label=name)
     axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
     axis.set_xlabel("context (tokens)")
-    axis.set_ylabel("decode step (ms)")
+    axis.set_ylabel("decode step, encoder amortised (ms)")
     axis.set_title("SmolLM2-135M decode step on the CPU")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7)
+    axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
