@@ -10,10 +10,10 @@ step over 16 steps (encoding amortised: what generation really pays per token) a
 Post-RoPE rows time the same shapes with the dictionary's ``key_space`` switched to post-RoPE (scores gathered from
 one ``q . D^T`` product instead of rebuilding and rotating keys): a speed measurement only; the quality of
 post-RoPE dictionaries is measured by ``sta-cache eval``. ``--quality results.json`` (from ``sta-cache eval``)
-adds the perplexity ratio of the matching rows.
+(one or more) adds the perplexity ratio of the matching rows.
 
     python benchmarks/bench_decode_cpu.py --contexts 1024,4096,16384,32768 --threads 2 \
-        --quality eval_out/results.json
+        --quality eval_fp32/results.json eval_fp8/results.json
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,4096,16384")
     parser.add_argument("--steps", type=int, default=16, help="timed steps (16 = one encoder batch)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quality", type=Path, default=None, help="results.json of `sta-cache eval` to join")
+    parser.add_argument("--quality", type=Path, nargs="*", default=[], help="results.json files of `sta-cache eval`")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,9 +108,8 @@ def main() -> None:
         "STA 8/16 pre-RoPE (sdpa, dense path)": ("sdpa", sparse(), fill_codes, None),
         "STA 8/16 post-RoPE fp8+packed (sta)": ("sta", sparse(post_rope, **fp8_packed), fill_codes, None),
     }
-    quality = {}
-    if args.quality:
-        quality = {row["name"]: row.get("perplexity_ratio") for row in json.loads(args.quality.read_text())["rows"]}
+    quality = {row["name"]: row.get("perplexity_ratio") for path in args.quality
+               for row in json.loads(path.read_text())["rows"]}  # fmt: skip
     rows = []
     for context in [int(c) for c in args.contexts.split(",")]:
         for name, (attention, make, fill, quality_name) in setups.items():
