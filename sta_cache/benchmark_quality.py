@@ -574,6 +574,9 @@ def per_text_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+OFF_SCALE_RATIO = 1.25  # pareto.png: perplexity ratios above this are drawn on the top edge
+
+
 def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
     """Perplexity ratio vs dense against bytes per token (log x), with the Pareto frontier."""
     import matplotlib
@@ -584,25 +587,32 @@ def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
     points = [r for r in rows if r["available"] and r.get("perplexity_ratio") is not None]
     colors = {"dynamic": "black", "sta": "tab:blue", "quantized": "tab:orange"}
     markers = {"dynamic": "s", "sta": "o", "quantized": "^"}
+    # A collapsed baseline (quanto int2 is x12) would squash every useful point onto the line y = 1: rows above
+    # the cap are drawn on the top edge with their value in the label.
+    ceiling = min(max((r["perplexity_ratio"] for r in points), default=1.0), OFF_SCALE_RATIO)
     fig, ax = plt.subplots(figsize=(8, 5.2))
-    for n, row in enumerate(points):
-        x, y = row["bytes"]["per_token"], row["perplexity_ratio"]
-        ax.scatter(x, y, c=colors[row["family"]], marker=markers[row["family"]], s=50, zorder=3)
-        ax.annotate(row["name"].replace("QuantizedCache ", "Q-"), (x, y), textcoords="offset points",
-                    xytext=(5, 4 if n % 2 else -10), fontsize=7)  # fmt: skip
+    for n, row in enumerate(sorted(points, key=lambda r: r["bytes"]["per_token"])):
+        x, ratio = row["bytes"]["per_token"], row["perplexity_ratio"]
+        off_scale = ratio > ceiling
+        label = row["name"].replace("QuantizedCache ", "Q-") + (f" (x{ratio:.1f}, off scale)" if off_scale else "")
+        y = ceiling if off_scale else ratio
+        ax.scatter(x, y, c=colors[row["family"]], marker="^" if off_scale else markers[row["family"]], s=50, zorder=3,
+                   clip_on=False)  # fmt: skip
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(7, -10 if off_scale else (-12, 5, -4, 12)[n % 4]), fontsize=7)
     frontier, best = [], float("inf")
     for row in sorted(points, key=lambda r: (r["bytes"]["per_token"], r["perplexity_ratio"])):
         if row["perplexity_ratio"] < best:
             frontier.append(row)
             best = row["perplexity_ratio"]
     if len(frontier) > 1:
-        ax.step([r["bytes"]["per_token"] for r in frontier], [r["perplexity_ratio"] for r in frontier],
+        ax.step([r["bytes"]["per_token"] for r in frontier], [min(r["perplexity_ratio"], ceiling) for r in frontier],
                 where="post", color="gray", linestyle="--", linewidth=1, label="Pareto frontier")  # fmt: skip
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    low = min((r["perplexity_ratio"] for r in points), default=1.0)
+    ax.set_ylim(min(low, 1.0) - 0.05 * (ceiling - min(low, 1.0)) - 1e-3, ceiling)
     ax.set_xlabel("bytes per token (real stored tensors, log scale)")
-    ax.set_ylabel("perplexity / DynamicCache perplexity (log scale)")
+    ax.set_ylabel("perplexity / DynamicCache perplexity")
     ax.set_title(f"Quality vs memory (STA window {config.residual_length} + {config.num_sink_tokens} sinks)")
     for family, color in colors.items():
         ax.scatter([], [], c=color, marker=markers[family], label=family)
