@@ -610,7 +610,8 @@ def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xscale("log")
     low = min((r["perplexity_ratio"] for r in points), default=1.0)
-    ax.set_ylim(min(low, 1.0) - 0.05 * (ceiling - min(low, 1.0)) - 1e-3, ceiling)
+    margin = 0.05 * (ceiling - min(low, 1.0)) + 1e-3
+    ax.set_ylim(min(low, 1.0) - margin, ceiling + margin)
     ax.set_xlabel("bytes per token (real stored tensors, log scale)")
     ax.set_ylabel("perplexity / DynamicCache perplexity")
     ax.set_title(f"Quality vs memory (STA window {config.residual_length} + {config.num_sink_tokens} sinks)")
