@@ -32,6 +32,7 @@ from transformers import DynamicCache, QuantizedCache
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.benchmark_quality import cache_bytes
+from sta_cache.compat import cache_kwargs
 from sta_cache.embedded import load_model
 
 
@@ -50,11 +51,11 @@ def fill_codes(cache, config, length: int) -> None:
 def step_times(model, cache, steps: int) -> list[float]:
     """Milliseconds of each of ``steps`` single-token decode steps, after one warm-up step."""
     token = torch.tensor([[42]])
-    model(token, past_key_values=cache)
+    model(token, **cache_kwargs(model, cache))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        model(token, past_key_values=cache)
+        model(token, **cache_kwargs(model, cache))
         times.append((time.perf_counter() - start) * 1000)
     return times
 

@@ -7,6 +7,7 @@ attention implementation.
 
 from .attention import ATTN_IMPLEMENTATION
 from .cache import SparseSemanticCache, UnsupportedModelError, check_model_fits
+from .compat import cache_kwargs
 from .dictionary import DictionaryFormatError, KVDictionary, KVDictionaryConfig
 from .layer import SparseSemanticLayer
 from .sae import TopKSAE
@@ -20,6 +21,7 @@ __all__ = [
     "SparseSemanticLayer",
     "TopKSAE",
     "UnsupportedModelError",
+    "cache_kwargs",
     "check_model_fits",
 ]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from .compat import cache_kwargs
 from .evaluate import perplexity
 
 __all__ = [
@@ -243,9 +244,9 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPro
 def feed(model, ids: torch.Tensor, cache: Cache, prefill: int, chunk: int) -> torch.Tensor:
     """Feed ``ids [1, T]`` as a prefill of ``prefill`` tokens and then chunks of ``chunk`` (as
     :func:`~sta_cache.evaluate.perplexity` does); return the last position's logits ``[1, V]``."""
-    logits = model(ids[:, :prefill], past_key_values=cache).logits[:, -1]
+    logits = model(ids[:, :prefill], **cache_kwargs(model, cache)).logits[:, -1]
     for start in range(prefill, ids.shape[1], chunk):
-        logits = model(ids[:, start : start + chunk], past_key_values=cache).logits[:, -1]
+        logits = model(ids[:, start : start + chunk], **cache_kwargs(model, cache)).logits[:, -1]
     return logits
 
 
@@ -257,7 +258,7 @@ def greedy_answer(model, ids: torch.Tensor, cache: Cache, new_tokens: int, feed_
     tokens then chunks of ``chunk`` (so the prompt itself already reads a compressed cache), then greedy steps."""
     ids = ids.reshape(1, -1).to(model.device)
     if feed_mode == "generate":
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), do_sample=False,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
         return out[0, ids.shape[1] :].tolist()
     if feed_mode != "chunked":
@@ -267,7 +268,7 @@ def greedy_answer(model, ids: torch.Tensor, cache: Cache, new_tokens: int, feed_
     for _ in range(new_tokens):
         token = logits.argmax(-1, keepdim=True)  # [1, 1]
         answer.append(int(token))
-        logits = model(token, past_key_values=cache).logits[:, -1]
+        logits = model(token, **cache_kwargs(model, cache)).logits[:, -1]
     return answer
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
+from .compat import cache_kwargs
 from .kernels.reference import apply_rope, undo_rope
 
 SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
@@ -198,7 +199,7 @@ def record_forward(
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
-            model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True)
+            model(input_ids=input_ids.to(device), **cache_kwargs(model, cache), use_cache=True)
     except _StopForward:
         pass
     missing = wanted - set(states)

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import SparseSemanticCache
+from .compat import cache_kwargs
 from .dictionary import DictionaryFormatError, KVDictionary
 from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
 from .evaluate import perplexity
@@ -86,7 +87,7 @@ def run_demo(config: DemoConfig) -> dict:
     for name, make in (("DynamicCache", dynamic_cache), ("SparseSemanticCache", sparse_cache)):
         caches[name] = make()
         start = time.perf_counter()
-        out = model.generate(**inputs, past_key_values=caches[name], max_new_tokens=config.max_new_tokens,
+        out = model.generate(**inputs, **cache_kwargs(model, caches[name]), max_new_tokens=config.max_new_tokens,
                              do_sample=False)  # fmt: skip
         elapsed = time.perf_counter() - start
         texts[name] = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
+from .compat import cache_kwargs
 
 @dataclass
 class PerplexityResult:
@@ -48,10 +49,10 @@ def perplexity(
         ids = ids.reshape(1, -1).to(model.device)
         cache = make_cache()
         text_nll, text_tokens = 0.0, 0
-        logits = model(ids[:, :prefill], past_key_values=cache).logits[:, -1:]
+        logits = model(ids[:, :prefill], **cache_kwargs(model, cache)).logits[:, -1:]
         for start in range(prefill, ids.shape[1], chunk):
             targets = ids[:, start : start + chunk]
-            out = model(targets, past_key_values=cache).logits
+            out = model(targets, **cache_kwargs(model, cache)).logits
             predicted = torch.cat([logits, out[:, :-1]], dim=1)  # the predictions of this chunk's tokens
             text_nll += F.cross_entropy(predicted[0].float(), targets[0], reduction="sum").item()
             text_tokens += targets.shape[1]

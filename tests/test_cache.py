@@ -9,6 +9,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache, SparseSemanticLayer
+from sta_cache.compat import cache_kwargs
 
 
 def chunked_logits(model, ids, cache, chunks=(20, 7, 1, 1, 1, 1), attention_mask=None):
@@ -17,7 +18,7 @@ def chunked_logits(model, ids, cache, chunks=(20, 7, 1, 1, 1, 1), attention_mask
     for size in chunks:
         end = start + size
         mask = None if attention_mask is None else attention_mask[:, :end]
-        outs.append(model(ids[:, start:end], past_key_values=cache, attention_mask=mask).logits)
+        outs.append(model(ids[:, start:end], **cache_kwargs(model, cache), attention_mask=mask).logits)
         start = end
     return torch.cat(outs, dim=1)
 
@@ -81,13 +82,15 @@ def test_left_padding_learns_positions_and_sinks(key_space):
     kwargs = dict(residual_length=3, num_sink_tokens=2, config=model.config)
     with torch.no_grad():
         cache = SparseSemanticCache(dictionary, **kwargs)
-        batched = model(batch, attention_mask=mask, position_ids=position_ids, past_key_values=cache).logits
+        batched = model(batch, attention_mask=mask, position_ids=position_ids, **cache_kwargs(model, cache)).logits
         step = torch.randint(1, VOCAB, (2, 1), generator=generator)
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        batched_step = model(step, attention_mask=mask, position_ids=position_ids[:, -1:] + 1, past_key_values=cache)
+        batched_step = model(
+            step, attention_mask=mask, position_ids=position_ids[:, -1:] + 1, **cache_kwargs(model, cache)
+        )
         alone_cache = SparseSemanticCache(dictionary, **kwargs)
-        alone = model(short, past_key_values=alone_cache).logits
-        alone_step = model(step[:1], past_key_values=alone_cache).logits
+        alone = model(short, **cache_kwargs(model, alone_cache)).logits
+        alone_step = model(step[:1], **cache_kwargs(model, alone_cache)).logits
     layer = cache.sparse_layers[0]
     assert layer.num_sinks == pad + 2  # the padded row's sinks are its first real tokens
     assert relative_error(batched[0, pad:], alone[0]) < 1e-4
@@ -114,7 +117,7 @@ def test_generate_greedy_sampling_beam_and_padding_match_dynamic_cache(arch):
                                                                            num_sink_tokens=1, config=model.config)):
             torch.manual_seed(0)
             outputs.append(
-                model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=10,
                                min_new_tokens=10, pad_token_id=0, **generation)
             )
         assert torch.equal(outputs[0], outputs[1]), generation
@@ -128,14 +131,14 @@ def test_crop_inside_window_is_exact_rollback():
     kwargs = dict(residual_length=4, num_sink_tokens=1, config=model.config)
     with torch.no_grad():
         straight = SparseSemanticCache(dictionary, **kwargs)
-        model(ids[:, :30], past_key_values=straight)
-        expected = model(ids[:, 30:33], past_key_values=straight).logits
+        model(ids[:, :30], **cache_kwargs(model, straight))
+        expected = model(ids[:, 30:33], **cache_kwargs(model, straight)).logits
         cropped = SparseSemanticCache(dictionary, **kwargs)
-        model(ids[:, :30], past_key_values=cropped)
-        model(ids[:, 30:36], past_key_values=cropped)  # a draft of 6, all rejected
+        model(ids[:, :30], **cache_kwargs(model, cropped))
+        model(ids[:, 30:36], **cache_kwargs(model, cropped))  # a draft of 6, all rejected
         cropped.crop(-6)
         assert cropped.get_seq_length() == 30
-        got = model(ids[:, 30:33], past_key_values=cropped).logits
+        got = model(ids[:, 30:33], **cache_kwargs(model, cropped)).logits
     assert torch.allclose(got, expected, atol=1e-6)
 
 
@@ -144,14 +147,14 @@ def test_deep_crop_drops_codes_and_sinks_consistently():
     cache = SparseSemanticCache(make_dictionary(model), residual_length=3, num_sink_tokens=2, encode_batch=1,
                                 config=model.config)  # fmt: skip
     with torch.no_grad():
-        model(torch.randint(1, VOCAB, (1, 20)), past_key_values=cache)
-        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 20)), **cache_kwargs(model, cache))
+        model(torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(model, cache))
         cache.crop(-10)
         layer = cache.sparse_layers[0]
         assert (cache.get_seq_length(), layer.num_window, layer.num_sinks) == (11, 0, 2)
         cache.crop(-10)
         assert (cache.get_seq_length(), layer.num_compressed, layer.num_sinks, layer.sinks_settled) == (1, 0, 0, False)
-        model(torch.randint(1, VOCAB, (1, 5)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 5)), **cache_kwargs(model, cache))
         assert cache.get_seq_length() == 6
     with pytest.raises(ValueError, match="positive"):
         cache.crop(3)
@@ -169,27 +172,27 @@ def test_batch_edits_and_reset_act_per_row():
     def run(rows):
         cache = SparseSemanticCache(dictionary, **kwargs)
         with torch.no_grad():
-            model(ids[rows], past_key_values=cache)
-            return cache, model(step[rows], past_key_values=cache).logits
+            model(ids[rows], **cache_kwargs(model, cache))
+            return cache, model(step[rows], **cache_kwargs(model, cache)).logits
 
     with torch.no_grad():
         cache = SparseSemanticCache(dictionary, **kwargs)
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         cache.reorder_cache(torch.tensor([2, 0, 1]))
-        reordered = model(step[[2, 0, 1]], past_key_values=cache).logits
+        reordered = model(step[[2, 0, 1]], **cache_kwargs(model, cache)).logits
     assert torch.allclose(reordered, run([2, 0, 1])[1], atol=1e-5)
 
     with torch.no_grad():
         cache = SparseSemanticCache(dictionary, **kwargs)
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         cache.batch_select_indices(torch.tensor([1]))
         cache.batch_repeat_interleave(2)
-        repeated = model(step[[1, 1]], past_key_values=cache).logits
+        repeated = model(step[[1, 1]], **cache_kwargs(model, cache)).logits
         assert torch.allclose(repeated, run([1, 1])[1], atol=1e-5)
         cache.reset()
         assert cache.get_seq_length() == 0
-        model(ids[[0]], past_key_values=cache)
-        after_reset = model(step[[0]], past_key_values=cache).logits
+        model(ids[[0]], **cache_kwargs(model, cache))
+        after_reset = model(step[[0]], **cache_kwargs(model, cache)).logits
     assert torch.allclose(after_reset, run([0])[1], atol=1e-5)
 
 
@@ -203,8 +206,8 @@ def test_memory_footprint_counts_the_stored_tensors():
     dynamic = DynamicCache(config=model.config)
     ids = torch.randint(1, VOCAB, (2, 40))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        model(ids, past_key_values=dynamic)
+        model(ids, **cache_kwargs(model, cache))
+        model(ids, **cache_kwargs(model, dynamic))
     footprint = cache.memory_footprint()
     sparse = cache.sparse_layers
     assert all(layer.num_window == 5 and layer.num_compressed == 33 for layer in sparse)
@@ -247,10 +250,10 @@ def test_encoding_waits_for_a_batch_of_tokens():
                                 config=model.config)  # fmt: skip
     layer = cache.sparse_layers[0]
     with torch.no_grad():
-        model(torch.randint(1, VOCAB, (1, 12)), past_key_values=cache)
-        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 12)), **cache_kwargs(model, cache))
+        model(torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(model, cache))
         assert (layer.num_sinks, layer.num_compressed, layer.num_window) == (1, 0, 12)  # 7 left the window: < 8
-        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(model, cache))
         assert (layer.num_compressed, layer.num_window) == (8, 5)  # 8 left the window: all encoded
     cache.memory_footprint()
     assert (layer.num_compressed, layer.num_window) == (9, 4)

@@ -8,6 +8,7 @@ from transformers import DeepseekV3Config
 
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache, UnsupportedModelError
+from sta_cache.compat import cache_kwargs
 
 
 def test_dictionary_for_another_geometry_is_refused_at_construction():
@@ -25,7 +26,7 @@ def test_wrong_head_dim_without_config_fails_on_the_first_forward():
     llama, gemma = tiny_model("llama"), tiny_model("gemma3")
     cache = SparseSemanticCache(make_dictionary(gemma))
     with pytest.raises(ValueError, match="head_dim is 16 but the dictionary was made for head_dim 32"):
-        llama(torch.randint(1, VOCAB, (1, 5)), past_key_values=cache)
+        llama(torch.randint(1, VOCAB, (1, 5)), **cache_kwargs(llama, cache))
 
 
 def test_extra_model_layers_without_config_are_refused():
@@ -34,7 +35,7 @@ def test_extra_model_layers_without_config_are_refused():
     dictionary.config.num_layers = 2  # as if made for a shallower model
     cache = SparseSemanticCache(dictionary)
     with pytest.raises(ValueError, match="the model has a layer 2 .* covers 2 layers"):
-        model(torch.randint(1, VOCAB, (1, 5)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 5)), **cache_kwargs(model, cache))
 
 
 @pytest.mark.parametrize("budget", [dict(k_key=65), dict(k_value=0)])
@@ -66,9 +67,9 @@ def test_non_finite_states_never_reach_the_codes():
     hook = model.model.layers[1].self_attn.v_proj.register_forward_hook(
         lambda module, args, out: out.index_fill(1, torch.tensor([0]), float("nan"))
     )
-    model(torch.randint(1, VOCAB, (1, 6)), past_key_values=cache)
+    model(torch.randint(1, VOCAB, (1, 6)), **cache_kwargs(model, cache))
     with pytest.raises(ValueError, match="layer 1: non-finite value states reached the encoder"):
-        model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache)
+        model(torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(model, cache))
     hook.remove()
 
 

@@ -6,6 +6,7 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from sta_cache import KVDictionary, SparseSemanticCache
+from sta_cache.compat import cache_kwargs
 from sta_cache.pursuit import PursuitConfig, learn_pursuit_dictionary, omp_reconstruct, train_pursuit_dictionary
 from sta_cache.pursuit import fraction_of_variance_unexplained as fvu
 
@@ -51,6 +52,6 @@ def test_train_pursuit_dictionary_builds_a_working_cache(tmp_path):
     cache = SparseSemanticCache(loaded, residual_length=2, num_sink_tokens=1, encode_batch=1, config=model.config)
     with torch.no_grad():
         model.set_attn_implementation("sta")
-        logits = model(torch.randint(1, VOCAB, (1, 12)), past_key_values=cache).logits
-        logits = model(torch.randint(1, VOCAB, (1, 1)), past_key_values=cache).logits
+        logits = model(torch.randint(1, VOCAB, (1, 12)), **cache_kwargs(model, cache)).logits
+        logits = model(torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(model, cache)).logits
     assert torch.isfinite(logits).all() and cache.sparse_layers[0].num_compressed == 9

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from conftest import make_dictionary
 from sta_cache import SparseSemanticCache
 from sta_cache.embedded import load_model
+from sta_cache.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def test_exact_dictionary_generates_dynamic_cache_text(smollm2, attn):
         ("dynamic", DynamicCache(config=model.config)),
         ("sparse", SparseSemanticCache(dictionary, residual_length=8, num_sink_tokens=2, config=model.config)),
     ):
-        outputs[name] = model.generate(**inputs, past_key_values=cache, max_new_tokens=24, do_sample=False)
+        outputs[name] = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=24, do_sample=False)
     model.set_attn_implementation("sta")
     assert torch.equal(outputs["dynamic"], outputs["sparse"])
     assert cache.memory_footprint()["code_bytes"] > 0

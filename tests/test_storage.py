@@ -8,6 +8,7 @@ import torch
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache
 from sta_cache.packing import pack_indices, packed_bytes, unpack_indices
+from sta_cache.compat import cache_kwargs
 
 
 @pytest.mark.parametrize(
@@ -29,8 +30,8 @@ def test_packed_indices_give_the_same_logits_in_fewer_bytes():
     for pack in (False, True):
         cache = SparseSemanticCache(dictionary, residual_length=4, config=model.config, pack_indices=pack)
         with torch.no_grad():
-            model(ids[:, :29], past_key_values=cache)
-            results[pack] = (model(ids[:, 29:], past_key_values=cache).logits, cache.memory_footprint())
+            model(ids[:, :29], **cache_kwargs(model, cache))
+            results[pack] = (model(ids[:, 29:], **cache_kwargs(model, cache)).logits, cache.memory_footprint())
     assert torch.equal(results[False][0], results[True][0])
     index_bytes = {pack: results[pack][1]["code_bytes"] for pack in results}
     layer_tokens = 3 * 2 * 2 * cache.sparse_layers[0].num_compressed  # layers x batch x KV heads x tokens
@@ -47,8 +48,8 @@ def test_float8_coefficients_are_close_and_never_overflow():
     for dtype in (None, torch.float8_e4m3fn):
         cache = SparseSemanticCache(dictionary, residual_length=4, config=model.config, coefficient_dtype=dtype)
         with torch.no_grad():
-            logits[dtype] = model(ids, past_key_values=cache).logits
-            logits[dtype] = model(ids[:, :1], past_key_values=cache).logits
+            logits[dtype] = model(ids, **cache_kwargs(model, cache)).logits
+            logits[dtype] = model(ids[:, :1], **cache_kwargs(model, cache)).logits
     layer = cache.sparse_layers[0]
     assert layer.codes["key"][1].dtype == torch.float8_e4m3fn
     huge = layer._encode("key", torch.full((1, 2, 1, 16), 1e4))[1]

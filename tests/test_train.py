@@ -16,6 +16,7 @@ from sta_cache import train as train_module
 from sta_cache.collect import compressible_layers, iter_kv, rotary_for_layer, token_windows, verify_rotary
 from sta_cache.kernels.reference import apply_rope
 from sta_cache.train import TrainConfig, evaluate_dictionary, train_dictionary
+from sta_cache.compat import cache_kwargs
 
 VOCAB = 97
 WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
@@ -104,7 +105,7 @@ def test_collection_matches_dynamic_cache_and_pre_rope_round_trips(model, per_he
     ids = torch.randint(3, VOCAB, (3, 20), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
     layers = compressible_layers(model.config)
     post = list(iter_kv(model, ids, key_space="post_rope", per_head=per_head, batch_windows=2))
     pre = list(iter_kv(model, ids, key_space="pre_rope", per_head=per_head, batch_windows=2))
@@ -244,7 +245,7 @@ def test_pre_rope_per_head_dictionary_saves_loads_and_runs_in_the_cache(model, t
     cache = SparseSemanticCache(dictionary, config=model.config, residual_length=8, num_sink_tokens=2)
     ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
-        logits = model(ids[:, :1], past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits
+        logits = model(ids[:, :1], **cache_kwargs(model, cache), use_cache=True).logits
     assert torch.isfinite(logits).all()
     assert all(layer.num_compressed > 0 for layer in cache.sparse_layers)
