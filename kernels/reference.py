@@ -11,6 +11,7 @@ layers (:func:`rope_table`) instead of ``C x d`` transcendentals per layer and s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,10 @@ def code_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: int,
     columns = (indices.long() + (blocks.long() * n_atoms).view(b, h, 1, 1)).reshape(-1)
     rows = torch.arange(0, b * h * c * k + 1, k, device=indices.device)
     width = (int(blocks.max()) + 1) * n_atoms if blocks.numel() else n_atoms
-    return torch.sparse_csr_tensor(rows, columns, as_float32(coefficients).reshape(-1), size=(b * h * c, width))
+    with warnings.catch_warnings():  # PyTorch's one-time "CSR support is in beta" notice says nothing to our users
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(rows, columns, as_float32(coefficients).reshape(-1), size=(b * h * c, width),
+                                       check_invariants=False)  # fmt: skip  (valid by construction)
 
 
 def decode_reference(indices: torch.Tensor, coefficients: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor):
