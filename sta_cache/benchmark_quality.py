@@ -599,7 +599,8 @@ def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
         y = ceiling if off_scale else ratio
         ax.scatter(x, y, c=colors[row["family"]], marker="^" if off_scale else markers[row["family"]], s=50, zorder=3,
                    clip_on=False)  # fmt: skip
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(7, -10 if off_scale else (-12, 5, -4, 12)[n % 4]), fontsize=7)
+        offset = (7, -10 if off_scale else (-12, 5, -4, 12)[n % 4])  # staggered so neighbouring labels overlap less
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
     frontier, best = [], float("inf")
     for row in sorted(points, key=lambda r: (r["bytes"]["per_token"], r["perplexity_ratio"])):
         if row["perplexity_ratio"] < best:

@@ -3,13 +3,19 @@ from 5.24 (which still accepts ``past_key_values`` with a FutureWarning until it
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """Looked up once per model class: callers pass the cache on every decode step."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model: torch.nn.Module, cache) -> dict:
     """``{"cache": cache}`` if ``model.forward`` takes ``cache``, else ``{"past_key_values": cache}``; pass it to
     ``model(...)`` or ``model.generate(...)`` to run on either side of the rename without warnings."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_keyword(type(model)): cache}
