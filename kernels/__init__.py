@@ -1,12 +1,16 @@
 """Hot-path ops of the cache, each with a PyTorch reference (``reference.py``) and a Triton kernel.
 
 ``backend="torch"`` runs the references (the CPU path); ``backend="triton"`` runs the Triton kernels, on CUDA or on
-the CPU under ``TRITON_INTERPRET=1``. Triton is imported only when a Triton backend is asked for.
+the CPU under ``TRITON_INTERPRET=1``; ``backend="cpu"`` runs decode-into-attention through fused C kernels
+(``cpu_attention.c``, compiled once per machine) and encodes with the references. Triton is imported only when a
+Triton backend is asked for.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 
@@ -20,7 +24,7 @@ from .reference import (
     undo_rope,
 )
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 __all__ = [
     "BACKENDS",
@@ -34,18 +38,48 @@ __all__ = [
 ]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` takes Triton on CUDA tensors and PyTorch elsewhere; ``triton`` off CUDA needs TRITON_INTERPRET=1."""
+def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
+    """``auto`` takes Triton on CUDA tensors; on the CPU it takes the fused C kernels when they build here and fit
+    ``head_dim``, else PyTorch (with a warning saying why). ``triton`` off CUDA needs TRITON_INTERPRET=1."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        if device.type != "cpu" or (head_dim is not None and not cpu_kernels_fit(head_dim)):
+            return "torch"
+        from . import cpu_attention
+
+        try:
+            cpu_attention.library()
+        except cpu_attention.CPUKernelUnavailable as error:
+            _warn_once(f"sta_cache: the fused CPU kernels are unavailable, attending through PyTorch (slower): {error}")
+            return "torch"
+        return "cpu"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' on CPU tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
             "before importing triton, or use backend='torch'"
         )
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on CPU tensors, the cache is on {device}")
+        if head_dim is not None and not cpu_kernels_fit(head_dim):
+            raise ValueError(f"backend='cpu' needs head_dim a multiple of 16 up to 1024, the model has {head_dim}")
+        from . import cpu_attention
+
+        cpu_attention.library()  # build now: a missing compiler is reported here, not mid-generation
     return backend
+
+
+def cpu_kernels_fit(head_dim: int) -> bool:
+    """The C kernels work in 8-float vectors on both halves of a rotated key, in fixed-size buffers."""
+    return head_dim % 16 == 0 and head_dim <= 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def encode(
@@ -72,6 +106,12 @@ def sparse_attention(
     backend: str,
 ) -> torch.Tensor:
     """Decode-into-attention over ``sinks | codes | window``; see :func:`reference.sparse_attention_reference`."""
+    if backend == "cpu":
+        from . import cpu_attention
+
+        return cpu_attention.sparse_attention(query, kv, mask, scaling, softcap)
+    if kv.packed_index_bits:
+        raise ValueError("only the 'cpu' backend reads bit-packed indices; unpack them first")
     if backend == "triton":
         from . import triton_attention
 

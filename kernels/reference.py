@@ -160,6 +160,8 @@ class CompressedKV:
     Dense parts are ``[B, Hkv, L, d]``; codes are ``[B, Hkv, C, k]``; dictionaries are ``[Hd, N, d]`` atoms and
     ``[Hd, d]`` biases with ``Hd`` 1 or ``Hkv``. ``key_positions [B, C]`` is set when keys were coded before RoPE;
     then compressed keys are rebuilt and rotated to their position with ``rope_inv_freq`` / ``rope_scaling``.
+    ``packed_index_bits`` > 0 means the indices are still bit-packed (``uint8 [B, Hkv, C, bytes]``, packing.py):
+    only the fused CPU kernels read them so; every other op gets them unpacked.
     """
 
     sink_keys: torch.Tensor
@@ -177,6 +179,7 @@ class CompressedKV:
     key_positions: torch.Tensor | None = None
     rope_inv_freq: torch.Tensor | None = None
     rope_scaling: float = 1.0
+    packed_index_bits: int = 0
 
     @property
     def num_sinks(self) -> int:
@@ -240,6 +243,12 @@ def sparse_attention_reference(
     """Attention of ``query [B, Hq, Lq, d]`` over ``kv`` without rebuilding compressed values (and, for post-RoPE
     key codes, without rebuilding compressed keys). ``mask`` is bool ``[B, Lq, L]`` (True = may attend) in slot
     order, or None for full visibility. Rows that may attend to nothing return zeros. Returns ``[B, Hq, Lq, d]``."""
+    return attend(query, kv, mask, scaling, softcap, _compressed_key_scores, _compressed_value_output)
+
+
+def attend(query, kv, mask, scaling, softcap, key_scores, value_output) -> torch.Tensor:
+    """:func:`sparse_attention_reference` with the two compressed-token ops passed in: ``key_scores(q, kv)`` and
+    ``value_output(weights, kv)`` (the fused CPU kernels swap in here; sinks, window and softmax stay PyTorch)."""
     b, hq, lq, d = query.shape
     h = kv.window_keys.shape[1]
     groups = hq // h
@@ -248,7 +257,7 @@ def sparse_attention_reference(
     scores = torch.cat(
         [
             q @ kv.sink_keys.float().transpose(-1, -2),
-            _compressed_key_scores(q, kv) if c else q.new_zeros(b, h, groups * lq, 0),
+            key_scores(q, kv) if c else q.new_zeros(b, h, groups * lq, 0),
             q @ kv.window_keys.float().transpose(-1, -2),
         ],
         dim=-1,
@@ -263,5 +272,5 @@ def sparse_attention_reference(
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     out = weights[..., :s] @ kv.sink_values.float() + weights[..., s + c :] @ kv.window_values.float()
     if c:
-        out = out + _compressed_value_output(weights[..., s : s + c], kv)
+        out = out + value_output(weights[..., s : s + c], kv)
     return out.reshape(b, hq, lq, d).to(query.dtype)

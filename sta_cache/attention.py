@@ -76,7 +76,8 @@ def sta_attention_forward(
     layer.observe(kwargs.get("position_ids"), real)
     layer.attention_reads_codes = True
     scaling = head_dim**-0.5 if scaling is None else scaling
-    out = kernels.sparse_attention(query, layer.compressed_view(), mask, scaling, softcap, layer.backend)
+    view = layer.compressed_view(packed=layer.backend == "cpu")
+    out = kernels.sparse_attention(query, view, mask, scaling, softcap, layer.backend)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -78,7 +78,8 @@ class SparseSemanticCache(Cache):
     ``k_key`` / ``k_value`` default to the dictionary's budget (8 / 16 unless it says otherwise).
     ``coefficient_dtype`` stores coefficients in another dtype than the model's (e.g. ``torch.float8_e4m3fn``);
     ``pack_indices=True`` packs each index into ceil(log2 N) bits.
-    ``backend`` is ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+    ``backend`` is ``"auto"`` (Triton on CUDA; on the CPU the fused C kernels, built once with the system C
+    compiler, or PyTorch where they cannot be built), ``"torch"``, ``"triton"`` or ``"cpu"`` (the C kernels).
     """
 
     def __init__(

@@ -7,7 +7,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from . import kernels
 from .dictionary import KINDS, LayerDictionary
-from .packing import pack_indices, packed_bytes, unpack_indices
+from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
 
 
 def index_dtype(n_atoms: int) -> torch.dtype:
@@ -107,7 +107,7 @@ class SparseSemanticLayer(CacheLayerMixin):
                 f"for {self.num_dictionary_heads}"
             )
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.backend = kernels.resolve_backend(self.requested_backend, self.device)
+        self.backend = kernels.resolve_backend(self.requested_backend, self.device, head_dim)
         self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
         used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
         self.sae = {
@@ -264,14 +264,16 @@ class SparseSemanticLayer(CacheLayerMixin):
         stored = self.codes[kind][0]
         return unpack_indices(stored, self.k[kind], self.n_atoms) if self.pack_indices else stored
 
-    def compressed_view(self) -> kernels.CompressedKV:
-        """The layer as decode-into-attention reads it."""
+    def compressed_view(self, packed: bool = False) -> kernels.CompressedKV:
+        """The layer as decode-into-attention reads it; ``packed=True`` leaves bit-packed indices packed (for the
+        fused CPU kernels, which unpack them as they stream)."""
+        keep_packed = packed and self.pack_indices
         return kernels.CompressedKV(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
-            key_indices=self._indices("key"),
+            key_indices=self.codes["key"][0] if keep_packed else self._indices("key"),
             key_coefficients=self.codes["key"][1],
-            value_indices=self._indices("value"),
+            value_indices=self.codes["value"][0] if keep_packed else self._indices("value"),
             value_coefficients=self.codes["value"][1],
             window_keys=self.keys,
             window_values=self.values,
@@ -282,6 +284,7 @@ class SparseSemanticLayer(CacheLayerMixin):
             key_positions=self.key_positions if self.key_space == "pre_rope" else None,
             rope_inv_freq=self.rope_inv_freq if self.key_space == "pre_rope" else None,
             rope_scaling=self.rope_scaling,
+            packed_index_bits=index_bits(self.n_atoms) if keep_packed else 0,
         )
 
     def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,20 +227,33 @@ def test_memory_footprint_counts_the_stored_tensors():
     )
 
 
-@pytest.mark.parametrize("key_space,encoder", [("post_rope", "topk"), ("pre_rope", "omp")])
-def test_triton_backend_matches_torch_backend_end_to_end(key_space, encoder):
-    """backend="triton" (here under TRITON_INTERPRET=1) encodes and attends like the PyTorch path in a model."""
+COMPACT = {"coefficient_dtype": torch.float8_e4m3fn, "pack_indices": True}
+
+
+@pytest.mark.parametrize("backend,key_space,encoder,storage", [
+    ("triton", "post_rope", "topk", {}),
+    ("triton", "pre_rope", "omp", {}),
+    ("cpu", "post_rope", "topk", {}),
+    ("cpu", "pre_rope", "omp", {}),
+    ("cpu", "pre_rope", "omp", COMPACT),  # the Triton kernels take unpacked 16/32-bit codes only (README: Defaults)
+])  # fmt: skip
+def test_kernel_backends_match_torch_backend_end_to_end(backend, key_space, encoder, storage):
+    """backend="triton" (here under TRITON_INTERPRET=1) and backend="cpu" (the C kernels) encode and attend like
+    the PyTorch path in a model, with left padding, and with fp8 coefficients and packed indices."""
     model = tiny_model("qwen2", "sta")
     dictionary = make_dictionary(model, key_space=key_space, encoder=encoder)
     ids = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(7))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0
     logits = {}
-    for backend in ("torch", "triton"):
-        cache = SparseSemanticCache(dictionary, residual_length=3, num_sink_tokens=1, config=model.config,
-                                    backend=backend)  # fmt: skip
+    for name in ("torch", backend):
+        cache = SparseSemanticCache(dictionary, residual_length=3, num_sink_tokens=1, encode_batch=1,
+                                    config=model.config, backend=name, **storage)  # fmt: skip
         with torch.no_grad():
-            logits[backend] = chunked_logits(model, ids, cache, chunks=(16, 1, 1, 1, 1))
-        assert all(layer.backend == backend for layer in cache.sparse_layers)
-    assert relative_error(logits["triton"], logits["torch"]) < 1e-4
+            logits[name] = chunked_logits(model, ids, cache, chunks=(16, 1, 1, 1, 1), attention_mask=attention_mask)
+        assert all(layer.backend == name for layer in cache.sparse_layers)
+        assert all(layer.num_compressed > 0 for layer in cache.sparse_layers)
+    assert relative_error(logits[backend], logits["torch"]) < 1e-4
 
 
 def test_encoding_waits_for_a_batch_of_tokens():

@@ -1,0 +1,266 @@
+/* Fused CPU kernels for decode-into-attention over Top-K codes (see cpu_attention.py, which builds and loads this
+ * file, and reference.py, whose _compressed_key_scores / _compressed_value_output they reproduce).
+ *
+ * Each kernel streams the codes once, a block of tokens at a time: indices (uint8 / int16 / int32 / int64, or
+ * bit-packed) and coefficients (float32 / float16 / bfloat16, or one-byte floats through a 256-entry table) are
+ * widened into small buffers that stay in L1, and every query row sharing a KV head is served from that block.
+ * Nothing of size [tokens, k, d] is ever materialised, which is what the PyTorch path cannot avoid.
+ *
+ * Work is split over (batch x KV head, token block) with OpenMP; the value kernel gives each thread its own
+ * atom-space accumulator and sums them at the end, so no two threads write the same memory.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { INDEX_U8 = 0, INDEX_I16 = 1, INDEX_I32 = 2, INDEX_I64 = 3, INDEX_PACKED = 4 };
+enum { COEF_F32 = 0, COEF_F16 = 1, COEF_BF16 = 2, COEF_TABLE8 = 3 };
+
+/* One kind's codes, [BH, tokens, k] (indices: [BH, tokens, row_bytes] when packed), C-contiguous. */
+typedef struct {
+    const void *indices;
+    const void *coefficients;
+    const float *table8; /* the 256 values of a one-byte float format, for COEF_TABLE8 */
+    int64_t tokens;
+    int32_t k;
+    int32_t index_kind;
+    int32_t index_bits; /* INDEX_PACKED only */
+    int32_t packed_row; /* bytes per token, INDEX_PACKED only */
+    int32_t coefficient_kind;
+} codes_t;
+
+/* Block of tokens decoded at a time: BLOCK_CODES indices + coefficients (32 KiB) stay in L1. */
+#define BLOCK_CODES 4096
+#define MAX_HEAD_DIM 1024
+
+static inline int64_t block_tokens(int32_t k) { return k >= BLOCK_CODES ? 1 : BLOCK_CODES / k; }
+
+static inline float bits_to_float(uint32_t bits) {
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        float magnitude = (float)mantissa * (1.0f / 16777216.0f);
+        return (h & 0x8000u) ? -magnitude : magnitude;
+    }
+    if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+    return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+/* Tokens [t0, t0 + n) of slab bh -> idx[n * k], coef[n * k]. */
+static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int32_t *idx, float *coef) {
+    const int64_t k = c->k, first = bh * c->tokens + t0, count = n * k;
+    switch (c->index_kind) {
+    case INDEX_U8: { const uint8_t *p = (const uint8_t *)c->indices + first * k;
+        for (int64_t i = 0; i < count; i++) idx[i] = p[i];
+        break; }
+    case INDEX_I16: { const int16_t *p = (const int16_t *)c->indices + first * k;
+        for (int64_t i = 0; i < count; i++) idx[i] = p[i];
+        break; }
+    case INDEX_I32: { const int32_t *p = (const int32_t *)c->indices + first * k;
+        memcpy(idx, p, (size_t)count * sizeof *idx);
+        break; }
+    case INDEX_I64: { const int64_t *p = (const int64_t *)c->indices + first * k;
+        for (int64_t i = 0; i < count; i++) idx[i] = (int32_t)p[i];
+        break; }
+    default: { /* little-endian bit stream per token, index j at bit j * bits (packing.py) */
+        const int64_t row = c->packed_row;
+        const uint32_t bits = (uint32_t)c->index_bits, mask = (1u << bits) - 1u;
+        const uint8_t *p = (const uint8_t *)c->indices + first * row;
+        for (int64_t t = 0; t < n; t++, p += row) {
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t bit = j * bits, byte = bit >> 3;
+                uint32_t word = p[byte];
+                if (byte + 1 < row) word |= (uint32_t)p[byte + 1] << 8;
+                if (byte + 2 < row) word |= (uint32_t)p[byte + 2] << 16;
+                idx[t * k + j] = (int32_t)((word >> (bit & 7)) & mask);
+            }
+        }
+    } }
+    switch (c->coefficient_kind) {
+    case COEF_F32:
+        memcpy(coef, (const float *)c->coefficients + first * k, (size_t)count * sizeof *coef);
+        break;
+    case COEF_F16: { const uint16_t *p = (const uint16_t *)c->coefficients + first * k;
+        for (int64_t i = 0; i < count; i++) coef[i] = half_to_float(p[i]);
+        break; }
+    case COEF_BF16: { const uint16_t *p = (const uint16_t *)c->coefficients + first * k;
+        for (int64_t i = 0; i < count; i++) coef[i] = bits_to_float((uint32_t)p[i] << 16);
+        break; }
+    default: { const uint8_t *p = (const uint8_t *)c->coefficients + first * k;
+        for (int64_t i = 0; i < count; i++) coef[i] = c->table8[p[i]];
+    } }
+}
+
+/* Post-RoPE keys: score[bh, r, t] = sum_j coef[t, j] * atom_scores[bh, r, idx[t, j]] (atom_scores = q . D^T). */
+void sta_key_scores_post(const codes_t *codes, const float *atom_scores, int64_t slabs, int64_t rows,
+                         int64_t n_atoms, float *out, int threads) {
+    const int64_t tokens = codes->tokens, k = codes->k, per_block = block_tokens(codes->k);
+    const int64_t blocks = (tokens + per_block - 1) / per_block;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < slabs * blocks; item++) {
+        int32_t idx[BLOCK_CODES];
+        float coef[BLOCK_CODES];
+        const int64_t bh = item / blocks, t0 = (item % blocks) * per_block;
+        const int64_t n = tokens - t0 < per_block ? tokens - t0 : per_block;
+        load_block(codes, bh, t0, n, idx, coef);
+        for (int64_t r = 0; r < rows; r++) {
+            const float *table = atom_scores + (bh * rows + r) * n_atoms;
+            float *score = out + (bh * rows + r) * tokens + t0;
+            for (int64_t t = 0; t < n; t++) {
+                const int32_t *ti = idx + t * k;
+                const float *tc = coef + t * k;
+                float s = 0.0f;
+                for (int64_t j = 0; j < k; j++) s += tc[j] * table[ti[j]];
+                score[t] = s;
+            }
+        }
+    }
+}
+
+/* Eight floats as one value: GCC/Clang vector extensions, lowered to whatever the target has (AVX: one register). */
+typedef float vec8 __attribute__((vector_size(32)));
+#define MAX_VECTORS (MAX_HEAD_DIM / 8)
+
+static inline vec8 load8(const float *p) {
+    vec8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Pre-RoPE keys, one block of tokens of one (batch, KV head) slab: rebuild key = bias + sum_j coef_j atom_j, rotate
+ * it to its position (rotate-half convention; cos/sin rows [d/2] per position), scale, and dot it with every
+ * query row of the KV head. Eight lanes at a time, head_dim a multiple of 16; inlined with DIM a compile-time
+ * constant for the common head sizes (0: any multiple of 16), so that the key stays in registers. */
+static inline __attribute__((always_inline)) void pre_rope_block(
+    const int32_t *idx, const float *coef, int64_t n, int64_t k, const float *atoms, const float *bias,
+    const int32_t *positions, const float *cos_table, const float *sin_table, float rope_scaling,
+    const float *queries, int64_t rows, int64_t tokens, float *out, const int64_t DIM, int64_t dim_any) {
+    const int64_t dim = DIM ? DIM : dim_any, vectors = dim / 8, half = vectors / 2;
+    for (int64_t t = 0; t < n; t++) {
+        vec8 key[MAX_VECTORS], rotated[MAX_VECTORS];
+        for (int64_t v = 0; v < vectors; v++) key[v] = load8(bias + 8 * v);
+        for (int64_t j = 0; j < k; j++) {
+            const vec8 c = (vec8){0} + coef[t * k + j];
+            const float *atom = atoms + (int64_t)idx[t * k + j] * dim;
+            for (int64_t v = 0; v < vectors; v++) key[v] += c * load8(atom + 8 * v);
+        }
+        const float *cs = cos_table + (int64_t)positions[t] * (dim / 2), *sn = sin_table + (int64_t)positions[t] * (dim / 2);
+        for (int64_t v = 0; v < half; v++) {
+            const vec8 co = load8(cs + 8 * v), si = load8(sn + 8 * v);
+            rotated[v] = (key[v] * co - key[v + half] * si) * rope_scaling;
+            rotated[v + half] = (key[v + half] * co + key[v] * si) * rope_scaling;
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const float *q = queries + r * dim;
+            vec8 acc = rotated[0] * load8(q);
+            for (int64_t v = 1; v < vectors; v++) acc += rotated[v] * load8(q + 8 * v);
+            float s = 0.0f;
+            for (int lane = 0; lane < 8; lane++) s += acc[lane];
+            out[r * tokens + t] = s;
+        }
+    }
+}
+
+/* Pre-RoPE key scores of every (batch, KV head) slab -> out[bh, r, t]. Work items are (batch, token block) and
+ * the KV heads run inside, so each block's cos/sin rows are read from memory once for all heads. */
+void sta_key_scores_pre(const codes_t *codes, const float *queries, const float *atoms, const float *bias,
+                        int64_t slabs, int64_t heads, int64_t dictionary_heads, int64_t rows, int64_t n_atoms,
+                        int64_t dim, const int32_t *positions, const float *cos_table, const float *sin_table,
+                        float rope_scaling, float *out, int threads) {
+    const int64_t tokens = codes->tokens, k = codes->k, per_block = block_tokens(codes->k) < 128 ? block_tokens(codes->k) : 128;
+    const int64_t blocks = (tokens + per_block - 1) / per_block, batches = slabs / heads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < batches * blocks; item++) {
+        int32_t idx[BLOCK_CODES];
+        float coef[BLOCK_CODES];
+        const int64_t batch = item / blocks, t0 = (item % blocks) * per_block;
+        const int64_t n = tokens - t0 < per_block ? tokens - t0 : per_block;
+        const int32_t *block_positions = positions + batch * tokens + t0;
+        for (int64_t head = 0; head < heads; head++) {
+            const int64_t bh = batch * heads + head, dictionary = dictionary_heads == 1 ? 0 : head;
+            const float *a = atoms + dictionary * n_atoms * dim, *b = bias + dictionary * dim;
+            const float *q = queries + bh * rows * dim;
+            float *o = out + bh * rows * tokens + t0;
+            load_block(codes, bh, t0, n, idx, coef);
+            switch (dim) {
+            case 64: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 64, 0); break;
+            case 128: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 128, 0); break;
+            case 256: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 256, 0); break;
+            default: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 0, dim);
+            }
+        }
+    }
+}
+
+/* Tokens [start, stop) of slab bh into acc[n_atoms][width], from weights w[tokens][width] (rows padded with zeros
+ * to `width`). With few rows (decode: the query heads of one KV head) the width is a compile-time 4, 8 or 16, so
+ * every (token, atom) update is one fixed-width vector multiply-add. */
+#define ACCUMULATE(NAME, WIDTH)                                                                                  \
+    static void NAME(const codes_t *c, const float *w, int64_t bh, int64_t start, int64_t stop, int64_t width,   \
+                     float *acc) {                                                                               \
+        int32_t idx[BLOCK_CODES];                                                                                \
+        float coef[BLOCK_CODES];                                                                                 \
+        const int64_t k = c->k, per_block = block_tokens(c->k), lanes = (WIDTH) ? (WIDTH) : width;              \
+        for (int64_t t0 = start; t0 < stop; t0 += per_block) {                                                   \
+            const int64_t n = stop - t0 < per_block ? stop - t0 : per_block;                                     \
+            load_block(c, bh, t0, n, idx, coef);                                                                 \
+            for (int64_t t = 0; t < n; t++) {                                                                    \
+                const float *wt = w + (t0 + t) * lanes;                                                          \
+                for (int64_t j = 0; j < k; j++) {                                                                \
+                    float *slot = acc + (int64_t)idx[t * k + j] * lanes;                                         \
+                    const float cj = coef[t * k + j];                                                            \
+                    _Pragma("omp simd") for (int64_t r = 0; r < lanes; r++) slot[r] += cj * wt[r];               \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+ACCUMULATE(accumulate_4, 4)
+ACCUMULATE(accumulate_8, 8)
+ACCUMULATE(accumulate_16, 16)
+ACCUMULATE(accumulate_any, 0)
+
+/* Values: out[bh, r, n] = sum over tokens t and slots j with idx[t, j] = n of weights[bh, t, r] * coef[t, j].
+ * `weights` is [BH, tokens, width]: one token's rows side by side, zero-padded to `width` >= rows (4, 8 and 16
+ * take the vectorised paths). Long contexts are split into one token range per thread, each with a private
+ * accumulator; returns nonzero if the accumulators could not be allocated. */
+int sta_value_accumulate(const codes_t *codes, const float *weights, int64_t slabs, int64_t rows, int64_t width,
+                         int64_t n_atoms, float *out, int threads) {
+    const int64_t tokens = codes->tokens;
+    const int64_t parts = threads > 1 && tokens >= 4 * block_tokens(codes->k) ? threads : 1;
+    const int64_t slab_size = n_atoms * width, span = (tokens + parts - 1) / parts;
+    float *acc = (float *)calloc((size_t)(parts * slabs * slab_size), sizeof *acc);
+    if (acc == NULL) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < parts * slabs; item++) {
+        const int64_t part = item / slabs, bh = item % slabs;
+        const int64_t start = part * span, stop = start + span < tokens ? start + span : tokens;
+        const float *w = weights + bh * tokens * width;
+        float *mine = acc + item * slab_size;
+        if (start >= stop) continue;
+        switch (width) {
+        case 4: accumulate_4(codes, w, bh, start, stop, width, mine); break;
+        case 8: accumulate_8(codes, w, bh, start, stop, width, mine); break;
+        case 16: accumulate_16(codes, w, bh, start, stop, width, mine); break;
+        default: accumulate_any(codes, w, bh, start, stop, width, mine);
+        }
+    }
+    /* sum the parts and transpose [n][width] -> [rows][n] */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < slabs; bh++) {
+        for (int64_t r = 0; r < rows; r++) {
+            float *target = out + (bh * rows + r) * n_atoms;
+            for (int64_t n = 0; n < n_atoms; n++) {
+                float sum = 0.0f;
+                for (int64_t part = 0; part < parts; part++) sum += acc[(part * slabs + bh) * slab_size + n * width + r];
+                target[n] = sum;
+            }
+        }
+    }
+    free(acc);
+    return 0;
+}

@@ -1,0 +1,225 @@
+"""The ``"cpu"`` backend: decode-into-attention with fused C kernels (``cpu_attention.c``).
+
+PyTorch's CPU path pays for intermediates on every decode step: a CSR matrix of the codes, keys rebuilt as
+``[tokens, d]``, a ``[rows, tokens * k]`` scatter into atom space. The C kernels stream each token's codes once
+and keep everything else in registers and L1; packed indices and one-byte coefficients are widened in the same
+pass. Sinks, the recent window and the softmax stay in PyTorch (:func:`reference.attend`).
+
+The source is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3
+-march=native -fopenmp``) into the sta_cache cache folder and loaded with ctypes; ctypes releases the GIL. Its
+OpenMP runtime is the ``libgomp.so.1`` that PyTorch has already loaded, and it uses ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .reference import CompressedKV, attend, rope_cos_sin, rope_table
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+NATIVE = "-march=native"
+
+_INDEX_KINDS = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
+_PACKED = 4
+_COEFFICIENT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_TABLE8 = 3
+
+
+class CPUKernelUnavailable(RuntimeError):
+    """No C compiler, or the kernels did not build or load on this machine."""
+
+
+class _Codes(ctypes.Structure):
+    """Mirror of ``codes_t`` in cpu_attention.c."""
+
+    _fields_ = [
+        ("indices", ctypes.c_void_p),
+        ("coefficients", ctypes.c_void_p),
+        ("table8", ctypes.c_void_p),
+        ("tokens", ctypes.c_int64),
+        ("k", ctypes.c_int32),
+        ("index_kind", ctypes.c_int32),
+        ("index_bits", ctypes.c_int32),
+        ("packed_row", ctypes.c_int32),
+        ("coefficient_kind", ctypes.c_int32),
+    ]
+
+
+def _machine_tag() -> str:
+    """What ``-march=native`` depends on: a build is reused only on a CPU with the same features."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            features = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        features = ""
+    return f"{platform.machine()} {platform.processor()} {features}"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile the kernels to ``target`` (atomically: concurrent processes never load a half-written file).
+    ``-march=native`` is tried first and dropped if the compiler refuses it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        errors = []
+        for flags in ((NATIVE, *FLAGS), FLAGS):
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+            )
+            if result.returncode == 0:
+                os.replace(built, target)
+                return
+            errors.append(result.stderr.strip())
+        raise CPUKernelUnavailable(f"building {SOURCE.name} with {compiler} failed:\n" + "\n".join(errors))
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The compiled kernels, built on first use (about a second) and cached by source, compiler and CPU."""
+    from ..embedded import default_cache_dir
+
+    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if not compiler:
+        raise CPUKernelUnavailable("no C compiler found (install gcc or set CC); use backend='torch' instead")
+    torch.get_num_threads()  # make sure PyTorch's OpenMP runtime is loaded first, so the kernels share it
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(f"{compiler} {FLAGS} {_machine_tag()}".encode())
+    target = default_cache_dir() / "kernels" / f"cpu_attention-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        _build(compiler, target)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as error:
+        raise CPUKernelUnavailable(f"loading {target} failed: {error}") from error
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    codes = ctypes.POINTER(_Codes)
+    lib.sta_key_scores_post.argtypes = [codes, p, i64, i64, i64, p, i32]
+    lib.sta_key_scores_post.restype = None
+    lib.sta_key_scores_pre.argtypes = [codes, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, i32]
+    lib.sta_key_scores_pre.restype = None
+    lib.sta_value_accumulate.argtypes = [codes, p, i64, i64, i64, i64, p, i32]
+    lib.sta_value_accumulate.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels build and load here."""
+    try:
+        library()
+    except CPUKernelUnavailable:
+        return False
+    return True
+
+
+def _byte_float_table(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+
+
+def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -> tuple[_Codes, list[torch.Tensor]]:
+    """Describe ``[B, H, C, k]`` codes to C; returns the struct and the tensors it points into, which the caller
+    keeps alive until the kernel has returned."""
+    k = coefficients.shape[-1]
+    indices = indices.contiguous()
+    if index_bits:
+        if indices.dtype != torch.uint8:
+            raise ValueError("packed indices must be uint8")
+        index_kind = _PACKED
+    elif indices.dtype in _INDEX_KINDS:
+        index_kind = _INDEX_KINDS[indices.dtype]
+    else:
+        raise ValueError(f"unsupported index dtype {indices.dtype}")
+    table = None
+    if coefficients.dtype in _COEFFICIENT_KINDS:
+        coefficient_kind = _COEFFICIENT_KINDS[coefficients.dtype]
+        coefficients = coefficients.contiguous()
+    elif coefficients.dtype.itemsize == 1 and coefficients.dtype.is_floating_point:
+        coefficient_kind, table = _TABLE8, _byte_float_table(coefficients.dtype)
+        coefficients = coefficients.contiguous().view(torch.uint8)
+    else:
+        coefficient_kind, coefficients = _COEFFICIENT_KINDS[torch.float32], coefficients.float().contiguous()
+    codes = _Codes(
+        indices.data_ptr(), coefficients.data_ptr(), table.data_ptr() if table is not None else None,
+        coefficients.shape[2], k, index_kind, index_bits, indices.shape[-1], coefficient_kind,
+    )  # fmt: skip
+    return codes, [indices, coefficients, table]
+
+
+MAX_HEAD_DIM = 1024  # the C kernels' per-token key buffers
+
+
+def _check(kv: CompressedKV) -> None:
+    d = kv.key_atoms.shape[-1]
+    if d > MAX_HEAD_DIM or d % 16:
+        raise ValueError(f"the 'cpu' backend needs head_dim a multiple of 16 up to {MAX_HEAD_DIM}, got {d}")
+    for name in ("key_atoms", "value_atoms", "key_indices", "value_indices"):
+        if getattr(kv, name).device.type != "cpu":
+            raise ValueError(f"the 'cpu' backend runs on CPU tensors; {name} is on {getattr(kv, name).device}")
+
+
+def compressed_key_scores(q: torch.Tensor, kv: CompressedKV) -> torch.Tensor:
+    """As :func:`reference._compressed_key_scores`: ``q [B, Hkv, R, d]`` -> scores ``[B, Hkv, R, C]``."""
+    _check(kv)
+    b, h, rows, d = q.shape
+    c = kv.num_compressed
+    n_atoms = kv.key_atoms.shape[1]
+    q = q.float().contiguous()
+    codes, alive = _codes(kv.key_indices, kv.key_coefficients, kv.packed_index_bits)
+    out = torch.empty(b, h, rows, c, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    bias = kv.key_bias.float().contiguous()
+    if kv.key_positions is None:
+        atom_scores = (q @ kv.key_atoms.float().transpose(-1, -2).unsqueeze(0)).contiguous()  # [B, Hkv, R, N]
+        library().sta_key_scores_post(ctypes.byref(codes), atom_scores.data_ptr(), b * h, rows, n_atoms,
+                                      out.data_ptr(), threads)  # fmt: skip
+        return out + q @ bias.view(1, -1, d, 1)
+    positions = kv.key_positions.to(torch.int32).contiguous()
+    lowest, highest = int(positions.min()), int(positions.max())
+    if lowest >= 0:
+        cos, sin = rope_table(highest + 1, kv.rope_inv_freq)
+    else:  # angles of negative positions are computed directly, the table starting at the lowest one
+        cos, sin = rope_cos_sin(torch.arange(lowest, highest + 1), kv.rope_inv_freq)
+        positions = (positions - lowest).contiguous()
+    atoms = kv.key_atoms.float().contiguous()
+    library().sta_key_scores_pre(
+        ctypes.byref(codes), q.data_ptr(), atoms.data_ptr(), bias.data_ptr(), b * h, h, atoms.shape[0], rows,
+        n_atoms, d, positions.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+        float(kv.rope_scaling), out.data_ptr(), threads,
+    )  # fmt: skip
+    return out
+
+
+def compressed_value_output(weights: torch.Tensor, kv: CompressedKV) -> torch.Tensor:
+    """As :func:`reference._compressed_value_output`: ``weights [B, Hkv, R, C]`` -> output ``[B, Hkv, R, d]``,
+    accumulated in atom space by the C kernel and multiplied by the value dictionary once."""
+    _check(kv)
+    b, h, rows, c = weights.shape
+    n_atoms = kv.value_atoms.shape[1]
+    width = next((lanes for lanes in (4, 8, 16) if rows <= lanes), rows)  # the kernel's vector widths
+    by_token = weights.new_zeros(b, h, c, width, dtype=torch.float32)  # one token's rows side by side, padded
+    by_token[..., :rows] = weights.transpose(-1, -2)
+    codes, alive = _codes(kv.value_indices, kv.value_coefficients, kv.packed_index_bits)
+    atom_weights = torch.empty(b, h, rows, n_atoms, dtype=torch.float32)
+    failed = library().sta_value_accumulate(ctypes.byref(codes), by_token.data_ptr(), b * h, rows, width, n_atoms,
+                                            atom_weights.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if failed:
+        raise MemoryError("the value kernel could not allocate its accumulators")
+    out = atom_weights @ kv.value_atoms.float().unsqueeze(0)
+    return out + weights.sum(-1, keepdim=True) * kv.value_bias.float().view(1, -1, 1, kv.value_bias.shape[-1])
+
+
+def sparse_attention(
+    query: torch.Tensor, kv: CompressedKV, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
+    """:func:`reference.sparse_attention_reference` with the compressed tokens handled by the C kernels."""
+    return attend(query, kv, mask, scaling, softcap, compressed_key_scores, compressed_value_output)

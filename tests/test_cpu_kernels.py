@@ -1,0 +1,134 @@
+"""The fused C kernels of the "cpu" backend (kernels/cpu_attention.c) against the PyTorch reference.
+
+Queries are float32 so that the comparison is not hidden by rounding the output to a 16-bit dtype; the cache's
+storage keeps each case's dtype. The kernels are built here with the system C compiler, as users' machines do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
+from sta_cache import kernels
+from sta_cache.kernels import cpu_attention, reference
+from sta_cache.packing import index_bits, pack_indices
+
+
+def compare(kv: reference.CompressedKV, reference_kv: reference.CompressedKV, query, mask, softcap=None) -> float:
+    d = query.shape[-1]
+    out = cpu_attention.sparse_attention(query, kv, mask, d**-0.5, softcap)
+    ref = reference.sparse_attention_reference(query, reference_kv, mask, d**-0.5, softcap)
+    assert out.shape == query.shape and out.dtype == query.dtype
+    return rel_err(out, ref)
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_cpu_sparse_attention(case: str) -> None:
+    b, hkv, groups, lq, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope, mask_kind, softcap, _ = (
+        ATTENTION_CASES[case]
+    )
+    g = gen(sum(map(ord, case)) + 1)
+    kv = make_cache(g, b, hkv, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope)
+    query = randn(g, b, hkv * groups, lq, d)
+    mask = make_mask(mask_kind, b, lq, kv.length)
+    assert compare(kv, kv, query, mask, softcap) < TOL[F32]
+
+
+@pytest.mark.parametrize("n", [256, 300, 1000, 16384])
+@pytest.mark.parametrize("coefficient_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.int64])
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_cpu_kernels_read_packed_indices_and_narrow_coefficients(n, coefficient_dtype, pre_rope) -> None:
+    """Bit-packed indices (8, 9, 10 and 14 bits) and one-byte float coefficients are widened inside the kernels;
+    ``int64`` here stands for unpacked int64 indices with float32 coefficients."""
+    g = gen(n + pre_rope)
+    kv = make_cache(g, 2, 3, 64, 2, 333, 7, n, 8, 16, 1, F32, pre_rope)
+    if coefficient_dtype == torch.int64:
+        stored = kv.__class__(**{**vars(kv), "key_indices": kv.key_indices.long(),
+                                 "value_indices": kv.value_indices.long()})  # fmt: skip
+    else:
+        key_coefficients = kv.key_coefficients.to(coefficient_dtype)
+        value_coefficients = kv.value_coefficients.to(coefficient_dtype)
+        kv = kv.__class__(**{**vars(kv), "key_coefficients": key_coefficients,
+                             "value_coefficients": value_coefficients})  # fmt: skip
+        stored = kv.__class__(
+            **{**vars(kv), "key_indices": pack_indices(kv.key_indices, n),
+               "value_indices": pack_indices(kv.value_indices, n), "packed_index_bits": index_bits(n)}
+        )  # fmt: skip
+    query = randn(g, 2, 6, 1, 64)
+    assert compare(stored, kv, query, make_mask("left", 2, 1, kv.length)) < TOL[F32]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_cpu_kernels_split_long_contexts_over_threads(threads, pre_rope) -> None:
+    """Past 4 blocks of tokens the value kernel gives each thread a private accumulator; the sum must not
+    depend on the thread count (3 threads on 2 cores also checks an uneven split)."""
+    g = gen(threads)
+    kv = make_cache(g, 1, 3, 64, 4, 5000, 64, 1024, 8, 16, 1, F32, pre_rope)
+    query = randn(g, 1, 9, 1, 64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert compare(kv, kv, query, None) < TOL[F32]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpu_kernels_take_negative_rope_positions() -> None:
+    """Left-padded rows can carry negative position ids; their angles come from a directly computed table."""
+    g = gen(11)
+    kv = make_cache(g, 2, 1, 64, 0, 50, 3, 256, 8, 16, 1, F32, True)
+    kv.key_positions = (torch.arange(50, dtype=torch.int32) - 20).expand(2, 50).contiguous()
+    query = randn(g, 2, 2, 1, 64)
+    assert compare(kv, kv, query, None) < TOL[F32]
+
+
+def test_dispatcher_routes_to_cpu_kernels_and_guards_packed_indices() -> None:
+    g = gen(5)
+    kv = make_cache(g, 1, 2, 64, 2, 40, 5, 1000, 4, 8, 1, F32, False)
+    query = randn(g, 1, 4, 1, 64)
+    want = kernels.sparse_attention(query, kv, None, 0.125, None, "torch")
+    assert rel_err(kernels.sparse_attention(query, kv, None, 0.125, None, "cpu"), want) < TOL[F32]
+    packed = kv.__class__(**{**vars(kv), "key_indices": pack_indices(kv.key_indices, 1000),
+                             "value_indices": pack_indices(kv.value_indices, 1000), "packed_index_bits": 10})  # fmt: skip
+    assert rel_err(kernels.sparse_attention(query, packed, None, 0.125, None, "cpu"), want) < TOL[F32]
+    with pytest.raises(ValueError, match="only the 'cpu' backend reads bit-packed indices"):
+        kernels.sparse_attention(query, packed, None, 0.125, None, "torch")
+    assert kernels.resolve_backend("cpu", torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="runs on CPU tensors"):
+        kernels.resolve_backend("cpu", torch.device("cuda"))
+
+
+def test_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    cpu_attention.library.cache_clear()
+    try:
+        with pytest.raises(cpu_attention.CPUKernelUnavailable, match="no C compiler found"):
+            cpu_attention.library()
+        assert not cpu_attention.available()
+        monkeypatch.undo()
+        monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
+        monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+        with pytest.raises(cpu_attention.CPUKernelUnavailable, match="failed"):
+            cpu_attention.library()
+        assert not list((tmp_path / "kernels").glob("*.so")), "a failed build must not leave a library behind"
+    finally:
+        cpu_attention.library.cache_clear()
+
+
+def test_auto_backend_takes_the_cpu_kernels_where_they_fit(monkeypatch, tmp_path) -> None:
+    cpu = torch.device("cpu")
+    assert kernels.resolve_backend("auto", cpu, head_dim=64) == "cpu"
+    assert kernels.resolve_backend("auto", cpu, head_dim=24) == "torch"  # not a multiple of 16
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.resolve_backend("cpu", cpu, head_dim=24)
+    monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    cpu_attention.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
+            assert kernels.resolve_backend("auto", cpu, head_dim=64) == "torch"
+    finally:
+        cpu_attention.library.cache_clear()
