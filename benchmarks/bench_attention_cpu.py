@@ -1,88 +1,115 @@
-"""How far a compiled CPU kernel could take sparse attention: one layer, one decode query, SmolLM2 shapes.
+"""One layer's decode attention on the CPU, SmolLM2 shapes: dense sdpa against the cache's two CPU backends.
 
-An experiment, not a shipped path: the same gather formulation run eagerly and through ``torch.compile``
-(inductor's C++ backend, needs a C++ compiler), against ``scaled_dot_product_attention`` over dense fp32 keys and
-values. Post-RoPE rows do the whole attention (scores gathered from one q . D^T product, softmax, weights
-scattered into atom space); pre-RoPE rows only the scores (keys rebuilt from their atoms, rotated, dotted).
+``torch`` is the PyTorch reference path (CSR matmuls and an atom-space scatter); ``cpu`` the fused C kernels
+(kernels/cpu_attention.c). Both attend over 4 sinks + the codes + a 64-token window, for post-RoPE codes (scores
+gathered from one q . D^T product) and pre-RoPE codes (keys rebuilt, rotated and dotted), with the default
+storage (int16 indices, float32 coefficients) and the memory setting (10-bit packed indices, fp8 coefficients).
+sdpa attends over dense float32 keys and values of the same length. Each backend's output is checked against the
+reference before it is timed. Milliseconds per call (median of ``--reps``).
 
-    python benchmarks/bench_attention_compiled_cpu.py --contexts 4096,32768 --threads 2
+    python benchmarks/bench_attention_cpu.py --contexts 1024,4096,16384,32768 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-KV_HEADS, GROUPS, HEAD_DIM, N_ATOMS, K_KEY, K_VALUE = 3, 3, 64, 1024, 8, 16
+from sta_cache import kernels
+from sta_cache.kernels import CompressedKV
+from sta_cache.packing import index_bits, pack_indices
+
+KV_HEADS, GROUPS, HEAD_DIM, N_ATOMS, K_KEY, K_VALUE, SINKS, WINDOW = 3, 3, 64, 1024, 8, 16, 4, 64
 
 
-def post_rope_attention(q, key_atoms, key_idx, key_coef, value_atoms, value_idx, value_coef, scale: float):
-    """``q [H, G, d]``, atoms ``[H, N, d]``, codes ``[H, T, k]`` -> output ``[H, G, d]``."""
-    atom_scores = torch.einsum("hgd,hnd->hgn", q, key_atoms)
-    gathered = torch.gather(atom_scores.unsqueeze(2).expand(-1, -1, key_idx.shape[1], -1), 3,
-                            key_idx.long().unsqueeze(1).expand(-1, GROUPS, -1, -1))  # fmt: skip
-    weights = torch.softmax((gathered * key_coef.float().unsqueeze(1)).sum(-1) * scale, -1)
-    contributions = (weights.unsqueeze(-1) * value_coef.float().unsqueeze(1)).reshape(KV_HEADS, GROUPS, -1)
-    index = value_idx.long().reshape(KV_HEADS, 1, -1).expand(-1, GROUPS, -1)
-    atom_weights = torch.zeros(KV_HEADS, GROUPS, N_ATOMS).scatter_add_(-1, index, contributions)
-    return torch.einsum("hgn,hnd->hgd", atom_weights, value_atoms)
+def make_kv(context: int, pre_rope: bool, compact: bool) -> CompressedKV:
+    """Random codes for ``context`` tokens (sinks and window included), stored as the cache would store them."""
+    compressed = context - SINKS - WINDOW
+
+    def codes(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = torch.rand(KV_HEADS * compressed, N_ATOMS).topk(k, dim=-1).indices.view(1, KV_HEADS, compressed, k)
+        coefficients = torch.randn(1, KV_HEADS, compressed, k) * k**-0.5
+        if compact:
+            return pack_indices(indices, N_ATOMS), coefficients.to(torch.float8_e4m3fn)
+        return indices.to(torch.int16), coefficients
+
+    (key_indices, key_coefficients), (value_indices, value_coefficients) = codes(K_KEY), codes(K_VALUE)
+    dense = lambda n: torch.randn(1, KV_HEADS, n, HEAD_DIM)  # noqa: E731
+    inv_freq = 1.0 / (100_000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    return CompressedKV(
+        sink_keys=dense(SINKS), sink_values=dense(SINKS), key_indices=key_indices, key_coefficients=key_coefficients,
+        value_indices=value_indices, value_coefficients=value_coefficients, window_keys=dense(WINDOW),
+        window_values=dense(WINDOW), key_atoms=torch.randn(1, N_ATOMS, HEAD_DIM) * 0.3,
+        key_bias=torch.randn(1, HEAD_DIM) * 0.1, value_atoms=torch.randn(1, N_ATOMS, HEAD_DIM) * 0.3,
+        value_bias=torch.randn(1, HEAD_DIM) * 0.1,
+        key_positions=torch.arange(SINKS, SINKS + compressed, dtype=torch.int32)[None] if pre_rope else None,
+        rope_inv_freq=inv_freq if pre_rope else None,
+        packed_index_bits=index_bits(N_ATOMS) if compact else 0,
+    )  # fmt: skip
 
 
-def pre_rope_scores(q, key_atoms, key_idx, key_coef, cos, sin):
-    """Scores ``[H, G, T]`` of keys rebuilt from codes and rotated by ``cos/sin [T, d/2]``."""
-    rows = torch.gather(key_atoms.unsqueeze(1).expand(-1, key_idx.shape[1], -1, -1), 2,
-                        key_idx.long().unsqueeze(-1).expand(-1, -1, -1, HEAD_DIM))  # fmt: skip
-    keys = (rows * key_coef.float().unsqueeze(-1)).sum(2)
-    first, second = keys.chunk(2, dim=-1)
-    keys = torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
-    return torch.einsum("hgd,htd->hgt", q, keys)
+def unpacked(kv: CompressedKV) -> CompressedKV:
+    """The same codes as the PyTorch path reads them (it unpacks indices first, and pays for that each step)."""
+    if not kv.packed_index_bits:
+        return kv
+    from sta_cache.packing import unpack_indices
+
+    return CompressedKV(**{**vars(kv), "packed_index_bits": 0,
+                           "key_indices": unpack_indices(kv.key_indices, K_KEY, N_ATOMS),
+                           "value_indices": unpack_indices(kv.value_indices, K_VALUE, N_ATOMS)})  # fmt: skip
 
 
-def milliseconds(fn, *args, reps: int = 10) -> float:
-    for _ in range(2):
-        fn(*args)
-    start = time.perf_counter()
+def milliseconds(fn, reps: int) -> float:
+    fn()
+    times = []
     for _ in range(reps):
-        fn(*args)
-    return (time.perf_counter() - start) / reps * 1000
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", default="4096,32768")
+    parser.add_argument("--contexts", default="1024,4096,16384,32768")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    compiled_post, compiled_pre = torch.compile(post_rope_attention, dynamic=True), torch.compile(pre_rope_scores,
-                                                                                                 dynamic=True)  # fmt: skip
-    print("| context | sdpa dense (whole attention) | post-RoPE eager | post-RoPE compiled | pre-RoPE scores eager "
-          "| pre-RoPE scores compiled |")  # fmt: skip
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for context in [int(c) for c in args.contexts.split(",")]:
-        q = torch.randn(KV_HEADS, GROUPS, HEAD_DIM)
-        key_atoms, value_atoms = torch.randn(KV_HEADS, N_ATOMS, HEAD_DIM), torch.randn(KV_HEADS, N_ATOMS, HEAD_DIM)
-        key_idx = torch.randint(0, N_ATOMS, (KV_HEADS, context, K_KEY), dtype=torch.int16)
-        value_idx = torch.randint(0, N_ATOMS, (KV_HEADS, context, K_VALUE), dtype=torch.int16)
-        key_coef, value_coef = torch.randn(KV_HEADS, context, K_KEY), torch.randn(KV_HEADS, context, K_VALUE)
-        angles = torch.arange(context).float()[:, None] * torch.rand(HEAD_DIM // 2)
-        post = (q, key_atoms, key_idx, key_coef, value_atoms, value_idx, value_coef, HEAD_DIM**-0.5)
-        pre = (q, key_atoms, key_idx, key_coef, angles.cos(), angles.sin())
-        for eager, compiled, inputs in ((post_rope_attention, compiled_post, post), (pre_rope_scores, compiled_pre, pre)):
-            expected, got = eager(*inputs), compiled(*inputs)
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # the compiled kernel computes the same
+    contexts = [int(c) for c in args.contexts.split(",")]
+    scale = HEAD_DIM**-0.5
+    query = torch.randn(1, KV_HEADS * GROUPS, 1, HEAD_DIM)
+    rows: dict[str, list[float]] = {}
+    for context in contexts:
         keys, values = torch.randn(1, KV_HEADS, context, HEAD_DIM), torch.randn(1, KV_HEADS, context, HEAD_DIM)
-        query = torch.randn(1, KV_HEADS * GROUPS, 1, HEAD_DIM)
-        times = [
-            milliseconds(lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)),
-            milliseconds(post_rope_attention, *post),
-            milliseconds(compiled_post, *post),
-            milliseconds(pre_rope_scores, *pre),
-            milliseconds(compiled_pre, *pre),
-        ]
-        print(f"| {context} | " + " | ".join(f"{t:.2f}" for t in times) + " |", flush=True)
+        def dense(keys=keys, values=values):
+            return F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+        rows.setdefault("sdpa, dense fp32", []).append(milliseconds(dense, args.reps))
+        for pre_rope in (False, True):
+            for compact in (False, True):
+                kv = make_kv(context, pre_rope, compact)
+                expected = kernels.sparse_attention(query, unpacked(kv), None, scale, None, "torch")
+                got = kernels.sparse_attention(query, kv, None, scale, None, "cpu")
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+                storage = "fp8 + packed" if compact else "int16 + fp32"
+                space = "pre-RoPE" if pre_rope else "post-RoPE"
+                for backend in ("torch", "cpu"):
+                    def attend(kv=kv, backend=backend):  # the PyTorch path unpacks packed indices on every step
+                        view = unpacked(kv) if backend == "torch" else kv
+                        return kernels.sparse_attention(query, view, None, scale, None, backend)
+
+                    rows.setdefault(f"STA {space}, {storage}, {backend}", []).append(milliseconds(attend, args.reps))
+        print(f"context {context} done", flush=True)
+    print(f"\n| one layer, ms (median of {args.reps}) | " + " | ".join(f"{c // 1024}k" for c in contexts) + " |")
+    print("| --- |" + " ---: |" * len(contexts))
+    for name, times in rows.items():
+        base = rows["sdpa, dense fp32"]
+        print(f"| {name} | " + " | ".join(f"{t:.2f} (×{t / b:.2f})" for t, b in zip(times, base, strict=True)) + " |")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ are timed (after one warm-up step). SparseSemanticCache encodes the tokens that 
 (16) at a time, so one step in 16 also runs the encoder: the table gives the median step (no encoding), the mean
 step over 16 steps (encoding amortised: what generation really pays per token) and the encoder's cost per token.
 
-Post-RoPE rows time the same shapes with the dictionary's ``key_space`` switched to post-RoPE (scores gathered from
-one ``q . D^T`` product instead of rebuilding and rotating keys): a speed measurement only; the quality of
-post-RoPE dictionaries is measured by ``sta-cache eval``. ``--quality results.json`` (from ``sta-cache eval``)
-(one or more) adds the perplexity ratio of the matching rows.
+Rows marked ``torch`` attend through the PyTorch path, ``cpu`` through the fused C kernels (kernels/cpu_attention.c);
+both encode with the PyTorch OMP encoder. Post-RoPE rows use ``--post-rope-dictionary`` (scores gathered from one
+``q . D^T`` product instead of rebuilding and rotating keys), by default the shipped dictionary with its
+``key_space`` switched, which times the same shapes but is not a usable dictionary. ``--quality results.json``
+(from ``sta-cache eval``, one or more) adds the perplexity ratio of the matching pre-RoPE rows,
+``--post-rope-quality`` that of the post-RoPE rows.
 
     python benchmarks/bench_decode_cpu.py --contexts 1024,4096,16384,32768 --threads 2 \
         --quality eval_fp32/results.json eval_fp8/results.json
@@ -83,15 +85,22 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,4096,16384")
     parser.add_argument("--steps", type=int, default=16, help="timed steps (16 = one encoder batch)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--post-rope-dictionary", default=None, help="a post-RoPE dictionary (folder or Hub id)")
     parser.add_argument("--quality", type=Path, nargs="*", default=[], help="results.json files of `sta-cache eval`")
+    parser.add_argument("--post-rope-quality", type=Path, nargs="*", default=[], help="the same, post-RoPE dictionary")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
     config = model.config.get_text_config()
     dictionary = KVDictionary.from_pretrained(args.dictionary)
-    post_rope = copy.copy(dictionary)
-    post_rope.config = dataclasses.replace(dictionary.config, key_space="post_rope")
+    if args.post_rope_dictionary:
+        post_rope = KVDictionary.from_pretrained(args.post_rope_dictionary)
+        if post_rope.config.key_space != "post_rope":
+            raise ValueError(f"{args.post_rope_dictionary} codes keys {post_rope.config.key_space}, not post-RoPE")
+    else:
+        post_rope = copy.copy(dictionary)
+        post_rope.config = dataclasses.replace(dictionary.config, key_space="post_rope")
 
     def sparse(source=dictionary, **options):
         return lambda: SparseSemanticCache(source, config=model.config, **options)
@@ -99,18 +108,26 @@ def main() -> None:
     fp8_packed = dict(coefficient_dtype=torch.float8_e4m3fn, pack_indices=True)
     # name: (attention, make, fill, name of the matching `sta-cache eval` row)
     setups = {
-        "DynamicCache (sdpa)": ("sdpa", lambda: DynamicCache(config=model.config), fill_dense, "DynamicCache"),
+        "DynamicCache (sdpa)": ("sdpa", lambda: DynamicCache(config=model.config), fill_dense, None),
         "QuantizedCache quanto int4 (sdpa)": (
             "sdpa", lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, residual_length=64),
-            fill_dense, "QuantizedCache quanto int4",
+            fill_dense, ("pre-RoPE", "QuantizedCache quanto int4"),
         ),  # fmt: skip
-        "STA 8/16 pre-RoPE (sta)": ("sta", sparse(), fill_codes, "STA 8/16, fp32 (sta)"),
-        "STA 8/16 pre-RoPE fp8+packed (sta)": ("sta", sparse(**fp8_packed), fill_codes, "STA 8/16, fp8 (sta)"),
-        "STA 8/16 pre-RoPE (sdpa, dense path)": ("sdpa", sparse(), fill_codes, None),
-        "STA 8/16 post-RoPE fp8+packed (sta)": ("sta", sparse(post_rope, **fp8_packed), fill_codes, None),
+        "STA 8/16 pre-RoPE (sdpa, dense path)": ("sdpa", sparse(), fill_codes, ("pre-RoPE", "STA 8/16, fp32 (sta)")),
     }
-    quality = {row["name"]: row.get("perplexity_ratio") for path in args.quality
-               for row in json.loads(path.read_text())["rows"]}  # fmt: skip
+    for space, source in (("pre-RoPE", dictionary), ("post-RoPE", post_rope)):
+        for storage, options, quality_name in (("", {}, "STA 8/16, fp32 (sta)"),
+                                               (" fp8+packed", fp8_packed, "STA 8/16, fp8 (sta)")):  # fmt: skip
+            for backend in ("torch", "cpu"):
+                setups[f"STA 8/16 {space}{storage} (sta, {backend})"] = (
+                    "sta", sparse(source, backend=backend, **options), fill_codes, (space, quality_name)
+                )
+
+    def ratios(paths):
+        return {row["name"]: row.get("perplexity_ratio") for path in paths
+                for row in json.loads(path.read_text())["rows"]}  # fmt: skip
+
+    quality = {"pre-RoPE": ratios(args.quality), "post-RoPE": ratios(args.post_rope_quality)}
     rows = []
     for context in [int(c) for c in args.contexts.split(",")]:
         for name, (attention, make, fill, quality_name) in setups.items():
@@ -121,7 +138,7 @@ def main() -> None:
             times = step_times(model, cache, args.steps)
             row = {"cache": name, "context": context, "median_ms": statistics.median(times),
                    "mean_ms": statistics.fmean(times), "bytes_per_token": stored / context,
-                   "perplexity_ratio": quality.get(quality_name)}  # fmt: skip
+                   "perplexity_ratio": quality[quality_name[0]].get(quality_name[1]) if quality_name else None}  # fmt: skip
             if isinstance(cache, SparseSemanticCache):
                 row["encode_ms_per_token"] = encode_ms_per_token(cache, config)
             rows.append(row)
@@ -153,10 +170,14 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.2))
+    figure, axis = plt.subplots(figsize=(8, 4.8))
+    colours = iter(plt.get_cmap("tab10").colors)
     for name in dict.fromkeys(row["cache"] for row in rows):
         points = [(row["context"], row["mean_ms"]) for row in rows if row["cache"] == name]
-        axis.plot(*zip(*points), marker="o", label=name)
+        # the baseline in black; the PyTorch path and the dense path dashed, the C kernels solid
+        style = {"color": "black", "linewidth": 2.5} if name.startswith("DynamicCache") else {"color": next(colours)}
+        dashed = "torch)" in name or "sdpa" in name
+        axis.plot(*zip(*points), marker="o", linestyle="--" if dashed else "-", label=name, **style)
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xlabel("context (tokens)")

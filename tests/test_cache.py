@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from conftest import VOCAB, make_dictionary, tiny_model
-from sta_cache import SparseSemanticCache, SparseSemanticLayer
+from sta_cache import SparseSemanticCache
 from sta_cache.compat import cache_kwargs
 
 
