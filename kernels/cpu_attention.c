@@ -122,7 +122,7 @@ void sta_key_scores_post(const codes_t *codes, const float *atom_scores, int64_t
     }
 }
 
-/* Eight floats as one value: GCC/Clang vector extensions, lowered to whatever the target has (AVX: one register). */
+/* Eight floats as one value: GCC/Clang vector extensions, lowered to what the target has (AVX: one register). */
 typedef float vec8 __attribute__((vector_size(32)));
 #define MAX_VECTORS (MAX_HEAD_DIM / 8)
 
@@ -149,7 +149,8 @@ static inline __attribute__((always_inline)) void pre_rope_block(
             const float *atom = atoms + (int64_t)idx[t * k + j] * dim;
             for (int64_t v = 0; v < vectors; v++) key[v] += c * load8(atom + 8 * v);
         }
-        const float *cs = cos_table + (int64_t)positions[t] * (dim / 2), *sn = sin_table + (int64_t)positions[t] * (dim / 2);
+        const int64_t row = (int64_t)positions[t] * (dim / 2);
+        const float *cs = cos_table + row, *sn = sin_table + row;
         for (int64_t v = 0; v < half; v++) {
             const vec8 co = load8(cs + 8 * v), si = load8(sn + 8 * v);
             rotated[v] = (key[v] * co - key[v + half] * si) * rope_scaling;
@@ -172,7 +173,9 @@ void sta_key_scores_pre(const codes_t *codes, const float *queries, const float 
                         int64_t slabs, int64_t heads, int64_t dictionary_heads, int64_t rows, int64_t n_atoms,
                         int64_t dim, const int32_t *positions, const float *cos_table, const float *sin_table,
                         float rope_scaling, float *out, int threads) {
-    const int64_t tokens = codes->tokens, k = codes->k, per_block = block_tokens(codes->k) < 128 ? block_tokens(codes->k) : 128;
+    /* 128 tokens' cos/sin rows (64 KiB at head_dim 64) stay in L2 while every KV head reads them */
+    const int64_t tokens = codes->tokens, k = codes->k;
+    const int64_t per_block = block_tokens(codes->k) < 128 ? block_tokens(codes->k) : 128;
     const int64_t blocks = (tokens + per_block - 1) / per_block, batches = slabs / heads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t item = 0; item < batches * blocks; item++) {
@@ -187,12 +190,16 @@ void sta_key_scores_pre(const codes_t *codes, const float *queries, const float 
             const float *q = queries + bh * rows * dim;
             float *o = out + bh * rows * tokens + t0;
             load_block(codes, bh, t0, n, idx, coef);
+#define PRE_ROPE_BLOCK(DIM)                                                                                  \
+    pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, \
+                   DIM, dim)
             switch (dim) {
-            case 64: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 64, 0); break;
-            case 128: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 128, 0); break;
-            case 256: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 256, 0); break;
-            default: pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, 0, dim);
+            case 64: PRE_ROPE_BLOCK(64); break;
+            case 128: PRE_ROPE_BLOCK(128); break;
+            case 256: PRE_ROPE_BLOCK(256); break;
+            default: PRE_ROPE_BLOCK(0);
             }
+#undef PRE_ROPE_BLOCK
         }
     }
 }
@@ -256,7 +263,8 @@ int sta_value_accumulate(const codes_t *codes, const float *weights, int64_t sla
             float *target = out + (bh * rows + r) * n_atoms;
             for (int64_t n = 0; n < n_atoms; n++) {
                 float sum = 0.0f;
-                for (int64_t part = 0; part < parts; part++) sum += acc[(part * slabs + bh) * slab_size + n * width + r];
+                for (int64_t part = 0; part < parts; part++)
+                    sum += acc[(part * slabs + bh) * slab_size + n * width + r];
                 target[n] = sum;
             }
         }
