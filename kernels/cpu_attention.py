@@ -6,8 +6,9 @@ and keep everything else in registers and L1; packed indices and one-byte coeffi
 pass. Sinks, the recent window and the softmax stay in PyTorch (:func:`reference.attend`).
 
 The source is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3
--march=native -fopenmp``) into the sta_cache cache folder and loaded with ctypes; ctypes releases the GIL. Its
-OpenMP runtime is the ``libgomp.so.1`` that PyTorch has already loaded, and it uses ``torch.get_num_threads()``.
+-march=native -fopenmp`` where accepted) into the sta_cache cache folder and loaded with ctypes; ctypes releases the
+GIL. Its OpenMP runtime is the ``libgomp.so.1`` that PyTorch has already loaded, and it uses
+``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 from .reference import CompressedKV, attend, rope_cos_sin, rope_table
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-NATIVE = "-march=native"
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+# Tried in order: tuned for this CPU with OpenMP threads, then portable, then single-threaded (e.g. Apple clang,
+# which has no -fopenmp; the OpenMP pragmas are then ignored and the results are the same).
+ATTEMPTS = (("-march=native", "-fopenmp", *FLAGS), ("-fopenmp", *FLAGS), FLAGS)
 
 _INDEX_KINDS = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
 _PACKED = 4
@@ -67,13 +70,13 @@ def _machine_tag() -> str:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile the kernels to ``target`` (atomically: concurrent processes never load a half-written file).
-    ``-march=native`` is tried first and dropped if the compiler refuses it."""
+    """Compile the kernels to ``target`` (atomically: concurrent processes never load a half-written file), with
+    the first of :data:`ATTEMPTS` that the compiler accepts."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         errors = []
-        for flags in ((NATIVE, *FLAGS), FLAGS):
+        for flags in ATTEMPTS:
             result = subprocess.run(
                 [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
             )
@@ -94,7 +97,7 @@ def library() -> ctypes.CDLL:
         raise CPUKernelUnavailable("no C compiler found (install gcc or set CC); use backend='torch' instead")
     torch.get_num_threads()  # make sure PyTorch's OpenMP runtime is loaded first, so the kernels share it
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(f"{compiler} {FLAGS} {_machine_tag()}".encode())
+    digest.update(f"{compiler} {ATTEMPTS} {_machine_tag()}".encode())
     target = default_cache_dir() / "kernels" / f"cpu_attention-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         _build(compiler, target)

@@ -132,3 +132,20 @@ def test_auto_backend_takes_the_cpu_kernels_where_they_fit(monkeypatch, tmp_path
             assert kernels.resolve_backend("auto", cpu, head_dim=64) == "torch"
     finally:
         cpu_attention.library.cache_clear()
+
+
+def test_kernels_build_without_openmp(monkeypatch, tmp_path) -> None:
+    """A compiler without OpenMP (Apple clang) still builds the kernels, single-threaded, with the same results."""
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor arg in "$@"; do [ "$arg" = -fopenmp ] && exit 1; done\nexec gcc "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(compiler))
+    cpu_attention.library.cache_clear()
+    try:
+        g = gen(3)
+        kv = make_cache(g, 1, 3, 64, 4, 2000, 16, 1024, 8, 16, 1, F32, True)
+        assert compare(kv, kv, randn(g, 1, 9, 1, 64), None) < TOL[F32]
+        assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
+    finally:
+        cpu_attention.library.cache_clear()
