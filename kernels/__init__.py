@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from . import cpu_attention  # builds nothing until a kernel is first asked for
 from .reference import (
     CompressedKV,
     apply_rope,
@@ -46,10 +47,8 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
-        if device.type != "cpu" or (head_dim is not None and not cpu_kernels_fit(head_dim)):
+        if device.type != "cpu" or (head_dim is not None and not cpu_attention.fits(head_dim)):
             return "torch"
-        from . import cpu_attention
-
         try:
             cpu_attention.library()
         except cpu_attention.CPUKernelUnavailable as error:
@@ -64,17 +63,13 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs on CPU tensors, the cache is on {device}")
-        if head_dim is not None and not cpu_kernels_fit(head_dim):
-            raise ValueError(f"backend='cpu' needs head_dim a multiple of 16 up to 1024, the model has {head_dim}")
-        from . import cpu_attention
-
+        if head_dim is not None and not cpu_attention.fits(head_dim):
+            raise ValueError(
+                f"backend='cpu' needs head_dim a multiple of 16 up to {cpu_attention.MAX_HEAD_DIM}, the model has "
+                f"{head_dim}"
+            )
         cpu_attention.library()  # build now: a missing compiler is reported here, not mid-generation
     return backend
-
-
-def cpu_kernels_fit(head_dim: int) -> bool:
-    """The C kernels work in 8-float vectors on both halves of a rotated key, in fixed-size buffers."""
-    return head_dim % 16 == 0 and head_dim <= 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,8 +102,6 @@ def sparse_attention(
 ) -> torch.Tensor:
     """Decode-into-attention over ``sinks | codes | window``; see :func:`reference.sparse_attention_reference`."""
     if backend == "cpu":
-        from . import cpu_attention
-
         return cpu_attention.sparse_attention(query, kv, mask, scaling, softcap)
     if kv.packed_index_bits:
         raise ValueError("only the 'cpu' backend reads bit-packed indices; unpack them first")

@@ -116,16 +116,9 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def available() -> bool:
-    """Whether the kernels build and load here."""
-    try:
-        library()
-    except CPUKernelUnavailable:
-        return False
-    return True
-
-
+@lru_cache(maxsize=None)
 def _byte_float_table(dtype: torch.dtype) -> torch.Tensor:
+    """The 256 values of a one-byte float format, as the kernels' lookup table (read-only)."""
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
 
 
@@ -161,9 +154,14 @@ def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -
 MAX_HEAD_DIM = 1024  # the C kernels' per-token key buffers
 
 
+def fits(head_dim: int) -> bool:
+    """The C kernels work in 8-float vectors on both halves of a rotated key, in fixed-size buffers."""
+    return head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
+
+
 def _check(kv: CompressedKV) -> None:
     d = kv.key_atoms.shape[-1]
-    if d > MAX_HEAD_DIM or d % 16:
+    if not fits(d):
         raise ValueError(f"the 'cpu' backend needs head_dim a multiple of 16 up to {MAX_HEAD_DIM}, got {d}")
     for name in ("key_atoms", "value_atoms", "key_indices", "value_indices"):
         if getattr(kv, name).device.type != "cpu":

@@ -107,7 +107,6 @@ def test_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path) -> Non
     try:
         with pytest.raises(cpu_attention.CPUKernelUnavailable, match="no C compiler found"):
             cpu_attention.library()
-        assert not cpu_attention.available()
         monkeypatch.undo()
         monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
         monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
