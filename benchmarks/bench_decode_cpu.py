@@ -35,7 +35,8 @@ from transformers import DynamicCache, QuantizedCache
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.benchmark_quality import cache_bytes
 from sta_cache.compat import cache_kwargs
-from sta_cache.embedded import load_model
+from sta_cache.collect import token_windows
+from sta_cache.embedded import load_model, wikipedia_text
 
 
 def fill_dense(cache, config, length: int) -> None:
@@ -78,6 +79,24 @@ def encode_ms_per_token(cache, config, tokens: int = 16) -> float:
     return (time.perf_counter() - start) * 1000 / tokens
 
 
+@torch.no_grad()
+def generate_timing(model, prompt: torch.Tensor, make, new_tokens: int) -> dict:
+    """Wall time of greedy ``model.generate`` from ``prompt [1, L]``: once for the first token alone (the prefill),
+    once for ``new_tokens`` (exactly: EOS does not stop it). SparseSemanticCache encodes the prompt's tokens beyond
+    its window at the second token, so its one-time encoding falls into the decode phase."""
+    inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    times = []
+    for count in (1, new_tokens):
+        cache = make()
+        start = time.perf_counter()
+        model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=count, min_new_tokens=count,
+                       do_sample=False)  # fmt: skip
+        times.append(time.perf_counter() - start)
+    first, total = times
+    return {"first_token_s": first, "total_s": total, "tokens_per_s": new_tokens / total,
+            "decode_tokens_per_s": (new_tokens - 1) / (total - first)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -88,10 +107,12 @@ def main() -> None:
     parser.add_argument("--post-rope-dictionary", default=None, help="a post-RoPE dictionary (folder or Hub id)")
     parser.add_argument("--quality", type=Path, nargs="*", default=[], help="results.json files of `sta-cache eval`")
     parser.add_argument("--post-rope-quality", type=Path, nargs="*", default=[], help="the same, post-RoPE dictionary")
+    parser.add_argument("--generate", default="", help="prompt lengths for end-to-end generate timing, e.g. 1024,4096")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per --generate run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model)
+    model, tokenizer = load_model(args.model)
     config = model.config.get_text_config()
     dictionary = KVDictionary.from_pretrained(args.dictionary)
     if args.post_rope_dictionary:
@@ -144,12 +165,27 @@ def main() -> None:
             rows.append(row)
             print(f"{name:38s} ctx {context:6d}  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms  "
                   f"{row['bytes_per_token']:8.0f} B/token", flush=True)  # fmt: skip
+    generated = []
+    generate_setups = ["DynamicCache (sdpa)", "QuantizedCache quanto int4 (sdpa)", "STA 8/16 pre-RoPE (sta, cpu)",
+                       "STA 8/16 pre-RoPE fp8+packed (sta, cpu)", "STA 8/16 pre-RoPE (sta, torch)"]  # fmt: skip
+    for length in [int(c) for c in args.generate.split(",") if c]:
+        prompt = token_windows(tokenizer, wikipedia_text("eval"), length, 1)
+        for name in generate_setups:
+            attention, make, _, _ = setups[name]
+            model.set_attn_implementation(attention)
+            row = {"cache": name, "prompt_tokens": length, "new_tokens": args.new_tokens,
+                   **generate_timing(model, prompt, make, args.new_tokens)}  # fmt: skip
+            generated.append(row)
+            print(f"{name:38s} prompt {length:6d}  first token {row['first_token_s']:6.2f} s  "
+                  f"total {row['total_s']:6.2f} s  {row['tokens_per_s']:5.1f} tokens/s", flush=True)  # fmt: skip
     dense = {row["context"]: row for row in rows if row["cache"].startswith("DynamicCache")}
     for row in rows:
         row["mean_vs_dynamic"] = row["mean_ms"] / dense[row["context"]]["mean_ms"]
         row["compression"] = dense[row["context"]]["bytes_per_token"] / row["bytes_per_token"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"threads": args.threads, "rows": rows, "generate": generated}, indent=2)
+    )
     plot(rows, args.out / "decode_latency.png")
     print(f"\n{args.model} fp32, {args.threads} threads, batch 1, {args.steps} decode steps per row; window 64 + 4 "
           "sinks; mean = encoder amortised\n")  # fmt: skip
@@ -162,6 +198,13 @@ def main() -> None:
         print(f"| {row['cache']} | {row['context']} | {row['median_ms']:.1f} | {row['mean_ms']:.1f} | "
               f"{row['mean_vs_dynamic']:.2f} | {1000 / row['mean_ms']:.1f} | {encode} | "
               f"{row['bytes_per_token']:,.0f} | {row['compression']:.2f} | {ratio} |")  # fmt: skip
+    if generated:
+        print(f"\nmodel.generate, greedy, {args.new_tokens} new tokens from a held-out Wikipedia prompt\n")
+        print("| cache | prompt tokens | first token s | total s | tokens/s | decode tokens/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for row in generated:
+            print(f"| {row['cache']} | {row['prompt_tokens']} | {row['first_token_s']:.2f} | {row['total_s']:.2f} | "
+                  f"{row['tokens_per_s']:.1f} | {row['decode_tokens_per_s']:.1f} |")  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -177,7 +220,7 @@ def plot(rows: list[dict], path: Path) -> None:
         # the baseline in black; the PyTorch path and the dense path dashed, the C kernels solid
         style = {"color": "black", "linewidth": 2.5} if name.startswith("DynamicCache") else {"color": next(colours)}
         dashed = "torch)" in name or "sdpa" in name
-        axis.plot(*zip(*points), marker="o", linestyle="--" if dashed else "-", label=name, **style)
+        axis.plot(*zip(*points, strict=True), marker="o", linestyle="--" if dashed else "-", label=name, **style)
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xlabel("context (tokens)")

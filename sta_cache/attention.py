@@ -23,6 +23,11 @@ ATTN_IMPLEMENTATION = "sta"
 # the cache to the attention function; the cache leaves the layer it just updated here for the next call to take.
 _handoff = threading.local()
 
+# From this many query tokens per step (chunked prefill, long speculative drafts) rebuilding the compressed tokens
+# and running sdpa is cheaper than attending from the codes (SmolLM2 on 2 cores: equal at 16-32 queries, dense
+# ×0.66 at 64 and ×0.46 at 128 with 4k tokens; LAB_NOTES 2026-12-02); decode steps always read the codes.
+DENSE_FROM_QUERIES = 32
+
 
 def hand_over(layer_idx: int, layer: object) -> None:
     """Called by ``SparseSemanticCache.update``: the layer that the next attention call of ``layer_idx`` reads."""
@@ -75,6 +80,15 @@ def sta_attention_forward(
         real = mask[:, new, length - q_len + new]
     layer.observe(kwargs.get("position_ids"), real)
     layer.attention_reads_codes = True
+    dense_is_cheaper = layer.num_compressed == 0 or q_len >= DENSE_FROM_QUERIES
+    if dense_is_cheaper and softcap is None and (mask is not None or q_len == 1):
+        # Nothing coded yet (a prefill), or enough queries to amortise rebuilding the codes: sdpa over dense keys
+        # is the same attention, with PyTorch's fused kernels instead of materialised scores. (Without a mask,
+        # sdpa would align a causal chunk to the start of the keys, so masked chunks only.)
+        keys, values = layer.dense_keys_values()
+        dense_mask = None if attention_mask is None else attention_mask[..., -length:]
+        return sdpa_attention_forward(module, query, keys, values, dense_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)  # fmt: skip
     scaling = head_dim**-0.5 if scaling is None else scaling
     view = layer.compressed_view(packed=layer.backend == "cpu")
     out = kernels.sparse_attention(query, view, mask, scaling, softcap, layer.backend)

@@ -60,6 +60,40 @@ def test_sta_path_matches_dense_path_with_lossy_codes(arch, key_space, per_head)
     assert relative_error(logits["sta"], reference) > 1e-3  # the codes are really lossy: the test can fail
 
 
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_long_chunks_attend_densely_with_the_same_result(monkeypatch, key_space):
+    """A chunk of DENSE_FROM_QUERIES or more queries (and a prefill with nothing coded) goes to sdpa over rebuilt
+    keys and values; it must equal attending from the codes, here forced by raising the threshold."""
+    from sta_cache import attention
+
+    model = tiny_model("llama", "sta")
+    dictionary = make_dictionary(model, key_space=key_space)
+    length = 20 + attention.DENSE_FROM_QUERIES + 2
+    ids = torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(4))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :5] = 0
+    sparse_calls = []
+    sparse_attention = attention.kernels.sparse_attention
+    def counted(query, *args):
+        sparse_calls.append(query.shape[2])
+        return sparse_attention(query, *args)
+
+    monkeypatch.setattr(attention.kernels, "sparse_attention", counted)
+    logits, calls, default = {}, {}, attention.DENSE_FROM_QUERIES
+    for threshold in (default, 10**9):
+        monkeypatch.setattr(attention, "DENSE_FROM_QUERIES", threshold)
+        cache = SparseSemanticCache(dictionary, residual_length=3, num_sink_tokens=1, encode_batch=1,
+                                    config=model.config)  # fmt: skip
+        sparse_calls.clear()
+        with torch.no_grad():
+            chunks = (20, ids.shape[1] - 22, 1, 1)
+            logits[threshold] = chunked_logits(model, ids, cache, chunks=chunks, attention_mask=attention_mask)
+        calls[threshold] = sorted(set(sparse_calls))
+    assert calls[default] == [1]  # only the decode steps read the codes
+    assert calls[10**9] == [1, ids.shape[1] - 22]  # the long chunk too (the prefill never: nothing is coded)
+    assert relative_error(logits[10**9], logits[default]) < 1e-5
+
+
 def make_reference_logits(arch, ids):
     model = tiny_model(arch)
     with torch.no_grad():
