@@ -1,7 +1,7 @@
 """One layer's decode attention on the CPU, SmolLM2 shapes: dense sdpa against the cache's two CPU backends.
 
 ``torch`` is the PyTorch reference path (CSR matmuls and an atom-space scatter); ``cpu`` the fused C kernels
-(kernels/cpu_attention.c). Both attend over 4 sinks + the codes + a 64-token window, for post-RoPE codes (scores
+(kernels/cpu_kernels.c). Both attend over 4 sinks + the codes + a 64-token window, for post-RoPE codes (scores
 gathered from one q . D^T product) and pre-RoPE codes (keys rebuilt, rotated and dotted), with the default
 storage (int16 indices, float32 coefficients) and the memory setting (10-bit packed indices, fp8 coefficients).
 sdpa attends over dense float32 keys and values of the same length. Each backend's output is checked against the

@@ -7,8 +7,8 @@ are timed (after one warm-up step). SparseSemanticCache encodes the tokens that 
 (16) at a time, so one step in 16 also runs the encoder: the table gives the median step (no encoding), the mean
 step over 16 steps (encoding amortised: what generation really pays per token) and the encoder's cost per token.
 
-Rows marked ``torch`` attend through the PyTorch path, ``cpu`` through the fused C kernels (kernels/cpu_attention.c);
-both encode with the PyTorch OMP encoder. Post-RoPE rows use ``--post-rope-dictionary`` (scores gathered from one
+Rows marked ``torch`` attend and encode through the PyTorch path, ``cpu`` through the C kernels
+(kernels/cpu_kernels.c). Post-RoPE rows use ``--post-rope-dictionary`` (scores gathered from one
 ``q . D^T`` product instead of rebuilding and rotating keys), by default the shipped dictionary with its
 ``key_space`` switched, which times the same shapes but is not a usable dictionary. ``--quality results.json``
 (from ``sta-cache eval``, one or more) adds the perplexity ratio of the matching pre-RoPE rows,

@@ -1,9 +1,9 @@
 """Hot-path ops of the cache, each with a PyTorch reference (``reference.py``) and a Triton kernel.
 
 ``backend="torch"`` runs the references (the CPU path); ``backend="triton"`` runs the Triton kernels, on CUDA or on
-the CPU under ``TRITON_INTERPRET=1``; ``backend="cpu"`` runs decode-into-attention through fused C kernels
-(``cpu_attention.c``, compiled once per machine) and encodes with the references. Triton is imported only when a
-Triton backend is asked for.
+the CPU under ``TRITON_INTERPRET=1``; ``backend="cpu"`` runs decode-into-attention and the OMP encoder through C
+kernels (``cpu_kernels.c``, compiled once per machine) and the Top-K encoder through its reference. Triton is
+imported only when a Triton backend is asked for.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from . import cpu_attention  # builds nothing until a kernel is first asked for
+from . import cpu_kernels  # builds nothing until a kernel is first asked for
 from .reference import (
     CompressedKV,
     apply_rope,
@@ -47,11 +47,11 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
-        if device.type != "cpu" or (head_dim is not None and not cpu_attention.fits(head_dim)):
+        if device.type != "cpu" or (head_dim is not None and not cpu_kernels.fits(head_dim)):
             return "torch"
         try:
-            cpu_attention.library()
-        except cpu_attention.CPUKernelUnavailable as error:
+            cpu_kernels.library()
+        except cpu_kernels.CPUKernelUnavailable as error:
             _warn_once(f"sta_cache: the fused CPU kernels are unavailable, attending through PyTorch (slower): {error}")
             return "torch"
         return "cpu"
@@ -63,12 +63,12 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs on CPU tensors, the cache is on {device}")
-        if head_dim is not None and not cpu_attention.fits(head_dim):
+        if head_dim is not None and not cpu_kernels.fits(head_dim):
             raise ValueError(
-                f"backend='cpu' needs head_dim a multiple of 16 up to {cpu_attention.MAX_HEAD_DIM}, the model has "
+                f"backend='cpu' needs head_dim a multiple of 16 up to {cpu_kernels.MAX_HEAD_DIM}, the model has "
                 f"{head_dim}"
             )
-        cpu_attention.library()  # build now: a missing compiler is reported here, not mid-generation
+        cpu_kernels.library()  # build now: a missing compiler is reported here, not mid-generation
     return backend
 
 
@@ -88,6 +88,8 @@ def encode(
             return triton_encode.omp_encode(x, sae["W_dec"], sae["b_dec"], k)
         return triton_encode.topk_encode(x, sae["W_enc"], sae["b_enc"], sae["b_dec"], k)
     if encoder == "omp":
+        if backend == "cpu":
+            return cpu_kernels.omp_encode(x, sae["W_dec"], sae["b_dec"], k)
         return omp_encode_reference(x, sae["W_dec"], sae["b_dec"], k)
     return topk_encode_reference(x, sae["W_enc"], sae["b_enc"], sae["b_dec"], k)
 
@@ -102,7 +104,7 @@ def sparse_attention(
 ) -> torch.Tensor:
     """Decode-into-attention over ``sinks | codes | window``; see :func:`reference.sparse_attention_reference`."""
     if backend == "cpu":
-        return cpu_attention.sparse_attention(query, kv, mask, scaling, softcap)
+        return cpu_kernels.sparse_attention(query, kv, mask, scaling, softcap)
     if kv.packed_index_bits:
         raise ValueError("only the 'cpu' backend reads bit-packed indices; unpack them first")
     if backend == "triton":

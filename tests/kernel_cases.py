@@ -33,6 +33,38 @@ def unit_atoms(g: torch.Generator, n: int, d: int, dtype: torch.dtype = F32) -> 
 
 
 
+def check_indices(indices: torch.Tensor, n: int) -> None:
+    assert ((indices >= 0) & (indices < n)).all(), "index out of range (unwritten output?)"
+    ordered = indices.sort(dim=-1).values
+    assert (ordered[:, 1:] != ordered[:, :-1]).all(), "an atom was chosen twice"
+
+
+def decode_rows(indices: torch.Tensor, coefficients: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """``[M, k]`` codes over ``atoms [N, d]`` -> ``[M, d]`` with the package's decoder (bias left out)."""
+    m, k = indices.shape
+    bias = torch.zeros(1, atoms.shape[1])
+    return reference.decode_reference(indices.view(1, 1, m, k), coefficients.view(1, 1, m, k), atoms[None], bias)[0, 0]
+
+
+def check_omp_codes(indices, coefficients, ref_indices, ref_coefficients, x, atoms, b_dec, tol: float) -> None:
+    """OMP codes against the reference's. Greedy picks can differ from the reference only on near-ties, which happen
+    once the residual is at noise level (k near d); so: same reconstruction while k <= d / 2, never a worse
+    residual, and coefficients that are the least-squares fit on the kernel's own atoms."""
+    k, (n, d) = indices.shape[1], atoms.shape
+    check_indices(indices, n)
+    target = (x.float() - b_dec.float()).double()
+    atoms64 = atoms.double()
+    recon = decode_rows(indices, coefficients, atoms.float())
+    ref_recon = decode_rows(ref_indices, ref_coefficients, atoms.float())
+    if 2 * k <= d:
+        assert rel_err(recon, ref_recon) < tol
+    residual = (target - recon.double()).norm(dim=-1)
+    ref_residual = (target - ref_recon.double()).norm(dim=-1)
+    assert (residual <= ref_residual + tol * target.norm(dim=-1)).all()
+    lstsq = torch.linalg.lstsq(atoms64[indices].transpose(1, 2), target.unsqueeze(-1)).solution.squeeze(-1)
+    assert rel_err(recon, decode_rows(indices, lstsq, atoms64)) < tol
+
+
 # ----------------------------------------------------------------------------------------------------- attention
 
 

@@ -1,4 +1,4 @@
-"""The fused C kernels of the "cpu" backend (kernels/cpu_attention.c) against the PyTorch reference.
+"""The fused C kernels of the "cpu" backend (kernels/cpu_kernels.c) against the PyTorch reference.
 
 Queries are float32 so that the comparison is not hidden by rounding the output to a 16-bit dtype; the cache's
 storage keeps each case's dtype. The kernels are built here with the system C compiler, as users' machines do.
@@ -11,13 +11,13 @@ import torch
 
 from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
 from sta_cache import kernels
-from sta_cache.kernels import cpu_attention, reference
+from sta_cache.kernels import cpu_kernels, reference
 from sta_cache.packing import index_bits, pack_indices
 
 
 def compare(kv: reference.CompressedKV, reference_kv: reference.CompressedKV, query, mask, softcap=None) -> float:
     d = query.shape[-1]
-    out = cpu_attention.sparse_attention(query, kv, mask, d**-0.5, softcap)
+    out = cpu_kernels.sparse_attention(query, kv, mask, d**-0.5, softcap)
     ref = reference.sparse_attention_reference(query, reference_kv, mask, d**-0.5, softcap)
     assert out.shape == query.shape and out.dtype == query.dtype
     return rel_err(out, ref)
@@ -90,8 +90,8 @@ def test_dispatcher_routes_to_cpu_kernels_and_guards_packed_indices() -> None:
     query = randn(g, 1, 4, 1, 64)
     want = kernels.sparse_attention(query, kv, None, 0.125, None, "torch")
     assert rel_err(kernels.sparse_attention(query, kv, None, 0.125, None, "cpu"), want) < TOL[F32]
-    packed = kv.__class__(**{**vars(kv), "key_indices": pack_indices(kv.key_indices, 1000),
-                             "value_indices": pack_indices(kv.value_indices, 1000), "packed_index_bits": 10})  # fmt: skip
+    packed = kv.__class__(**{**vars(kv), "key_indices": pack_indices(kv.key_indices, 1000), "packed_index_bits": 10,
+                             "value_indices": pack_indices(kv.value_indices, 1000)})  # fmt: skip
     assert rel_err(kernels.sparse_attention(query, packed, None, 0.125, None, "cpu"), want) < TOL[F32]
     with pytest.raises(ValueError, match="only the 'cpu' backend reads bit-packed indices"):
         kernels.sparse_attention(query, packed, None, 0.125, None, "torch")
@@ -102,19 +102,19 @@ def test_dispatcher_routes_to_cpu_kernels_and_guards_packed_indices() -> None:
 
 def test_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
-    cpu_attention.library.cache_clear()
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    cpu_kernels.library.cache_clear()
     try:
-        with pytest.raises(cpu_attention.CPUKernelUnavailable, match="no C compiler found"):
-            cpu_attention.library()
+        with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="no C compiler found"):
+            cpu_kernels.library()
         monkeypatch.undo()
         monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
         monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-        with pytest.raises(cpu_attention.CPUKernelUnavailable, match="failed"):
-            cpu_attention.library()
+        with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="failed"):
+            cpu_kernels.library()
         assert not list((tmp_path / "kernels").glob("*.so")), "a failed build must not leave a library behind"
     finally:
-        cpu_attention.library.cache_clear()
+        cpu_kernels.library.cache_clear()
 
 
 def test_auto_backend_takes_the_cpu_kernels_where_they_fit(monkeypatch, tmp_path) -> None:
@@ -125,12 +125,12 @@ def test_auto_backend_takes_the_cpu_kernels_where_they_fit(monkeypatch, tmp_path
         kernels.resolve_backend("cpu", cpu, head_dim=24)
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    cpu_attention.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
             assert kernels.resolve_backend("auto", cpu, head_dim=64) == "torch"
     finally:
-        cpu_attention.library.cache_clear()
+        cpu_kernels.library.cache_clear()
 
 
 def test_kernels_build_without_openmp(monkeypatch, tmp_path) -> None:
@@ -140,11 +140,11 @@ def test_kernels_build_without_openmp(monkeypatch, tmp_path) -> None:
     compiler.chmod(0o755)
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(compiler))
-    cpu_attention.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
         g = gen(3)
         kv = make_cache(g, 1, 3, 64, 4, 2000, 16, 1024, 8, 16, 1, F32, True)
         assert compare(kv, kv, randn(g, 1, 9, 1, 64), None) < TOL[F32]
         assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
     finally:
-        cpu_attention.library.cache_clear()
+        cpu_kernels.library.cache_clear()

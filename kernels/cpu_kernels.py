@@ -1,9 +1,10 @@
-"""The ``"cpu"`` backend: decode-into-attention with fused C kernels (``cpu_attention.c``).
+"""The ``"cpu"`` backend: decode-into-attention and OMP encoding in C (``cpu_kernels.c``).
 
 PyTorch's CPU path pays for intermediates on every decode step: a CSR matrix of the codes, keys rebuilt as
 ``[tokens, d]``, a ``[rows, tokens * k]`` scatter into atom space. The C kernels stream each token's codes once
 and keep everything else in registers and L1; packed indices and one-byte coefficients are widened in the same
-pass. Sinks, the recent window and the softmax stay in PyTorch (:func:`reference.attend`).
+pass. Sinks, the recent window and the softmax stay in PyTorch (:func:`reference.attend`). OMP encoding runs per
+group of 8 vectors without any per-step tensor operation (:func:`omp_encode`).
 
 The source is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3
 -march=native -fopenmp`` where accepted) into the sta_cache cache folder and loaded with ctypes; ctypes releases the
@@ -25,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .reference import CompressedKV, attend, rope_cos_sin, rope_table
+from .reference import CompressedKV, attend, omp_encode_reference, rope_cos_sin, rope_table
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 # Tried in order: tuned for this CPU with OpenMP threads, then portable, then single-threaded (e.g. Apple clang,
 # which has no -fopenmp; the OpenMP pragmas are then ignored and the results are the same).
@@ -44,7 +45,7 @@ class CPUKernelUnavailable(RuntimeError):
 
 
 class _Codes(ctypes.Structure):
-    """Mirror of ``codes_t`` in cpu_attention.c."""
+    """Mirror of ``codes_t`` in cpu_kernels.c."""
 
     _fields_ = [
         ("indices", ctypes.c_void_p),
@@ -98,7 +99,7 @@ def library() -> ctypes.CDLL:
     torch.get_num_threads()  # make sure PyTorch's OpenMP runtime is loaded first, so the kernels share it
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(f"{compiler} {ATTEMPTS} {_machine_tag()}".encode())
-    target = default_cache_dir() / "kernels" / f"cpu_attention-{digest.hexdigest()[:16]}.so"
+    target = default_cache_dir() / "kernels" / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         _build(compiler, target)
     try:
@@ -113,6 +114,8 @@ def library() -> ctypes.CDLL:
     lib.sta_key_scores_pre.restype = None
     lib.sta_value_accumulate.argtypes = [codes, p, i64, i64, i64, i64, p, i32]
     lib.sta_value_accumulate.restype = ctypes.c_int
+    lib.sta_omp_encode.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, p, i32]
+    lib.sta_omp_encode.restype = ctypes.c_int
     return lib
 
 
@@ -217,6 +220,31 @@ def compressed_value_output(weights: torch.Tensor, kv: CompressedKV) -> torch.Te
         raise MemoryError("the value kernel could not allocate its accumulators")
     out = atom_weights @ kv.value_atoms.float().unsqueeze(0)
     return out + weights.sum(-1, keepdim=True) * kv.value_bias.float().view(1, -1, 1, kv.value_bias.shape[-1])
+
+
+def omp_encode(
+    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`reference.omp_encode_reference` (same picks up to float rounding on near-ties), in C: no per-step
+    tensor operations, and the dictionary streamed once per group of 4 vectors and step. ``x [M, d]`` ->
+    ``(indices int64 [M, k], coefficients [M, k])``. Dictionaries whose N is not a multiple of 16 go to the
+    reference."""
+    n_atoms, d = atoms.shape
+    if n_atoms % 16 or not fits(d) or x.device.type != "cpu":
+        return omp_encode_reference(x, atoms, b_dec, k, eps)
+    m = x.shape[0]
+    target = (x.float() - b_dec.float()).contiguous()
+    atoms = atoms.float().contiguous()
+    panels = atoms.view(n_atoms // 16, 16, d).transpose(1, 2).contiguous()  # [N / 16, d, 16]: see correlate()
+    indices = torch.empty(m, k, dtype=torch.long)
+    coefficients = torch.empty(m, k, dtype=torch.float32)
+    failed = library().sta_omp_encode(
+        target.data_ptr(), atoms.data_ptr(), panels.data_ptr(), m, n_atoms, d, k, eps, indices.data_ptr(),
+        coefficients.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("the OMP kernel could not allocate its scratch memory")
+    return indices, coefficients.to(x.dtype)
 
 
 def sparse_attention(

@@ -1,5 +1,6 @@
-/* Fused CPU kernels for decode-into-attention over Top-K codes (see cpu_attention.py, which builds and loads this
- * file, and reference.py, whose _compressed_key_scores / _compressed_value_output they reproduce).
+/* CPU kernels of the cache (see cpu_kernels.py, which builds and loads this file): decode-into-attention over Top-K
+ * codes and OMP encode-on-append, reproducing reference.py's _compressed_key_scores, _compressed_value_output and
+ * omp_encode_reference.
  *
  * Each kernel streams the codes once, a block of tokens at a time: indices (uint8 / int16 / int32 / int64, or
  * bit-packed) and coefficients (float32 / float16 / bfloat16, or one-byte floats through a 256-entry table) are
@@ -11,6 +12,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 enum { INDEX_U8 = 0, INDEX_I16 = 1, INDEX_I32 = 2, INDEX_I64 = 3, INDEX_PACKED = 4 };
@@ -136,6 +138,8 @@ void sta_key_scores_post(const codes_t *codes, const float *atom_scores, int64_t
 /* Eight floats as one value: GCC/Clang vector extensions, lowered to what the target has (AVX: one register). */
 typedef float vec8 __attribute__((vector_size(32)));
 #define MAX_VECTORS (MAX_HEAD_DIM / 8)
+
+typedef int32_t ivec8 __attribute__((vector_size(32)));
 
 static inline vec8 load8(const float *p) {
     vec8 v;
@@ -282,4 +286,127 @@ int sta_value_accumulate(const codes_t *codes, const float *weights, int64_t sla
     }
     free(acc);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ encode-on-append */
+
+/* |atoms . r| for OMP_GROUP residuals at once -> corr[v][n]. The dictionary comes in panels of 16 atoms,
+ * panels[n / 16][d][16] (contiguous 16-atom slices of every dimension): each slice is one 16-float vector (one
+ * AVX-512 register, two AVX ones) loaded once for all the group's residuals, and a panel is read sequentially. */
+#define OMP_GROUP 8
+typedef float vec16 __attribute__((vector_size(64)));
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+static void correlate(const float *panels, int64_t n_atoms, int64_t dim, const float *residuals, float *corr) {
+    for (int64_t a = 0; a < n_atoms; a += 16) {
+        const float *panel = panels + a * dim;
+        vec16 acc[OMP_GROUP] = {{0}};
+        for (int64_t e = 0; e < dim; e++) {
+            vec16 slice;
+            memcpy(&slice, panel + e * 16, sizeof slice);
+            for (int64_t v = 0; v < OMP_GROUP; v++) acc[v] += slice * residuals[v * dim + e];
+        }
+        for (int64_t v = 0; v < OMP_GROUP; v++) {
+            const vec16 magnitude = (vec16)((ivec16)acc[v] & 0x7fffffff);
+            memcpy(corr + v * n_atoms + a, &magnitude, sizeof magnitude);
+        }
+    }
+}
+
+/* Index of the first largest of c[0 .. n) (n a multiple of 8), as torch.argmax: eight running maxima with their
+ * first indices, then the best lane (lowest index among equal maxima). */
+static int64_t argmax_first(const float *c, int64_t n) {
+    vec8 best = load8(c);
+    ivec8 where = {0, 1, 2, 3, 4, 5, 6, 7}, index = where;
+    for (int64_t a = 8; a < n; a += 8) {
+        const vec8 v = load8(c + a);
+        const ivec8 larger = v > best;
+        index += 8;
+        best = (vec8)(((ivec8)best & ~larger) | ((ivec8)v & larger));
+        where = (where & ~larger) | (index & larger);
+    }
+    int lane = 0;
+    for (int i = 1; i < 8; i++)
+        if (best[i] > best[lane] || (best[i] == best[lane] && where[i] < where[lane])) lane = i;
+    return where[lane];
+}
+
+/* Orthogonal matching pursuit, as reference.omp_encode_reference computes it: k greedy picks of the atom most
+ * correlated with the residual (first maximum on ties, never an atom twice), each orthogonalised against the
+ * earlier picks (classical Gram-Schmidt) and its direction removed from the residual; one back substitution gives
+ * the coefficients. targets [m][d] (bias already subtracted), atoms [n][d] unit rows, panels [n / 16][d][16]
+ * the same atoms (see correlate), n a multiple of 16. Returns nonzero if scratch memory could not be allocated. */
+int sta_omp_encode(const float *targets, const float *atoms, const float *panels, int64_t m, int64_t n_atoms,
+                   int64_t dim, int64_t k, float eps, int64_t *out_indices, float *out_coefficients, int threads) {
+    const int64_t groups = (m + OMP_GROUP - 1) / OMP_GROUP;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t group = 0; group < groups; group++) {
+        const int64_t first = group * OMP_GROUP;
+        const int64_t vectors = m - first < OMP_GROUP ? m - first : OMP_GROUP;
+        /* scratch per group of vectors: small next to the group's k * 4 * N * d multiply-adds */
+        float *corr = (float *)calloc((size_t)(OMP_GROUP * n_atoms), sizeof(float));
+        float *residual = (float *)calloc((size_t)(OMP_GROUP * dim), sizeof(float));
+        float *basis = (float *)malloc(sizeof(float) * (size_t)(OMP_GROUP * k * dim));
+        float *upper = (float *)calloc((size_t)(OMP_GROUP * k * k), sizeof(float));
+        float *projections = (float *)malloc(sizeof(float) * (size_t)(OMP_GROUP * k));
+        if (!corr || !residual || !basis || !upper || !projections) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memcpy(residual, targets + first * dim, sizeof(float) * (size_t)(vectors * dim));
+            for (int64_t step = 0; step < k; step++) {
+                correlate(panels, n_atoms, dim, residual, corr);
+                for (int64_t v = 0; v < vectors; v++) {
+                    float *c = corr + v * n_atoms, *r = residual + v * dim;
+                    float *b = basis + v * k * dim, *u = upper + v * k * k;
+                    int64_t *picked = out_indices + (first + v) * k;
+                    for (int64_t i = 0; i < step; i++) c[picked[i]] = -1.0f;
+                    const int64_t best = argmax_first(c, n_atoms);
+                    picked[step] = best;
+                    float direction[MAX_HEAD_DIM];
+                    const float *atom = atoms + best * dim;
+                    memcpy(direction, atom, sizeof(float) * (size_t)dim);
+                    for (int64_t i = 0; i < step; i++) { /* overlaps with the original atom (classical GS) */
+                        float overlap = 0.0f;
+#pragma omp simd reduction(+ : overlap)
+                        for (int64_t e = 0; e < dim; e++) overlap += b[i * dim + e] * atom[e];
+                        u[i * k + step] = overlap;
+                    }
+                    for (int64_t i = 0; i < step; i++)
+#pragma omp simd
+                        for (int64_t e = 0; e < dim; e++) direction[e] -= u[i * k + step] * b[i * dim + e];
+                    float norm = 0.0f;
+#pragma omp simd reduction(+ : norm)
+                    for (int64_t e = 0; e < dim; e++) norm += direction[e] * direction[e];
+                    norm = sqrtf(norm);
+                    const int fresh = norm > eps; /* an atom adding no new direction gets coefficient 0 */
+                    const float scale = fresh ? 1.0f / (norm > eps ? norm : eps) : 0.0f;
+                    u[step * k + step] = fresh ? norm : 1.0f;
+                    float projection = 0.0f;
+#pragma omp simd reduction(+ : projection)
+                    for (int64_t e = 0; e < dim; e++) {
+                        b[step * dim + e] = direction[e] * scale;
+                        projection += r[e] * b[step * dim + e];
+                    }
+                    projections[v * k + step] = projection;
+                    for (int64_t e = 0; e < dim; e++) r[e] -= projection * b[step * dim + e];
+                }
+            }
+            for (int64_t v = 0; v < vectors; v++) { /* back substitution: upper . coef = projections */
+                const float *u = upper + v * k * k, *p = projections + v * k;
+                float *coef = out_coefficients + (first + v) * k;
+                for (int64_t i = k - 1; i >= 0; i--) {
+                    float sum = p[i];
+                    for (int64_t j = i + 1; j < k; j++) sum -= u[i * k + j] * coef[j];
+                    coef[i] = sum / u[i * k + i];
+                }
+            }
+        }
+        free(corr);
+        free(residual);
+        free(basis);
+        free(upper);
+        free(projections);
+    }
+    return failed;
 }
