@@ -48,6 +48,14 @@ def sta_mask(*args, **kwargs) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
+def _is_plain_causal(mask: torch.Tensor) -> bool:
+    """Whether a bool mask ``[B, 1 or H, L, L]`` is exactly lower-triangular in every row (no padding, no
+    bidirectional spans), i.e. what ``is_causal=True`` computes."""
+    size = mask.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=mask.device).tril_()
+    return bool((mask == causal).all())
+
+
 def sta_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -87,6 +95,8 @@ def sta_attention_forward(
         # sdpa would align a causal chunk to the start of the keys, so masked chunks only.)
         keys, values = layer.dense_keys_values()
         dense_mask = None if attention_mask is None else attention_mask[..., -length:]
+        if dense_mask is not None and length == q_len and _is_plain_causal(dense_mask):
+            dense_mask = None  # a prefill without padding: sdpa's causal kernel, not a materialised mask
         return sdpa_attention_forward(module, query, keys, values, dense_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)  # fmt: skip
     scaling = head_dim**-0.5 if scaling is None else scaling

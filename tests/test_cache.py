@@ -304,3 +304,31 @@ def test_encoding_waits_for_a_batch_of_tokens():
         assert (layer.num_compressed, layer.num_window) == (8, 5)  # 8 left the window: all encoded
     cache.memory_footprint()
     assert (layer.num_compressed, layer.num_window) == (9, 4)
+
+
+def test_unpadded_prefill_takes_the_causal_kernel(monkeypatch):
+    """A prefill with no padding reaches sdpa without a mask (its causal kernel); a padded one keeps its mask.
+    Both give the logits of the plain sdpa model."""
+    from sta_cache import attention
+
+    masks = []
+    sdpa = attention.sdpa_attention_forward
+
+    def recorded(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", recorded)
+    model, reference_model = tiny_model("llama", "sta"), tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    for padded in (False, True):
+        attention_mask = torch.ones_like(ids)
+        attention_mask[1, : 6 if padded else 0] = 0
+        cache = SparseSemanticCache(make_dictionary(model), residual_length=4, num_sink_tokens=1, config=model.config)
+        masks.clear()
+        with torch.no_grad():
+            logits = model(ids, attention_mask=attention_mask, **cache_kwargs(model, cache)).logits
+            expected = reference_model(ids, attention_mask=attention_mask).logits
+        assert masks and all((mask is None) != padded for mask in masks)
+        real = attention_mask.bool()
+        assert relative_error(logits[real], expected[real]) < 1e-5
