@@ -135,11 +135,11 @@ void sta_key_scores_post(const codes_t *codes, const float *atom_scores, int64_t
     }
 }
 
-/* Eight floats as one value: GCC/Clang vector extensions, lowered to what the target has (AVX: one register). */
+/* Eight floats (or ints) as one value: GCC/Clang vector extensions, lowered to what the target has (AVX: one
+ * register). */
 typedef float vec8 __attribute__((vector_size(32)));
-#define MAX_VECTORS (MAX_HEAD_DIM / 8)
-
 typedef int32_t ivec8 __attribute__((vector_size(32)));
+#define MAX_VECTORS (MAX_HEAD_DIM / 8)
 
 static inline vec8 load8(const float *p) {
     vec8 v;
@@ -188,7 +188,7 @@ void sta_key_scores_pre(const codes_t *codes, const float *queries, const float 
                         int64_t slabs, int64_t heads, int64_t dictionary_heads, int64_t rows, int64_t n_atoms,
                         int64_t dim, const int32_t *positions, const float *cos_table, const float *sin_table,
                         float rope_scaling, float *out, int threads) {
-    /* 128 tokens' cos/sin rows (64 KiB at head_dim 64) stay in L2 while every KV head reads them */
+    /* 128 tokens' cos/sin rows (32 KiB at head_dim 64) stay in L1/L2 while every KV head reads them */
     const int64_t tokens = codes->tokens, k = codes->k;
     const int64_t per_block = block_tokens(codes->k) < 128 ? block_tokens(codes->k) : 128;
     const int64_t blocks = (tokens + per_block - 1) / per_block, batches = slabs / heads;
