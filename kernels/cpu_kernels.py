@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import CompressedKV, attend, omp_encode_reference, rope_cos_sin, rope_table
+from .reference import CompressedKV, attend, byte_float_table, omp_encode_reference, rope_cos_sin, rope_table
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
@@ -119,12 +119,6 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-@lru_cache(maxsize=None)
-def _byte_float_table(dtype: torch.dtype) -> torch.Tensor:
-    """The 256 values of a one-byte float format, as the kernels' lookup table (read-only)."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
-
-
 def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -> tuple[_Codes, list[torch.Tensor]]:
     """Describe ``[B, H, C, k]`` codes to C; returns the struct and the tensors it points into, which the caller
     keeps alive until the kernel has returned."""
@@ -143,7 +137,7 @@ def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -
         coefficient_kind = _COEFFICIENT_KINDS[coefficients.dtype]
         coefficients = coefficients.contiguous()
     elif coefficients.dtype.itemsize == 1 and coefficients.dtype.is_floating_point:
-        coefficient_kind, table = _TABLE8, _byte_float_table(coefficients.dtype)
+        coefficient_kind, table = _TABLE8, byte_float_table(coefficients.dtype)
         coefficients = coefficients.contiguous().view(torch.uint8)
     else:
         coefficient_kind, coefficients = _COEFFICIENT_KINDS[torch.float32], coefficients.float().contiguous()
@@ -226,7 +220,7 @@ def omp_encode(
     x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`reference.omp_encode_reference` (same picks up to float rounding on near-ties), in C: no per-step
-    tensor operations, and the dictionary streamed once per group of 4 vectors and step. ``x [M, d]`` ->
+    tensor operations, and the dictionary streamed once per group of 8 vectors and step. ``x [M, d]`` ->
     ``(indices int64 [M, k], coefficients [M, k])``. Dictionaries whose N is not a multiple of 16 go to the
     reference."""
     n_atoms, d = atoms.shape

@@ -11,6 +11,7 @@ layers (:func:`rope_table`) instead of ``C x d`` transcendentals per layer and s
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -67,13 +68,18 @@ def omp_encode_reference(
     return indices, coefficients.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def byte_float_table(dtype: torch.dtype) -> torch.Tensor:
+    """The 256 values of a one-byte float format as float32, indexed by bit pattern (read-only)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+
+
 def as_float32(t: torch.Tensor) -> torch.Tensor:
     """``t.float()``, with float8 read through a 256-entry table: PyTorch's CPU float8 cast is about 3x slower
     than the table gather, and coefficients are read on every decode step."""
     if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or t.device.type != "cpu":
         return t.float()
-    table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(t.dtype).float()
-    return table.index_select(0, t.view(torch.uint8).reshape(-1).int()).view(t.shape)
+    return byte_float_table(t.dtype).index_select(0, t.view(torch.uint8).reshape(-1).int()).view(t.shape)
 
 
 def code_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: int, blocks: torch.Tensor) -> torch.Tensor:
