@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sta_cache import kernels
-from sta_cache.kernels import CompressedKV
+from sta_cache.kernels import dispatch
+from sta_cache.kernels.reference import CompressedKV
 from sta_cache.packing import index_bits, pack_indices
 
 KV_HEADS, GROUPS, HEAD_DIM, N_ATOMS, K_KEY, K_VALUE, SINKS, WINDOW = 3, 3, 64, 1024, 8, 16, 4, 64
@@ -93,15 +93,15 @@ def main() -> None:
         for pre_rope in (False, True):
             for compact in (False, True):
                 kv = make_kv(context, pre_rope, compact)
-                expected = kernels.sparse_attention(query, unpacked(kv), None, scale, None, "torch")
-                got = kernels.sparse_attention(query, kv, None, scale, None, "cpu")
+                expected = dispatch.sparse_attention(query, unpacked(kv), None, scale, None, "torch")
+                got = dispatch.sparse_attention(query, kv, None, scale, None, "cpu")
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
                 storage = "fp8 + packed" if compact else "int16 + fp32"
                 space = "pre-RoPE" if pre_rope else "post-RoPE"
                 for backend in ("torch", "cpu"):
                     def attend(kv=kv, backend=backend):  # the PyTorch path unpacks packed indices on every step
                         view = unpacked(kv) if backend == "torch" else kv
-                        return kernels.sparse_attention(query, view, None, scale, None, backend)
+                        return dispatch.sparse_attention(query, view, None, scale, None, backend)
 
                     rows.setdefault(f"STA {space}, {storage}, {backend}", []).append(milliseconds(attend, args.reps))
         print(f"context {context} done", flush=True)

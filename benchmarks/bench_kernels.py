@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sta_cache.kernels import CompressedKV, reference
+from sta_cache.kernels import reference
+from sta_cache.kernels.reference import CompressedKV
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import kernels
+from .kernels import dispatch
 from .layer import SparseSemanticLayer
 
 ATTN_IMPLEMENTATION = "sta"
@@ -112,7 +112,7 @@ def sta_attention_forward(
                                       **kwargs)  # fmt: skip
     scaling = head_dim**-0.5 if scaling is None else scaling
     view = layer.compressed_view(packed=layer.backend == "cpu")
-    out = kernels.sparse_attention(query, view, mask, scaling, softcap, layer.backend)
+    out = dispatch.sparse_attention(query, view, mask, scaling, softcap, layer.backend)
     return out.transpose(1, 2).contiguous(), None
 
 

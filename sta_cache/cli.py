@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -23,20 +24,24 @@ Models: "smollm2" and "gemma3" are embedded (converted once from PyPI wheels); a
 """
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per dataclass field, typed from its default."""
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--option`` per dataclass field: its help text, default and type, and the choices of ``Literal``
+    fields."""
+    hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        default = field.default
         flag = "--" + field.name.replace("_", "-")
+        help = field.metadata["help"]
+        kind = hints[field.name]
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, default=default, choices=typing.get_args(kind), help=f"{help} (default: {default})")
         elif default is None:
-            kind = int if "int" in str(field.type) else str
-            parser.add_argument(flag, default=None, type=kind, help="(default: unset)")
+            value_type = next(t for t in typing.get_args(kind) if t is not type(None))
+            parser.add_argument(flag, default=None, type=value_type, help=help)
         else:
-            parser.add_argument(flag, default=default, type=type(default), help=f"(default: {default})")
+            parser.add_argument(flag, default=default, type=type(default), help=f"{help} (default: {default})")
 
 
 def _add_training_inputs(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -55,35 +60,49 @@ def _train(args: argparse.Namespace, train_fn, config) -> None:
     print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
 
 
+def _doc(cls) -> str:
+    """A config dataclass's docstring as one paragraph, for a command's description."""
+    return " ".join((cls.__doc__ or "").replace("``", "").split())
+
+
 def _options(args: argparse.Namespace, cls) -> dict:
     names = {field.name for field in dataclasses.fields(cls)}
     return {name: value for name, value in vars(args).items() if name in names}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoConfig
-    from .pursuit import PursuitConfig
-    from .train import TrainConfig
+    from .configs import DemoConfig, Encoder, PursuitConfig, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="sta-cache", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="generate with and without compression on the embedded default model")
+    demo = commands.add_parser("demo", help="generate with and without compression on the embedded default model",
+                               description=_doc(DemoConfig))
     _add_dataclass_options(demo, DemoConfig)
 
-    train = commands.add_parser("train", help="train per-layer key/value dictionaries for a model")
+    train = commands.add_parser(
+        "train", help="train per-layer key/value dictionaries for a model (Top-K SAE recipe)",
+        description=_doc(TrainConfig) + " For the recipe of the shipped dictionaries (better codes at the same "
+        "budget: pre-RoPE keys, atoms learned for matching pursuit) use train-pursuit.",
+    )
     _add_training_inputs(train, out_help="output folder (checkpoints are resumed from here)")
     _add_dataclass_options(train, TrainConfig)
 
     pursuit = commands.add_parser(
-        "train-pursuit", help="learn dictionaries for matching-pursuit codes (MOD): how the shipped ones were made"
+        "train-pursuit", help="learn dictionaries for matching-pursuit codes (MOD): how the shipped ones were made",
+        description=_doc(PursuitConfig),
     )
     _add_training_inputs(pursuit, out_help="output folder")
     _add_dataclass_options(pursuit, PursuitConfig)
 
-    analyze = commands.add_parser("analyze", help="semantic elbow, K/V asymmetry and semantic atoms of a dictionary")
+    analyze = commands.add_parser(
+        "analyze", help="semantic elbow, K/V asymmetry and semantic atoms of a dictionary",
+        description="Reproduce the paper's analyses for a dictionary on held-out text: reconstruction quality "
+        "against k (the Semantic Elbow) with the elbow and a suggested budget per layer, the key-value asymmetry "
+        "across depth, and the atoms of one layer. Writes plots, results.json and report.md to --out.",
+    )
     analyze.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
     analyze.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
     analyze.add_argument("--out", type=Path, required=True, help="output folder (plots, results.json, report.md)")
@@ -93,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--windows", type=int, default=None, help="held-out windows (default 24, quick 8)")
     analyze.add_argument("--context", type=int, default=None, help="tokens per held-out window (default 256)")
     analyze.add_argument("--max-vectors", type=int, default=None, help="vectors per layer and kind")
-    analyze.add_argument("--encoder", choices=["topk", "omp"], default=None, help="override the dictionary's")
+    analyze.add_argument("--encoder", choices=typing.get_args(Encoder), default=None,
+                         help="encoder to code with (default: the dictionary's)")
     analyze.add_argument("--reference-k", type=int, default=None, help="k of the asymmetry comparison (default 8)")
     analyze.add_argument("--gain-threshold", type=float, default=None, help="gain rule threshold (default 0.01)")
     analyze.add_argument("--train-per-k", action="store_true", help="also train a small dictionary at each k (slow)")
@@ -101,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--train-text", default=None, help="training text for --train-per-k (default: Wikipedia train)")
     analyze.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
-    evaluate = commands.add_parser("eval", help="quality vs bytes against DynamicCache and QuantizedCache")
+    evaluate = commands.add_parser(
+        "eval", help="quality vs bytes against DynamicCache and QuantizedCache",
+        description="Held-out perplexity, next-token accuracy and passkey retrieval against the bytes each cache "
+        "really stores, for DynamicCache, SparseSemanticCache budgets and transformers' QuantizedCache backends. "
+        "Writes report.md, results.json and a Pareto plot to --out.",
+    )
     evaluate.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
     evaluate.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
     evaluate.add_argument("--out", type=Path, required=True, help="output folder (report.md, results.json, pareto.png)")
@@ -116,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--paths", type=_str_list, default=None, help="attention paths for STA: sta,sdpa")
     evaluate.add_argument("--baselines", type=_str_list, default=None,
                           help="QuantizedCache backends: quanto:4,quanto:2,hqq:4,hqq:2,fp8 ('none' for none)")
-    evaluate.add_argument("--encoder", choices=["topk", "omp"], default=None,
+    evaluate.add_argument("--encoder", choices=typing.get_args(Encoder), default=None,
                           help="STA encoder (default: the dictionary's)")
     evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (64)")
     evaluate.add_argument("--coefficient-dtypes", type=_dtype_list, default=None,

@@ -4,13 +4,13 @@ print both texts, the memory saved and held-out perplexity."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
 from .cache import SparseSemanticCache
+from .configs import DemoConfig, TrainConfig
 from .compat import cache_kwargs
 from .dictionary import DictionaryFormatError, KVDictionary
 from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
@@ -19,41 +19,25 @@ from .evaluate import perplexity
 PACKAGED_DICTIONARIES = {"smollm2": "sta-cache/SmolLM2-135M-Instruct", "gemma3": "sta-cache/gemma-3-270m"}
 
 
-@dataclass
-class DemoConfig:
-    model: str = "smollm2"
-    dictionary: str | None = None  # folder or Hub id; default: the packaged one, else train small ones once
-    prompt: str | None = None  # default: the first prompt_tokens tokens of a held-out Wikipedia text
-    prompt_tokens: int = 512
-    max_new_tokens: int = 60
-    k_key: int | None = None
-    k_value: int | None = None
-    residual_length: int = 64
-    num_sink_tokens: int = 4
-    eval_texts: int = 2
-    eval_tokens: int = 1024
-    prefill: int = 256
-    chunk: int = 32
-
-
-def demo_dictionary(name: str, model, tokenizer, dictionary: str | None) -> KVDictionary:
-    """The dictionary the demo runs with: the one asked for, the packaged one, or small ones trained here once."""
+def demo_dictionary(name: str, model, tokenizer, dictionary: str | None) -> tuple[KVDictionary, str]:
+    """The dictionary the demo runs with and where it came from (Hub id or folder): the one asked for, the
+    packaged one, or small ones trained here once."""
     if dictionary is not None:
-        return KVDictionary.from_pretrained(dictionary)
+        return KVDictionary.from_pretrained(dictionary), dictionary
     if name in PACKAGED_DICTIONARIES:
         try:
-            return KVDictionary.from_pretrained(PACKAGED_DICTIONARIES[name])
+            return KVDictionary.from_pretrained(PACKAGED_DICTIONARIES[name]), PACKAGED_DICTIONARIES[name]
         except DictionaryFormatError:
             pass
-    from .train import TrainConfig, train_dictionary
+    from .train import train_dictionary
 
     out = default_cache_dir() / "dictionaries" / f"{Path(str(name)).name}-demo"
     try:
-        return KVDictionary.from_pretrained(out)
+        return KVDictionary.from_pretrained(out), str(out)
     except DictionaryFormatError:
         print(f"No pretrained dictionaries for {name}: training small ones into {out} (a few minutes, once).")
         quick = TrainConfig(n_atoms=256, max_tokens=16_000, key_space="pre_rope", encoder="omp")
-        return train_dictionary(model, tokenizer, wikipedia_text("train"), quick, out)
+        return train_dictionary(model, tokenizer, wikipedia_text("train"), quick, out), str(out)
 
 
 def _format_bytes(n: float) -> str:
@@ -63,7 +47,7 @@ def _format_bytes(n: float) -> str:
 def run_demo(config: DemoConfig) -> dict:
     torch.manual_seed(0)
     model, tokenizer = load_model(config.model, attn_implementation="sta")
-    dictionary = demo_dictionary(config.model, model, tokenizer, config.dictionary)
+    dictionary, source = demo_dictionary(config.model, model, tokenizer, config.dictionary)
     meta = dictionary.config
 
     def sparse_cache() -> SparseSemanticCache:
@@ -102,7 +86,8 @@ def run_demo(config: DemoConfig) -> dict:
     memory = quality["SparseSemanticCache"].memory
     budget = caches["SparseSemanticCache"]
     print(
-        f"\nDictionary: {meta.base_model}, N={meta.n_atoms}, {meta.key_space} keys, {meta.encoder} encoder; "
+        f"\nDictionary: {source} (made for {meta.base_model}), N={meta.n_atoms}, {meta.key_space} keys, "
+        f"{meta.encoder} encoder; "
         f"budget k_key={budget.k_key}, k_value={budget.k_value}; window {config.residual_length}, "
         f"{config.num_sink_tokens} sinks"
     )

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from .dictionary import CONFIG_NAME, WEIGHTS_NAME, DictionaryFormatError
 
@@ -48,10 +48,12 @@ def resolve_dictionary(
     except HFValidationError as error:
         raise DictionaryFormatError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id") from error
     except Exception as hub_error:  # offline, unreachable, unknown repo or revision
-        packaged = _packaged_snapshot(repo_id, revision)
-        if packaged is not None:
-            return packaged
-        offline = isinstance(hub_error, LocalEntryNotFoundError)
+        # huggingface_hub 1.x does not fall back to the cache for a pinned commit when offline: look there first
+        for local in (cache_dir, PACKAGED_HUB_CACHE):
+            found = _cached_snapshot(repo_id, revision, local)
+            if found is not None:
+                return found
+        offline = isinstance(hub_error, (LocalEntryNotFoundError, OfflineModeIsEnabled))
         raise DictionaryFormatError(
             f"could not find dictionary {repo_id!r}"
             f"{' at revision ' + revision if revision else ''}: not a local folder, "
@@ -59,14 +61,14 @@ def resolve_dictionary(
         ) from hub_error
 
 
-def _packaged_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    """The copy of ``repo_id`` shipped in the wheel, if any."""
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path | None:
+    """The snapshot of ``repo_id`` in a Hugging Face cache (the user's, or the one shipped in the wheel), if any."""
     try:
         return Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
-                cache_dir=PACKAGED_HUB_CACHE,
+                cache_dir=cache_dir,
                 local_files_only=True,
                 allow_patterns=DICTIONARY_FILES,
             )

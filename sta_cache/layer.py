@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from . import kernels
+from .kernels import dispatch
+from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_rope
 from .dictionary import KINDS, LayerDictionary
 from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
 
@@ -107,8 +110,9 @@ class SparseSemanticLayer(CacheLayerMixin):
                 f"for {self.num_dictionary_heads}"
             )
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.backend = kernels.resolve_backend(self.requested_backend, self.device, head_dim)
+        self.backend = dispatch.resolve_backend(self.requested_backend, self.device, head_dim)
         self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
+        self._warn_if_codes_outweigh(dense_bytes=2 * head_dim * key_states.element_size())
         used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
         self.sae = {
             kind: {name: t.to(self.device, torch.float32) for name, t in self.dictionary.stacked(kind).items()
@@ -132,6 +136,29 @@ class SparseSemanticLayer(CacheLayerMixin):
         if self.key_space == "pre_rope":
             self.key_positions = torch.zeros(batch, 0, dtype=torch.int32, device=self.device)
         self.is_initialized = True
+
+    def code_bytes_per_token(self) -> int:
+        """Bytes one token's key and value codes take per KV head: indices, coefficients, and the position that
+        pre-RoPE keys keep."""
+        total = 4 if self.key_space == "pre_rope" else 0
+        for kind in KINDS:
+            k = self.k[kind]
+            index = packed_bytes(k, self.n_atoms) if self.pack_indices else k * self.stored_index_dtype.itemsize
+            total += index + k * self.coefficient_dtype.itemsize
+        return total
+
+    def _warn_if_codes_outweigh(self, dense_bytes: int) -> None:
+        code_bytes = self.code_bytes_per_token()
+        if code_bytes >= dense_bytes:
+            warnings.warn(
+                f"SparseSemanticCache with k_key={self.k['key']}, k_value={self.k['value']} and "
+                f"{str(self.coefficient_dtype).removeprefix('torch.')} coefficients stores {code_bytes} bytes per "
+                f"token and KV head, the dense key and value it replaces take {dense_bytes}: this cache is larger "
+                "than a DynamicCache. Lower k_key / k_value, or store coefficient_dtype=torch.float8_e4m3fn with "
+                "pack_indices=True.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @property
     def stored_index_dtype(self) -> torch.dtype:
@@ -199,7 +226,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         keys, values = self.keys[:, :, :overflow], self.values[:, :, :overflow]
         positions = self.window_positions[:, :overflow]
         if self.key_space == "pre_rope":
-            keys = kernels.undo_rope(keys, positions, self.rope_inv_freq, self.rope_scaling)
+            keys = undo_rope(keys, positions, self.rope_inv_freq, self.rope_scaling)
             self.key_positions = torch.cat([self.key_positions, positions.to(torch.int32)], dim=1)
         for kind, states in (("key", keys), ("value", values)):
             indices, coefficients = self._encode(kind, states)
@@ -241,11 +268,11 @@ class SparseSemanticLayer(CacheLayerMixin):
         k, sae = self.k[kind], self.sae[kind]
         if self.num_dictionary_heads == 1:
             one = {name: t[0] for name, t in sae.items()}
-            indices, coefficients = kernels.encode(states.reshape(-1, d).float(), one, k, self.encoder, self.backend)
+            indices, coefficients = dispatch.encode(states.reshape(-1, d).float(), one, k, self.encoder, self.backend)
             indices, coefficients = indices.view(batch, heads, n, k), coefficients.view(batch, heads, n, k)
         else:
             per_head = [
-                kernels.encode(
+                dispatch.encode(
                     states[:, h].reshape(-1, d).float(), {name: t[h] for name, t in sae.items()}, k, self.encoder,
                     self.backend,
                 )
@@ -264,11 +291,11 @@ class SparseSemanticLayer(CacheLayerMixin):
         stored = self.codes[kind][0]
         return unpack_indices(stored, self.k[kind], self.n_atoms) if self.pack_indices else stored
 
-    def compressed_view(self, packed: bool = False) -> kernels.CompressedKV:
+    def compressed_view(self, packed: bool = False) -> CompressedKV:
         """The layer as decode-into-attention reads it; ``packed=True`` leaves bit-packed indices packed (for the
         fused CPU kernels, which unpack them as they stream)."""
         keep_packed = packed and self.pack_indices
-        return kernels.CompressedKV(
+        return CompressedKV(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
             key_indices=self.codes["key"][0] if keep_packed else self._indices("key"),
@@ -292,10 +319,10 @@ class SparseSemanticLayer(CacheLayerMixin):
         if self.num_compressed == 0:
             return torch.cat([self.sink_keys, self.keys], dim=2), torch.cat([self.sink_values, self.values], dim=2)
         view = self.compressed_view()
-        keys = kernels.decode_reference(view.key_indices, view.key_coefficients, view.key_atoms, view.key_bias)
+        keys = decode_reference(view.key_indices, view.key_coefficients, view.key_atoms, view.key_bias)
         if view.key_positions is not None:
-            keys = kernels.apply_rope(keys, view.key_positions, view.rope_inv_freq, view.rope_scaling)
-        values = kernels.decode_reference(
+            keys = apply_rope(keys, view.key_positions, view.rope_inv_freq, view.rope_scaling)
+        values = decode_reference(
             view.value_indices, view.value_coefficients, view.value_atoms, view.value_bias
         )
         return (

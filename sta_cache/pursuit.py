@@ -9,11 +9,12 @@ worst-reconstructed vectors.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
 
+from .configs import PursuitConfig
 from .dictionary import KINDS
 from .kernels.reference import omp_encode_reference
 
@@ -72,25 +73,6 @@ def learn_pursuit_dictionary(
         atoms, bias, fvu = mod_step(x, atoms, bias, k)
         history.append(fvu)
     return atoms, bias, history
-
-
-@dataclass
-class PursuitConfig:
-    """How ``sta-cache train --method mod`` builds a dictionary: keys and values of ``windows`` x ``context`` tokens
-    (the first ``skip_first`` positions of each window left out: the cache keeps them dense as sinks), ``vectors``
-    of them per dictionary, ``n_atoms`` atoms initialised from random training vectors, ``iterations`` MOD steps
-    at the budget ``k_key`` / ``k_value``. The shipped SmolLM2 and Gemma-3 dictionaries are the defaults."""
-
-    n_atoms: int = 1024
-    k_key: int = 8
-    k_value: int = 16
-    key_space: str = "pre_rope"
-    context: int = 256
-    windows: int = 48
-    skip_first: int = 4
-    vectors: int = 16000
-    iterations: int = 6
-    seed: int = 0
 
 
 def train_pursuit_dictionary(model, tokenizer, text_path, config: PursuitConfig, out_dir, progress: bool = True):

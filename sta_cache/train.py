@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from .collect import (
     text_path_of,
     token_windows,
 )
+from .configs import TrainConfig
 from .dictionary import KINDS, KVDictionary, KVDictionaryConfig
 from .kernels.reference import omp_encode_reference
 
@@ -40,87 +40,9 @@ STATE_NAME = "train_state.json"
 EVALUATION_NAME = "evaluation.json"
 INIT_VECTORS = 8192  # per dictionary, for b_dec, the loss normalizer, data-initialised atoms and the W_enc scale
 _TIMERS = ("collect", "collect_cpu", "train", "train_cpu")  # wall-clock and process CPU seconds
-DEFAULT_SINKS = 4  # SparseSemanticCache keeps the first 4 tokens dense: no need to learn them
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# fields that change when or how often things are written, never the weights
-_NOT_AFFECTING_WEIGHTS = {"log_every", "eval_every", "checkpoint_every", "base_model"}
 
 __all__ = ["TrainConfig", "train_dictionary", "evaluate_dictionary"]
-
-
-@dataclass
-class TrainConfig:
-    """How to train a dictionary. Sizes count vectors of one dictionary (one layer, one kind, one head group).
-
-    ``epochs`` is the average number of times each collected vector is trained on: the text is read once and
-    vectors are replayed from a reservoir per dictionary (``buffer_size`` vectors, randomly replaced as new ones
-    stream in; all reservoirs together hold at most ``buffer_mb`` MiB, in bfloat16). ``steps`` overrides it.
-    ``encoder`` is what the saved dictionary uses in the cache (the one-shot ``"topk"`` encoder is what is
-    trained; ``"omp"`` codes with the same atoms). ``skip_first`` window positions (the attention sinks the cache
-    keeps dense) are not trained on. ``dtype`` is the saved weights' dtype. ``init="data"`` starts the atoms at
-    random centred training vectors (better than random directions here), ``b_dec`` at their geometric median.
-    """
-
-    n_atoms: int = 1024
-    k_key: int = 8
-    k_value: int = 16
-    key_space: str = "post_rope"
-    encoder: str = "topk"
-    per_head: bool = False
-    context: int = 256
-    max_tokens: int = 60_000
-    eval_tokens: int = 2048
-    skip_first: int = DEFAULT_SINKS
-    batch_windows: int = 4
-    epochs: float = 2.0
-    steps: int | None = None
-    batch_size: int = 1024
-    lr: float = 4e-3
-    warmup_steps: int = 20
-    decay_fraction: float = 0.3
-    aux_k: int | None = None
-    aux_coef: float = 1 / 32
-    dead_steps: int = 32
-    buffer_size: int = 32768
-    buffer_mb: float = 512.0
-    init: str = "data"
-    b_dec_init: str = "geometric_median"
-    seed: int = 0
-    dtype: str = "float32"
-    eval_vectors: int = 4096
-    eval_vectors_omp: int = 1024
-    log_every: int = 25
-    eval_every: int = 0
-    checkpoint_every: int = 100
-    base_model: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.key_space not in ("post_rope", "pre_rope"):
-            raise ValueError(f"key_space must be 'post_rope' or 'pre_rope', got {self.key_space!r}")
-        if self.encoder not in ("topk", "omp"):
-            raise ValueError(f"encoder must be 'topk' or 'omp', got {self.encoder!r}")
-        if self.init not in ("data", "random"):
-            raise ValueError(f"init must be 'data' or 'random', got {self.init!r}")
-        if self.b_dec_init not in ("geometric_median", "mean", "zero"):
-            raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zero', got {self.b_dec_init!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        for name in ("k_key", "k_value"):
-            if not 1 <= getattr(self, name) <= self.n_atoms:
-                raise ValueError(f"{name} must be between 1 and n_atoms={self.n_atoms}")
-        if self.context <= self.skip_first:
-            raise ValueError(f"context={self.context} must exceed skip_first={self.skip_first}")
-        if self.batch_size < 1 or self.buffer_size < self.batch_size:
-            raise ValueError("need 1 <= batch_size <= buffer_size")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def weights_fingerprint(self) -> dict:
-        """The fields that determine the trained weights (a resumed run must agree on all of them)."""
-        return {k: v for k, v in asdict(self).items() if k not in _NOT_AFFECTING_WEIGHTS}
 
 
 # --------------------------------------------------------------------------------------------- the multi-SAE

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
-from sta_cache import kernels
+from sta_cache.kernels import dispatch
 from sta_cache.kernels import cpu_kernels, reference
 from sta_cache.packing import index_bits, pack_indices
 
@@ -88,16 +88,16 @@ def test_dispatcher_routes_to_cpu_kernels_and_guards_packed_indices() -> None:
     g = gen(5)
     kv = make_cache(g, 1, 2, 64, 2, 40, 5, 1000, 4, 8, 1, F32, False)
     query = randn(g, 1, 4, 1, 64)
-    want = kernels.sparse_attention(query, kv, None, 0.125, None, "torch")
-    assert rel_err(kernels.sparse_attention(query, kv, None, 0.125, None, "cpu"), want) < TOL[F32]
+    want = dispatch.sparse_attention(query, kv, None, 0.125, None, "torch")
+    assert rel_err(dispatch.sparse_attention(query, kv, None, 0.125, None, "cpu"), want) < TOL[F32]
     packed = kv.__class__(**{**vars(kv), "key_indices": pack_indices(kv.key_indices, 1000), "packed_index_bits": 10,
                              "value_indices": pack_indices(kv.value_indices, 1000)})  # fmt: skip
-    assert rel_err(kernels.sparse_attention(query, packed, None, 0.125, None, "cpu"), want) < TOL[F32]
+    assert rel_err(dispatch.sparse_attention(query, packed, None, 0.125, None, "cpu"), want) < TOL[F32]
     with pytest.raises(ValueError, match="only the 'cpu' backend reads bit-packed indices"):
-        kernels.sparse_attention(query, packed, None, 0.125, None, "torch")
-    assert kernels.resolve_backend("cpu", torch.device("cpu")) == "cpu"
+        dispatch.sparse_attention(query, packed, None, 0.125, None, "torch")
+    assert dispatch.resolve_backend("cpu", torch.device("cpu")) == "cpu"
     with pytest.raises(ValueError, match="runs on CPU tensors"):
-        kernels.resolve_backend("cpu", torch.device("cuda"))
+        dispatch.resolve_backend("cpu", torch.device("cuda"))
 
 
 def test_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path) -> None:
@@ -119,16 +119,16 @@ def test_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path) -> Non
 
 def test_auto_backend_takes_the_cpu_kernels_where_they_fit(monkeypatch, tmp_path) -> None:
     cpu = torch.device("cpu")
-    assert kernels.resolve_backend("auto", cpu, head_dim=64) == "cpu"
-    assert kernels.resolve_backend("auto", cpu, head_dim=24) == "torch"  # not a multiple of 16
+    assert dispatch.resolve_backend("auto", cpu, head_dim=64) == "cpu"
+    assert dispatch.resolve_backend("auto", cpu, head_dim=24) == "torch"  # not a multiple of 16
     with pytest.raises(ValueError, match="multiple of 16"):
-        kernels.resolve_backend("cpu", cpu, head_dim=24)
+        dispatch.resolve_backend("cpu", cpu, head_dim=24)
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")
     cpu_kernels.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
-            assert kernels.resolve_backend("auto", cpu, head_dim=64) == "torch"
+            assert dispatch.resolve_backend("auto", cpu, head_dim=64) == "torch"
     finally:
         cpu_kernels.library.cache_clear()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import DeepseekV3Config
@@ -43,6 +45,21 @@ def test_budget_outside_the_dictionary_is_refused(budget):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="must be between 1 and the dictionary's N=64"):
         SparseSemanticCache(make_dictionary(model), config=model.config, **budget)
+
+
+def test_a_budget_that_stores_more_than_the_dense_vectors_warns():
+    """Tiny llama: head_dim 16, N = 64 (uint8 indices), fp32: a dense key + value is 128 bytes per KV head."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 5))
+    with pytest.warns(UserWarning, match="stores 164 bytes per token .* dense key and value it replaces take 128"):
+        model(ids, **cache_kwargs(model, SparseSemanticCache(make_dictionary(model, key_space="pre_rope"), k_key=16,
+                                                             k_value=16)))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 4/6: 50 bytes
+        model(ids, **cache_kwargs(model, SparseSemanticCache(make_dictionary(model), k_key=4, k_value=6)))
+        model(ids, **cache_kwargs(model, SparseSemanticCache(make_dictionary(model), k_key=16, k_value=16,
+                                                             coefficient_dtype=torch.float8_e4m3fn,
+                                                             pack_indices=True)))  # fmt: skip
 
 
 def test_multi_head_latent_attention_is_unsupported():

@@ -21,7 +21,7 @@ if not isinstance(tl.zeros, InterpretedFunction):
         "environment, or at the top of tests/conftest.py before any other import."
     )
 
-from sta_cache import kernels  # noqa: E402
+from sta_cache.kernels import dispatch  # noqa: E402
 from sta_cache.kernels import cpu_kernels, reference, triton_attention, triton_encode  # noqa: E402
 
 from kernel_cases import (  # noqa: E402
@@ -177,10 +177,10 @@ def test_dispatcher_routes_to_triton() -> None:
     }
     x = randn(g, 9, d)
     for encoder in ("topk", "omp"):
-        got = kernels.encode(x, sae, k, encoder, "triton")
-        want = kernels.encode(x, sae, k, encoder, "torch")
+        got = dispatch.encode(x, sae, k, encoder, "triton")
+        want = dispatch.encode(x, sae, k, encoder, "torch")
         assert torch.equal(got[0], want[0]) and rel_err(got[1], want[1]) < 1e-4
     kv = make_cache(g, 1, 2, d, 2, 40, 5, n, 4, 8, 1, F32, False)
     query = randn(g, 1, 4, 1, d)
-    got = kernels.sparse_attention(query, kv, None, 0.125, None, "triton")
-    assert rel_err(got, kernels.sparse_attention(query, kv, None, 0.125, None, "torch")) < 1e-4
+    got = dispatch.sparse_attention(query, kv, None, 0.125, None, "triton")
+    assert rel_err(got, dispatch.sparse_attention(query, kv, None, 0.125, None, "torch")) < 1e-4

@@ -1,9 +1,10 @@
-"""Hot-path ops of the cache, each with a PyTorch reference (``reference.py``) and a Triton kernel.
+"""Routes the cache's two hot-path ops, encode-on-append and decode-into-attention, to a backend.
 
-``backend="torch"`` runs the references (the CPU path); ``backend="triton"`` runs the Triton kernels, on CUDA or on
-the CPU under ``TRITON_INTERPRET=1``; ``backend="cpu"`` runs decode-into-attention and the OMP encoder through C
-kernels (``cpu_kernels.c``, compiled once per machine) and the Top-K encoder through its reference. Triton is
-imported only when a Triton backend is asked for.
+Each op has a PyTorch reference (``reference.py``), a Triton kernel and a C kernel. ``backend="torch"`` runs the
+references; ``backend="triton"`` runs the Triton kernels, on CUDA or on the CPU under ``TRITON_INTERPRET=1``;
+``backend="cpu"`` runs decode-into-attention and the OMP encoder through the C kernels (``cpu_kernels.c``, compiled
+once per machine) and the Top-K encoder through its reference. Triton is imported only when a Triton backend is
+asked for.
 """
 
 from __future__ import annotations

@@ -1,0 +1,143 @@
+"""The settings of the ``demo``, ``train`` and ``train-pursuit`` commands, as dataclasses with a help text per field.
+
+The command line derives one ``--option`` per field from these (help, default, and the choices of ``Literal``
+fields), so this module imports nothing heavy: ``sta-cache --help`` never loads torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+KeySpace = Literal["pre_rope", "post_rope"]
+Encoder = Literal["omp", "topk"]
+AtomInit = Literal["data", "random"]
+BiasInit = Literal["geometric_median", "mean", "zero"]
+WeightDtype = Literal["float32", "float16", "bfloat16"]
+
+DEFAULT_SINKS = 4  # SparseSemanticCache keeps the first 4 tokens dense: no need to learn them
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field whose ``help`` the command line shows."""
+    return field(default=default, metadata={"help": help})
+
+
+def check_choice(name: str, value: Any, mode: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of the ``Literal`` type ``mode``'s values."""
+    if value not in get_args(mode):
+        raise ValueError(f"{name} must be one of {list(get_args(mode))}, got {value!r}")
+
+
+@dataclass
+class DemoConfig:
+    """Generate from a held-out prompt with DynamicCache and with SparseSemanticCache, print both continuations,
+    the bytes each cache holds and held-out perplexity."""
+
+    model: str = option("smollm2", "model: 'smollm2' or 'gemma3' (embedded, converted once from PyPI wheels), a "
+                        "local folder or a Hub id")  # fmt: skip
+    dictionary: str | None = option(None, "dictionary folder or Hub id (default: the one shipped for the model; "
+                                    "for other models small ones are trained once)")  # fmt: skip
+    prompt: str | None = option(None, "prompt text (default: the start of a held-out Wikipedia article)")
+    prompt_tokens: int = option(512, "tokens of the default prompt")
+    max_new_tokens: int = option(60, "tokens to generate (greedy)")
+    k_key: int | None = option(None, "atoms per key (default: the dictionary's budget, 8 for the shipped ones)")
+    k_value: int | None = option(None, "atoms per value (default: the dictionary's budget, 16 for the shipped ones)")
+    residual_length: int = option(64, "most recent tokens kept dense")
+    num_sink_tokens: int = option(4, "first tokens kept dense (attention sinks)")
+    eval_texts: int = option(2, "held-out texts for the perplexity comparison")
+    eval_tokens: int = option(1024, "tokens per held-out text; also the context of the memory comparison")
+    prefill: int = option(256, "perplexity: tokens fed as one prefill before scoring starts")
+    chunk: int = option(32, "perplexity: tokens fed per step after the prefill, as generation feeds a cache")
+
+
+@dataclass
+class TrainConfig:
+    """Top-K sparse-autoencoder dictionaries trained by gradient descent on a model's cached keys and values.
+
+    Sizes count vectors of one dictionary (one layer, one kind, one head group). The text is read once; vectors
+    are replayed from a reservoir per dictionary (``buffer_size`` vectors, all reservoirs together at most
+    ``buffer_mb`` MiB in bfloat16), ``epochs`` times on average (``steps`` overrides it).
+    """
+
+    n_atoms: int = option(1024, "atoms per dictionary (N)")
+    k_key: int = option(8, "atoms per key the dictionary is trained and saved for")
+    k_value: int = option(16, "atoms per value the dictionary is trained and saved for")
+    key_space: KeySpace = option("post_rope", "code keys as cached, after RoPE (post_rope, the paper's and this "
+                                 "recipe's setting), or un-rotated first (pre_rope, what train-pursuit uses)")  # fmt: skip
+    encoder: Encoder = option("topk", "encoder the cache codes with: the SAE's one-shot Top-K (topk, what is "
+                              "trained) or orthogonal matching pursuit over the same atoms (omp)")  # fmt: skip
+    per_head: bool = option(False, "one dictionary per KV head instead of one shared by the layer's heads")
+    context: int = option(256, "tokens per window fed to the model")
+    max_tokens: int = option(60_000, "training tokens read from the text")
+    eval_tokens: int = option(2048, "held-out tokens (after the training tokens) for the final evaluation")
+    skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks "
+                             "dense)")  # fmt: skip
+    batch_windows: int = option(4, "windows per model forward while collecting")
+    epochs: float = option(2.0, "average times each collected vector is trained on")
+    steps: int | None = option(None, "optimiser steps (default: derived from --epochs)")
+    batch_size: int = option(1024, "vectors per step and dictionary")
+    lr: float = option(4e-3, "Adam learning rate")
+    warmup_steps: int = option(20, "steps of linear learning-rate warm-up")
+    decay_fraction: float = option(0.3, "final fraction of the steps with linear decay to zero")
+    aux_k: int | None = option(None, "dead atoms the AuxK loss revives per vector (default: head_dim / 2)")
+    aux_coef: float = option(1 / 32, "weight of the AuxK loss")
+    dead_steps: int = option(32, "steps without firing after which an atom counts as dead")
+    buffer_size: int = option(32768, "reservoir vectors per dictionary")
+    buffer_mb: float = option(512.0, "MiB all reservoirs may hold together")
+    init: AtomInit = option("data", "atoms start at random centred training vectors (data) or random directions")
+    b_dec_init: BiasInit = option("geometric_median", "decoder bias starts at the data's geometric median, mean, "
+                                  "or zero")  # fmt: skip
+    seed: int = option(0, "random seed (a run resumed from its checkpoint gives the same weights)")
+    dtype: WeightDtype = option("float32", "dtype of the saved weights")
+    eval_vectors: int = option(4096, "held-out vectors per dictionary for the Top-K evaluation")
+    eval_vectors_omp: int = option(1024, "held-out vectors per dictionary for the OMP evaluation")
+    log_every: int = option(25, "steps between log lines (train_log.jsonl)")
+    eval_every: int = option(0, "steps between held-out evaluations during training (0: at the end only)")
+    checkpoint_every: int = option(100, "steps between checkpoints (an interrupted run resumes from the last)")
+    base_model: str | None = option(None, "model name recorded in the dictionary (default: the model's own)")
+
+    def __post_init__(self) -> None:
+        check_choice("key_space", self.key_space, KeySpace)
+        check_choice("encoder", self.encoder, Encoder)
+        check_choice("init", self.init, AtomInit)
+        check_choice("b_dec_init", self.b_dec_init, BiasInit)
+        check_choice("dtype", self.dtype, WeightDtype)
+        for name in ("k_key", "k_value"):
+            if not 1 <= getattr(self, name) <= self.n_atoms:
+                raise ValueError(f"{name} must be between 1 and n_atoms={self.n_atoms}")
+        if self.context <= self.skip_first:
+            raise ValueError(f"context={self.context} must exceed skip_first={self.skip_first}")
+        if self.batch_size < 1 or self.buffer_size < self.batch_size:
+            raise ValueError("need 1 <= batch_size <= buffer_size")
+
+    def weights_fingerprint(self) -> dict:
+        """The fields that determine the trained weights (a resumed run must agree on all of them)."""
+        not_affecting = {"log_every", "eval_every", "checkpoint_every", "base_model"}
+        return {k: v for k, v in asdict(self).items() if k not in not_affecting}
+
+
+@dataclass
+class PursuitConfig:
+    """Dictionaries for matching-pursuit codes, learned by the Method of Optimal Directions (MOD): the recipe of
+    the shipped SmolLM2 and Gemma-3 dictionaries, whose settings are the defaults."""
+
+    n_atoms: int = option(1024, "atoms per dictionary (N)")
+    k_key: int = option(8, "atoms per key the atoms are learned for")
+    k_value: int = option(16, "atoms per value the atoms are learned for")
+    key_space: KeySpace = option("pre_rope", "code keys un-rotated by their position (pre_rope: ×1.008 against "
+                                 "×1.031 post_rope at 8/16 fp8 on held-out text, LAB_NOTES.md) or as cached "
+                                 "(post_rope: faster decode)")  # fmt: skip
+    context: int = option(256, "tokens per window fed to the model")
+    windows: int = option(48, "windows read from the text")
+    skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks "
+                             "dense)")  # fmt: skip
+    vectors: int = option(16000, "training vectors per dictionary")
+    iterations: int = option(6, "MOD iterations (OMP codes, then a least-squares refit of all atoms)")
+    seed: int = option(0, "random seed")
+
+    def __post_init__(self) -> None:
+        check_choice("key_space", self.key_space, KeySpace)
+        for name in ("k_key", "k_value"):
+            if not 1 <= getattr(self, name) <= self.n_atoms:
+                raise ValueError(f"{name} must be between 1 and n_atoms={self.n_atoms}")
