@@ -108,12 +108,16 @@ def sta_attention_forward(
         dense_mask = None if attention_mask is None else attention_mask[..., -length:]
         if dense_mask is not None and attention_mask.shape[-1] == length == q_len and _is_plain_causal(attention_mask):
             dense_mask = None  # a prefill without padding: sdpa's causal kernel, not a materialised mask
-        return sdpa_attention_forward(module, query, keys, values, dense_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)  # fmt: skip
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    view = layer.compressed_view(packed=layer.backend == "cpu")
-    out = dispatch.sparse_attention(query, view, mask, scaling, softcap, layer.backend)
-    return out.transpose(1, 2).contiguous(), None
+        out, _ = sdpa_attention_forward(module, query, keys, values, dense_mask, scaling=scaling, dropout=dropout,
+                                        **kwargs)  # fmt: skip
+    else:
+        scaling = head_dim**-0.5 if scaling is None else scaling
+        view = layer.compressed_view(packed=layer.backend == "cpu")
+        out = dispatch.sparse_attention(query, view, mask, scaling, softcap, layer.backend).transpose(1, 2)
+    # Encode on append: this layer's attention has read the new tokens densely, so what left the window can be
+    # coded now, before the next layer runs; a prefill never holds more than one layer's dense prompt.
+    layer.flush(min_tokens=layer.encode_batch)
+    return out.contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, sta_attention_forward)

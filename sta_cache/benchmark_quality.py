@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache
 
 from .compat import cache_kwargs
 from .evaluate import perplexity
+from .memory import storage_bytes
 
 __all__ = [
     "EvalConfig",
@@ -38,7 +39,7 @@ __all__ = [
     "cache_bytes",
     "passkey_prompt",
     "run_eval",
-    "stored_bytes",
+    "storage_bytes",
 ]
 
 DEFAULT_BUDGETS = ((4, 8), (8, 16), (16, 32))
@@ -102,32 +103,6 @@ class EvalConfig:
 
 
 # ============================================================================================ byte accounting
-def stored_bytes(obj, seen: set | None = None) -> int:
-    """Bytes of every tensor reachable from ``obj`` (tensors, tuples/lists, dicts), each storage counted once.
-
-    Tensor subclasses that wrap other tensors (optimum-quanto's ``QTensor``s: packed data, scales, shifts) are
-    opened with ``__tensor_flatten__`` and their inner tensors counted, so packed 4-/2-bit data counts as the
-    ``uint8`` bytes that hold it. Non-tensor metadata (shapes, dtypes, flags) counts nothing.
-    """
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter) and hasattr(
-            obj, "__tensor_flatten__"
-        ):
-            names, _ = obj.__tensor_flatten__()
-            return sum(stored_bytes(getattr(obj, name), seen) for name in names)
-        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel(), obj.dtype) if obj.numel() else None
-        if key is None or key in seen:
-            return 0
-        seen.add(key)
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(stored_bytes(item, seen) for item in obj)
-    if isinstance(obj, dict):
-        return sum(stored_bytes(item, seen) for item in obj.values())
-    return 0
-
-
 def cache_bytes(cache: Cache) -> dict:
     """The bytes a cache holds, from its real stored tensors, per category and per token.
 
@@ -136,7 +111,7 @@ def cache_bytes(cache: Cache) -> dict:
       window are encoded first (``cache.flush()``), as the next step would do. The dictionaries are a fixed cost
       shared by every sequence: reported apart in ``dictionary``, never in the per-token figure.
     * ``QuantizedLayer`` (quanto / hqq / fp8): ``quantized`` = every tensor inside ``_quantized_keys`` and
-      ``_quantized_values`` (packed integer data, scales, zero-points/shifts; see :func:`stored_bytes`);
+      ``_quantized_values`` (packed integer data, scales, zero-points/shifts; see :func:`memory.storage_bytes`);
       ``residual`` = the dense not-yet-quantized ``keys``/``values``.
     * any other layer (DynamicCache): ``dense`` = ``keys`` + ``values``.
 
@@ -163,12 +138,12 @@ def cache_bytes(cache: Cache) -> dict:
             totals["dense"] += memory["dense_bytes"]
             compressed_tokens = max(compressed_tokens, layer.num_compressed)
         elif isinstance(layer, BaseQuantizedLayer):
-            totals["quantized"] += stored_bytes([layer._quantized_keys, layer._quantized_values])
-            totals["residual"] += stored_bytes([layer.keys, layer.values])
+            totals["quantized"] += storage_bytes([layer._quantized_keys, layer._quantized_values])
+            totals["residual"] += storage_bytes([layer.keys, layer.values])
             residual = layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0
             quantized_tokens = max(quantized_tokens, layer.get_seq_length() - residual)
         else:
-            totals["dense"] += stored_bytes([layer.keys, layer.values])
+            totals["dense"] += storage_bytes([layer.keys, layer.values])
     total = sum(totals.values())
     if compressed_tokens:
         marginal = totals["codes"] / compressed_tokens

@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from .attention import hand_over
 from .dictionary import KVDictionary
 from .layer import SparseSemanticLayer
+from .memory import owned, storage_bytes
 
 DEFAULT_RESIDUAL_LENGTH = 64
 DEFAULT_NUM_SINK_TOKENS = 4
@@ -60,6 +61,18 @@ def check_model_fits(dictionary: KVDictionary, config: PretrainedConfig) -> list
             "should not hold SAEs for them"
         )
     return layer_types
+
+
+class CompactSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, except that after a prefill or chunk it keeps a compact copy of its
+    window instead of a view of all the chunk's keys and values (which keeps the whole prompt alive). After a
+    one-token step its window is a view of one token more than it shows, as in transformers."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if key_states.shape[-2] > 1 and not self.record_past:
+            self.keys, self.values = owned(self.keys), owned(self.values)
+        return keys, values
 
 
 class SparseSemanticCache(Cache):
@@ -128,7 +141,7 @@ class SparseSemanticCache(Cache):
                 )
             elif layer_type in SLIDING_LAYER_TYPES:
                 window = text_config.sliding_window if layer_type == "sliding_attention" else text_config.attention_chunk_size
-                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+                layers.append(CompactSlidingWindowLayer(sliding_window=window))
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
@@ -167,18 +180,23 @@ class SparseSemanticCache(Cache):
             layer.flush()
 
     def memory_footprint(self) -> dict[str, float | int | None]:
-        """Real bytes of the stored tensors after encoding what has left the window.
+        """Bytes the cache really holds after encoding what has left the window, counted from tensor storages
+        (each once: a view counts the whole storage it keeps alive).
 
-        ``code_bytes``: indices + coefficients (+ positions of pre-RoPE codes); ``dense_bytes``: sinks, windows and
-        layers kept dense; ``dictionary_bytes``: the SAE tensors the cache holds; ``dynamic_cache_bytes``: what a
-        DynamicCache of the same dtype holds for the same tokens; ``compression_ratio`` = dynamic / (code + dense);
-        ``break_even_tokens``: the context length per row (at this batch size) from which codes + dense +
-        dictionaries take fewer bytes than a DynamicCache (None until some token is compressed).
+        Growing with the context: ``code_bytes`` (indices + coefficients + positions of pre-RoPE codes) and
+        ``dense_bytes`` (sinks, windows and layers kept dense). Shared: ``dictionary_bytes``, the dictionary tensors
+        the layers read (one copy per device, shared by every cache built from the same dictionary).
+        ``dynamic_cache_bytes``: what a DynamicCache of the same dtype holds for the same tokens;
+        ``compression_ratio`` = dynamic / (code + dense); ``break_even_tokens``: the context length per row (at
+        this batch size) from which codes + dense + dictionaries take fewer bytes than a DynamicCache (None until
+        some token is compressed).
         """
         self.flush()
-        code = dense = dynamic = dictionary = 0
+        code = dense = dynamic = 0
         compressed_dynamic = 0
         compressed_tokens = batch = 0
+        dictionary_seen: set = set()
+        dictionary = 0
         for layer in self.layers:
             if isinstance(layer, SparseSemanticLayer):
                 memory = layer.memory()
@@ -186,15 +204,14 @@ class SparseSemanticCache(Cache):
                 dense += memory["dense_bytes"]
                 dynamic += memory["dynamic_cache_bytes"]
                 if layer.is_initialized:
-                    dictionary += sum(t.numel() * t.element_size() for sae in layer.sae.values() for t in sae.values())
+                    dictionary += storage_bytes([layer.sae, layer.rope_inv_freq], dictionary_seen)
                     batch, compressed_tokens = layer.keys.shape[0], max(compressed_tokens, layer.num_compressed)
                     compressed_dynamic += memory["dynamic_cache_bytes"] * layer.num_compressed / max(
                         layer.get_seq_length(), 1
                     )
             elif layer.is_initialized and layer.keys is not None:
-                held = layer.keys.numel() * layer.keys.element_size() * 2
-                dense += held
-                dynamic += held
+                dense += storage_bytes([layer.keys, layer.values])
+                dynamic += 2 * layer.keys.numel() * layer.keys.element_size()
         if dictionary == 0:
             dictionary = self.dictionary.num_bytes()
         stored = code + dense

@@ -95,6 +95,7 @@ class LayerDictionary(nn.Module):
         self.key = nn.ModuleList(make() for _ in range(heads))
         self.value = nn.ModuleList(make() for _ in range(heads))
         self.register_buffer("rope_inv_freq", torch.zeros(config.head_dim // 2, dtype=torch.float32))
+        self._device_copies: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def saes(self, kind: str) -> nn.ModuleList:
         return self.key if kind == "key" else self.value
@@ -103,6 +104,23 @@ class LayerDictionary(nn.Module):
         """``W_enc [Hd, d, N]``, ``b_enc [Hd, N]``, ``W_dec [Hd, N, d]``, ``b_dec [Hd, d]`` for ``kind``."""
         saes = self.saes(kind)
         return {name: torch.stack([getattr(sae, name).detach() for sae in saes]) for name in SAE_PARAMS}
+
+    def on_device(self, kind: str, device: torch.device, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The ``names`` tensors of :meth:`stacked` in float32 on ``device``, made once and shared by every cache
+        that uses this dictionary there (ten caches on one device hold one copy). A float32 dictionary shared by
+        all KV heads is not copied at all on its own device: these are views of its weights. Changing the weights
+        in place makes a fresh copy on the next call."""
+        weights = [getattr(sae, name) for sae in self.saes(kind) for name in names]
+        key = (kind, str(device), names, tuple((w.data_ptr(), w._version) for w in weights))
+        if key not in self._device_copies:
+            self._device_copies = {k: v for k, v in self._device_copies.items() if k[:3] != key[:3]}
+            self._device_copies[key] = {
+                name: torch.stack([getattr(sae, name).detach() for sae in self.saes(kind)]).to(device, torch.float32)
+                if len(self.saes(kind)) > 1
+                else getattr(self.saes(kind)[0], name).detach().unsqueeze(0).to(device, torch.float32)
+                for name in names
+            }
+        return self._device_copies[key]
 
 
 class KVDictionary(nn.Module):

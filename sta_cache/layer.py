@@ -10,6 +10,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .kernels import dispatch
 from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_rope
 from .dictionary import KINDS, LayerDictionary
+from .memory import owned, storage_bytes
 from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
 
 
@@ -20,10 +21,6 @@ def index_dtype(n_atoms: int) -> torch.dtype:
     if n_atoms <= 2**15:
         return torch.int16
     return torch.int32
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class SparseSemanticLayer(CacheLayerMixin):
@@ -114,15 +111,11 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
         self._warn_if_codes_outweigh(dense_bytes=2 * head_dim * key_states.element_size())
         used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
-        self.sae = {
-            kind: {name: t.to(self.device, torch.float32) for name, t in self.dictionary.stacked(kind).items()
-                   if name in used}  # fmt: skip
-            for kind in KINDS
-        }
+        self.sae = {kind: self.dictionary.on_device(kind, self.device, used) for kind in KINDS}
         self.rope_inv_freq = self.dictionary.rope_inv_freq.to(self.device)
-        empty = key_states[:, :, :0]
-        self.keys, self.values = empty, value_states[:, :, :0]
-        self.sink_keys, self.sink_values = empty, value_states[:, :, :0]
+        empty = key_states.new_empty(batch, heads, 0, head_dim)  # not a view: it would hold the prompt's storage
+        self.keys, self.values = empty, empty
+        self.sink_keys, self.sink_values = empty, empty
         self.sink_positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.sink_real = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self.window_positions, self.window_real = self.sink_positions, self.sink_real
@@ -235,9 +228,9 @@ class SparseSemanticLayer(CacheLayerMixin):
                 torch.cat([old_indices, indices], dim=2),
                 torch.cat([old_coefficients, coefficients], dim=2),
             )
-        self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
-        self.window_positions = self.window_positions[:, overflow:]
-        self.window_real = self.window_real[:, overflow:]
+        self.keys, self.values = owned(self.keys[:, :, overflow:]), owned(self.values[:, :, overflow:])
+        self.window_positions = owned(self.window_positions[:, overflow:])
+        self.window_real = owned(self.window_real[:, overflow:])
 
     def _settle_sinks(self) -> None:
         """Move the window's first slots into the sink region once every row has ``num_sink_tokens`` real tokens
@@ -251,10 +244,12 @@ class SparseSemanticLayer(CacheLayerMixin):
             if not bool(reached[:, -1].all()):
                 return
             needed = int(reached.int().argmax(dim=1).max()) + 1
-        self.sink_keys, self.keys = self.keys[:, :, :needed], self.keys[:, :, needed:]
-        self.sink_values, self.values = self.values[:, :, :needed], self.values[:, :, needed:]
-        self.sink_positions, self.window_positions = self.window_positions[:, :needed], self.window_positions[:, needed:]
-        self.sink_real, self.window_real = self.window_real[:, :needed], self.window_real[:, needed:]
+        # The window is cut again (and compacted) by the flush that follows; the sinks are kept for good.
+        self.sink_keys, self.keys = owned(self.keys[:, :, :needed]), self.keys[:, :, needed:]
+        self.sink_values, self.values = owned(self.values[:, :, :needed]), self.values[:, :, needed:]
+        self.sink_positions = owned(self.window_positions[:, :needed])
+        self.window_positions = self.window_positions[:, needed:]
+        self.sink_real, self.window_real = owned(self.window_real[:, :needed]), self.window_real[:, needed:]
         self.sinks_settled = True
 
     def _encode(self, kind: str, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,48 +358,57 @@ class SparseSemanticLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices.to(t.device)])
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tokens. Tokens still in the window go exactly; deeper crops drop codes
-        (the kept tokens are not re-encoded), and a crop into the sinks returns them to the window."""
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"crop({tokens_to_remove}) with a positive value is not supported; pass minus the number of tokens "
-                "to remove"
-            )
-        remove = min(-tokens_to_remove, self.get_seq_length())
-        if remove == 0 or not self.is_initialized:
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative value drops the last ``-max_length`` (as transformers'
+        layers do). Tokens still in the window go exactly; deeper crops drop codes (the kept tokens are not
+        re-encoded), and a crop into the sinks returns them to the window."""
+        length = self.get_seq_length()
+        keep_total = length + max_length if max_length < 0 else max_length
+        remove = length - max(keep_total, 0)
+        if remove <= 0 or not self.is_initialized:
             return
         from_window = min(remove, self.num_window)
         keep = self.num_window - from_window
-        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
-        self.window_positions, self.window_real = self.window_positions[:, :keep], self.window_real[:, :keep]
+        self.keys, self.values = owned(self.keys[:, :, :keep]), owned(self.values[:, :, :keep])
+        self.window_positions = owned(self.window_positions[:, :keep])
+        self.window_real = owned(self.window_real[:, :keep])
         remove -= from_window
         from_codes = min(remove, self.num_compressed)
         if from_codes:
             keep = self.num_compressed - from_codes
             for kind in KINDS:
-                self.codes[kind] = tuple(t[:, :, :keep] for t in self.codes[kind])
+                self.codes[kind] = tuple(owned(t[:, :, :keep]) for t in self.codes[kind])
             if self.key_positions is not None:
-                self.key_positions = self.key_positions[:, :keep]
+                self.key_positions = owned(self.key_positions[:, :keep])
         remove -= from_codes
         if remove:
             keep = self.num_sinks - remove
-            self.keys, self.values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
-            self.window_positions, self.window_real = self.sink_positions[:, :keep], self.sink_real[:, :keep]
-            self.sink_keys, self.sink_values = self.sink_keys[:, :, :0], self.sink_values[:, :, :0]
-            self.sink_positions, self.sink_real = self.sink_positions[:, :0], self.sink_real[:, :0]
+            self.keys, self.values = owned(self.sink_keys[:, :, :keep]), owned(self.sink_values[:, :, :keep])
+            self.window_positions = owned(self.sink_positions[:, :keep])
+            self.window_real = owned(self.sink_real[:, :keep])
+            self.sink_keys, self.sink_values = owned(self.sink_keys[:, :, :0]), owned(self.sink_values[:, :, :0])
+            self.sink_positions, self.sink_real = owned(self.sink_positions[:, :0]), owned(self.sink_real[:, :0])
             self.sinks_settled = False
 
     # ---------------------------------------------------------------------------------------- accounting
+    def dense_tensors(self) -> list[torch.Tensor | None]:
+        """The sinks and the window with their position / padding bookkeeping."""
+        return [self.sink_keys, self.sink_values, self.keys, self.values, self.sink_positions, self.sink_real,
+                self.window_positions, self.window_real]  # fmt: skip
+
+    def code_tensors(self) -> list[torch.Tensor | None]:
+        """Indices and coefficients of both kinds, and the positions of pre-RoPE codes."""
+        return [*self.codes["key"], *self.codes["value"], self.key_positions]
+
     def memory(self) -> dict[str, int]:
-        """Real bytes held: ``code_bytes`` (indices, coefficients, positions of pre-RoPE codes), ``dense_bytes``
-        (sinks and window with their position/padding bookkeeping), and ``dynamic_cache_bytes``: what a
-        DynamicCache of the same dtype would hold for these tokens."""
+        """Bytes held, counted from storages (each once): ``code_bytes`` (:meth:`code_tensors`), ``dense_bytes``
+        (:meth:`dense_tensors`), and ``dynamic_cache_bytes``: what a DynamicCache of the same dtype would hold for
+        these tokens. The dictionaries are shared by every cache built from them and counted by the cache."""
         if not self.is_initialized:
             return {"code_bytes": 0, "dense_bytes": 0, "dynamic_cache_bytes": 0}
-        code = _nbytes(*self.codes["key"], *self.codes["value"], self.key_positions)
-        dense = _nbytes(self.sink_keys, self.sink_values, self.keys, self.values, self.sink_positions,
-                        self.sink_real, self.window_positions, self.window_real)  # fmt: skip
+        seen = set()
+        code = storage_bytes(self.code_tensors(), seen)
+        dense = storage_bytes(self.dense_tensors(), seen)
         batch, heads, _, d = self.keys.shape
         dynamic = 2 * batch * heads * self.get_seq_length() * d * self.keys.element_size()
         return {"code_bytes": code, "dense_bytes": dense, "dynamic_cache_bytes": dynamic}
