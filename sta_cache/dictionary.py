@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .memory import storage_bytes
 from .sae import TopKSAE
 
 FORMAT_VERSION = 1
@@ -100,13 +101,9 @@ class LayerDictionary(nn.Module):
     def saes(self, kind: str) -> nn.ModuleList:
         return self.key if kind == "key" else self.value
 
-    def stacked(self, kind: str) -> dict[str, torch.Tensor]:
-        """``W_enc [Hd, d, N]``, ``b_enc [Hd, N]``, ``W_dec [Hd, N, d]``, ``b_dec [Hd, d]`` for ``kind``."""
-        saes = self.saes(kind)
-        return {name: torch.stack([getattr(sae, name).detach() for sae in saes]) for name in SAE_PARAMS}
-
     def on_device(self, kind: str, device: torch.device, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The ``names`` tensors of :meth:`stacked` in float32 on ``device``, made once and shared by every cache
+        """The ``names`` SAE tensors of ``kind`` stacked over dictionary heads (``W_dec [Hd, N, d]``, ``b_dec
+        [Hd, d]``, ``W_enc [Hd, d, N]``, ``b_enc [Hd, N]``) in float32 on ``device``, made once and shared by every cache
         that uses this dictionary there (ten caches on one device hold one copy). A float32 dictionary shared by
         all KV heads is not copied at all on its own device: these are views of its weights. Changing the weights
         in place makes a fresh copy on the next call."""
@@ -138,14 +135,13 @@ class KVDictionary(nn.Module):
         return str(layer_idx) in self.layers
 
     def num_bytes(self) -> int:
-        """Bytes of every tensor that the dictionaries hold."""
-        tensors = list(self.parameters()) + list(self.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of every tensor storage that the dictionaries hold (each once)."""
+        return storage_bytes(list(self.parameters()) + list(self.buffers()))
 
     # ----------------------------------------------------------------------------------------------- saving
     def _flat_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors on disk. Matching-pursuit dictionaries never use the encoder, so they store only the
-        decoder (half the bytes); loading sets ``W_enc = W_dec^T`` and ``b_enc = 0``."""
+        """The tensors on disk. Matching-pursuit dictionaries never use an encoder, so they hold and store only
+        the decoder (half the bytes)."""
         tensors = {}
         params = ("W_dec", "b_dec") if self.config.encoder == "omp" else SAE_PARAMS
         for i in self.config.layer_indices:
@@ -226,13 +222,6 @@ class KVDictionary(nn.Module):
                 raise DictionaryFormatError(f"tensor {name} holds non-finite values; the file is corrupted")
             with torch.no_grad():
                 target.copy_(source.to(target.dtype))
-        if config.encoder == "omp":
-            with torch.no_grad():
-                for i in config.layer_indices:
-                    for kind in KINDS:
-                        for sae in dictionary[i].saes(kind):
-                            sae.W_enc.copy_(sae.W_dec.T)
-                            sae.b_enc.zero_()
         return dictionary
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False, **kwargs) -> str:

@@ -113,9 +113,7 @@ def train_pursuit_dictionary(model, tokenizer, text_path, config: PursuitConfig,
         sae = dictionary[i].saes(kind)[0]
         with torch.no_grad():
             sae.W_dec.copy_(atoms)
-            sae.W_enc.copy_(atoms.T)
             sae.b_dec.copy_(bias)
-            sae.b_enc.zero_()
         if kind == "key" and config.key_space == "pre_rope":
             dictionary[i].rope_inv_freq.copy_(rotary_for_layer(model, i)[0])
     dictionary.save_pretrained(out_dir)

@@ -24,8 +24,12 @@ class TopKSAE(nn.Module):
         if encoder not in ("topk", "omp"):
             raise ValueError(f"encoder must be 'topk' or 'omp', got {encoder!r}")
         self.d, self.n_atoms, self.encoder = d, n_atoms, encoder
-        self.W_enc = nn.Parameter(torch.empty(d, n_atoms, dtype=dtype))
-        self.b_enc = nn.Parameter(torch.zeros(n_atoms, dtype=dtype))
+        if encoder == "omp":  # matching pursuit reads only the decoder: no encoder weights are held
+            self.register_parameter("W_enc", None)
+            self.register_parameter("b_enc", None)
+        else:
+            self.W_enc = nn.Parameter(torch.empty(d, n_atoms, dtype=dtype))
+            self.b_enc = nn.Parameter(torch.zeros(n_atoms, dtype=dtype))
         self.W_dec = nn.Parameter(torch.empty(n_atoms, d, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
         self.reset_parameters()
@@ -35,9 +39,10 @@ class TopKSAE(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.W_dec)
             self.normalize_decoder()
-            self.W_enc.copy_(self.W_dec.T)
-            self.b_enc.zero_()
             self.b_dec.zero_()
+            if self.W_enc is not None:
+                self.W_enc.copy_(self.W_dec.T)
+                self.b_enc.zero_()
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -45,6 +50,8 @@ class TopKSAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.W_enc is None:
+            raise ValueError("a matching-pursuit SAE has no one-shot encoder (encoder='omp' holds only the decoder)")
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

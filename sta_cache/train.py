@@ -237,6 +237,8 @@ def _geometric_median(x: torch.Tensor, start: torch.Tensor, iterations: int = 50
 def _reconstruct(W_enc, b_enc, W_dec, b_dec, x: torch.Tensor, k: int, encoder: str) -> torch.Tensor:
     if encoder == "omp":
         idx, coef = omp_encode_reference(x, W_dec, b_dec, k)
+    elif W_enc is None:
+        raise ValueError("encoder='topk' needs the SAE's encoder, and a matching-pursuit dictionary holds none")
     else:
         pre = (x - b_dec) @ W_enc + b_enc
         values, idx = pre.topk(k, dim=-1)
@@ -660,8 +662,8 @@ def train_dictionary(
             for kind_idx, kind in enumerate(KINDS):
                 for h, sae in enumerate(dictionary[layer].saes(kind)):
                     s = run.index(p, kind_idx, h)
-                    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                        getattr(sae, name).copy_(getattr(run.sae, name)[s])
+                    for name, tensor in sae.named_parameters():  # an "omp" dictionary holds no encoder
+                        tensor.copy_(getattr(run.sae, name)[s])
             if layer in rotary:
                 dictionary[layer].rope_inv_freq.copy_(rotary[layer][0])
     dictionary.save_pretrained(out_dir, dtype=None if dtype == torch.float32 else dtype)

@@ -107,7 +107,8 @@ def make_dictionary(model, *, n_atoms=None, kind="random", key_space="post_rope"
                     sae.W_dec.copy_(torch.randn(n_atoms, d, generator=generator))
                     sae.normalize_decoder()
                     sae.b_dec.copy_(0.1 * torch.randn(d, generator=generator))
-                sae.W_enc.copy_(sae.W_dec.T)
+                if sae.W_enc is not None:
+                    sae.W_enc.copy_(sae.W_dec.T)
             inv_freq = getattr(rotary, "full_attention_inv_freq", None)
             layer.rope_inv_freq.copy_(rotary.inv_freq if inv_freq is None else inv_freq)
     return dictionary

@@ -116,7 +116,10 @@ def test_pursuit_dictionaries_store_only_the_decoder(tmp_path):
     assert names and not any(name.endswith(("W_enc", "b_enc")) for name in names)
     loaded = KVDictionary.from_pretrained(tmp_path / "omp")
     sae = loaded[2].value[0]
-    assert torch.equal(sae.W_enc, sae.W_dec.T) and not sae.b_enc.any()
+    assert sae.W_enc is None and sae.b_enc is None  # nothing held that matching pursuit does not read
+    assert all(name.endswith(("W_dec", "b_dec")) for name, _ in loaded.named_parameters())
+    held = [*loaded.parameters(), *loaded.buffers()]
+    assert loaded.num_bytes() == sum(t.numel() * t.element_size() for t in held)
     assert torch.equal(sae.W_dec, dictionary[2].value[0].W_dec)
 
 
