@@ -166,6 +166,12 @@ class SparseSemanticCache(Cache):
                 f"the model has a layer {layer_idx} but the dictionary ({self.dictionary.config.base_model}) covers "
                 f"{len(self.layers)} layers: it was made for another model"
             )
+        previous = self.layers[layer_idx - 1] if layer_idx > 0 else None
+        if isinstance(previous, SparseSemanticLayer):
+            # Layers run in order, so the previous layer's attention is done: with any attention implementation
+            # its overflow is encoded now (the "sta" path already did), and a prefill holds at most two layers'
+            # dense prompts at a time; the last layer's waits for the next forward or `flush`.
+            previous.flush(min_tokens=previous.encode_batch)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         hand_over(layer_idx, self.layers[layer_idx])
         return keys, values

@@ -180,8 +180,11 @@ class SparseSemanticLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.flush(min_tokens=self.encode_batch)
         start, new = self.get_seq_length(), key_states.shape[2]
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
+        if self.num_window == 0:  # no copy of a whole prompt, unless it is a view of something larger
+            self.keys, self.values = owned(key_states), owned(value_states)
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=2)
+            self.values = torch.cat([self.values, value_states], dim=2)
         default_positions = torch.arange(start, start + new, device=self.device).expand(key_states.shape[0], -1)
         self.window_positions = torch.cat([self.window_positions, default_positions], dim=1)
         self.window_real = torch.cat(
@@ -312,6 +315,8 @@ class SparseSemanticLayer(CacheLayerMixin):
     def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All keys and values, with the compressed tokens rebuilt (and re-rotated for pre-RoPE codes)."""
         if self.num_compressed == 0:
+            if self.num_sinks == 0:
+                return self.keys, self.values
             return torch.cat([self.sink_keys, self.keys], dim=2), torch.cat([self.sink_values, self.values], dim=2)
         view = self.compressed_view()
         keys = decode_reference(view.key_indices, view.key_coefficients, view.key_atoms, view.key_bias)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from unittest.mock import patch
+
 import pytest
 import torch
 
@@ -75,9 +79,10 @@ def test_generate_holds_what_it_reports(arch, attn, storage):
     runs = {
         "greedy": dict(input_ids=ids[:1], max_new_tokens=12, do_sample=False),
         "left padding": dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False),
+        "chunked prefill": dict(input_ids=ids[:1], max_new_tokens=8, prefill_chunk_size=16, do_sample=False),
         "beam search": dict(input_ids=ids[:1], max_new_tokens=8, num_beams=3, do_sample=False),
     }
-    for kwargs in runs.values():
+    for kwargs in runs.values():  # beam search last: the batch edits below need its 3 rows
         cache = make()
         with torch.no_grad():
             model.generate(**kwargs, **cache_kwargs(model, cache), pad_token_id=0)
@@ -98,22 +103,36 @@ def test_generate_holds_what_it_reports(arch, attn, storage):
 
 
 @pytest.mark.parametrize("chunk", [None, 16])
-def test_sta_prefill_leaves_no_dense_prompt_behind(chunk):
-    """Right after a prefill (whole, or chunked) on the "sta" path every layer has coded what left its window:
-    it holds sinks + window densely, never the prompt, with no flush in between."""
-    model = tiny_model("llama", "sta")
+@pytest.mark.parametrize("attn", ["sta", "sdpa"])
+def test_prefill_leaves_no_dense_prompt_behind(attn, chunk):
+    """Right after a prefill (whole, or chunked) every layer has coded what left its window, with no flush in
+    between: it holds sinks + window densely, never the prompt, and the prompt's key and value tensors are freed.
+    On the "sta" path that holds for every layer; with sdpa for every layer but the last, whose attention runs
+    after the cache's last update (it is coded at the next forward)."""
+    model = tiny_model("llama", attn)
     cache = SparseSemanticCache(make_dictionary(model, encoder="omp"), residual_length=8, num_sink_tokens=2,
                                 encode_batch=4, config=model.config)  # fmt: skip
+    prompt_states = []
+    update = SparseSemanticLayer.update
+
+    def watched_update(layer, key_states, value_states, *args, **kwargs):
+        prompt_states.extend([weakref.ref(key_states), weakref.ref(value_states)])
+        return update(layer, key_states, value_states, *args, **kwargs)
+
     ids = torch.randint(1, VOCAB, (1, 96))
-    with torch.no_grad():
+    with torch.no_grad(), patch.object(SparseSemanticLayer, "update", watched_update):
         for start in range(0, 96, chunk or 96):
             model(ids[:, start : start + (chunk or 96)], **cache_kwargs(model, cache))
+    gc.collect()
+    layers = cache.layers if attn == "sta" else cache.layers[:-1]
     heads, d = model.config.num_key_value_heads, model.config.head_dim
-    for layer in cache.layers:
+    for layer in layers:
         assert isinstance(layer, SparseSemanticLayer)
         assert layer.num_sinks == 2 and layer.num_window < 8 + 4
         dense_states = storage_bytes([layer.sink_keys, layer.sink_values, layer.keys, layer.values])
         assert dense_states == 2 * heads * d * 4 * (layer.num_sinks + layer.num_window)
+    alive = [ref for ref in prompt_states if ref() is not None]
+    assert len(alive) <= (0 if attn == "sta" else 2), "the prompt's dense keys/values are still referenced"
     assert_holds_what_it_reports(cache)
 
 
