@@ -14,22 +14,25 @@ GIL. Its OpenMP runtime is the ``libgomp.so.1`` that PyTorch has already loaded,
 Loading a shared library runs its code, so the loader trusts only what it built itself (:func:`library`): the
 ``kernels`` folder must belong to this user and be writable by nobody else (else the kernels are built in a fresh
 private temporary folder), and a library is loaded only if it is a file of this user, writable by nobody else,
-whose SHA-256 is the one recorded beside it at build time; anything else is rebuilt.
+whose SHA-256 is the one recorded beside it at build time; anything else is rebuilt. The compiler runs under a
+timeout (:data:`BUILD_TIMEOUT_S`), and the outcome, failures included, is kept for the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import os
 import platform
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -41,6 +44,8 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 # Tried in order: tuned for this CPU with OpenMP threads, then portable, then single-threaded (e.g. Apple clang,
 # which has no -fopenmp; the OpenMP pragmas are then ignored and the results are the same).
 ATTEMPTS = (("-march=native", "-fopenmp", *FLAGS), ("-fopenmp", *FLAGS), FLAGS)
+# Seconds a compiler run may take (about 1 s is usual) before it is stopped; $STA_CACHE_CC_TIMEOUT overrides it.
+BUILD_TIMEOUT_S = 120.0
 # On Linux a folder is reached through its open descriptor once it has been checked (/proc/<pid>/fd/<fd>, a path
 # the compiler can use too), so that swapping the path for another folder afterwards changes nothing; elsewhere the
 # checked path is used again.
@@ -128,6 +133,28 @@ def _verified(folder: Path, name: str) -> bool:
     return recorded is not None and built is not None and hashlib.sha256(built).hexdigest().encode() == recorded.strip()
 
 
+def _compile(command: list[str]) -> tuple[int, str]:
+    """Run the compiler -> (exit status, its messages). Past the timeout it is killed with its whole process group
+    (cc1, as and ld run as its children) and CPUKernelUnavailable is raised."""
+    timeout = float(os.environ.get("STA_CACHE_CC_TIMEOUT", BUILD_TIMEOUT_S))
+    try:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", process_group=0
+        ) as process:
+            try:
+                output, _ = process.communicate(timeout=timeout)
+            except BaseException:  # the timeout, or Ctrl-C, which the compiler's own process group does not get
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                raise
+    except subprocess.TimeoutExpired:
+        raise CPUKernelUnavailable(
+            f"{command[0]} did not finish within {timeout:g} s (set STA_CACHE_CC_TIMEOUT to allow more)"
+        ) from None
+    return process.returncode, output
+
+
 def _build(compiler: str, folder: Path, name: str) -> None:
     """Compile the kernels to ``folder/name`` with the first of :data:`ATTEMPTS` that the compiler accepts, and
     record their SHA-256 in ``folder/name.sha256``. Both are written in a private scratch folder and renamed into
@@ -136,12 +163,10 @@ def _build(compiler: str, folder: Path, name: str) -> None:
         built, digest = Path(scratch) / name, Path(scratch) / f"{name}.sha256"
         errors = []
         for flags in ATTEMPTS:
-            result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
-            )
-            if result.returncode == 0:
+            status, output = _compile([compiler, *flags, str(SOURCE), "-o", str(built)])
+            if status == 0:
                 break
-            errors.append(result.stderr.strip())
+            errors.append(output.strip())
         else:
             raise CPUKernelUnavailable(f"building {SOURCE.name} with {compiler} failed:\n" + "\n".join(errors))
         os.chmod(built, 0o700)  # whatever the umask, nobody else may write the code that this process runs
@@ -188,7 +213,8 @@ def _load_from(path: Path, name: str, compiler: str) -> ctypes.CDLL:
     try:
         return _declare(lib, path / name)
     except CPUKernelUnavailable:
-        (folder / f"{name}.sha256").unlink(missing_ok=True)  # not to be trusted again: the next process rebuilds it
+        with contextlib.suppress(OSError):  # not to be trusted again: the next process rebuilds it
+            (folder / f"{name}.sha256").unlink(missing_ok=True)
         raise
 
 
@@ -220,10 +246,36 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-@lru_cache(maxsize=1)
+_outcome: ctypes.CDLL | CPUKernelUnavailable | None = None
+_outcome_lock = threading.Lock()  # one build at a time in this process
+
+
 def library() -> ctypes.CDLL:
-    """The compiled kernels, built on first use (about a second) and cached by source, compiler and CPU."""
-    return _load()
+    """The compiled kernels, built on first use (about a second) and cached by source, compiler and CPU. Every
+    failure is a CPUKernelUnavailable, and the outcome is kept for the process: a failed build is not tried again
+    by each layer of each cache."""
+    global _outcome
+    with _outcome_lock:
+        if _outcome is None:
+            try:
+                _outcome = _load()
+            except CPUKernelUnavailable as error:
+                _outcome = error
+            except Exception as error:  # whatever went wrong (a full disk, ...): "auto" falls back on this type
+                _outcome = CPUKernelUnavailable(f"building or loading the kernels failed: {error!r}")
+                _outcome.__cause__ = error
+        outcome = _outcome
+    if isinstance(outcome, CPUKernelUnavailable):
+        raise outcome.with_traceback(None)  # the same error each time, its traceback not growing with each raise
+    return outcome
+
+
+def reset() -> None:
+    """Forget :func:`library`'s outcome, so that the next call loads or builds again (tests). Libraries already
+    loaded stay loaded: ctypes cannot unload them safely."""
+    global _outcome
+    with _outcome_lock:
+        _outcome = None
 
 
 def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -> tuple[_Codes, list[torch.Tensor]]:

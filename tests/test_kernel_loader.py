@@ -1,8 +1,9 @@
 """What the C-kernel loader trusts (kernels/cpu_kernels.py): only a library it built itself, in a folder nobody else
-can write to, checked against the SHA-256 recorded at build time.
+can write to, checked against the SHA-256 recorded at build time; and how it fails: once per process, within a
+timeout, leaving nothing behind, "auto" falling back to PyTorch with one warning and "cpu" saying why.
 
 Compilers here are shell scripts set as ``$CC`` that log each run: most copy a library built once per session (so
-that a "build" takes milliseconds), another produces a library without the kernels.
+that a "build" takes milliseconds), others fail, hang or produce a library without the kernels.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import VOCAB, make_dictionary, tiny_model
+from sta_cache import SparseSemanticCache
+from sta_cache.compat import cache_kwargs
 from sta_cache.kernels import cpu_kernels, dispatch, reference
 
 CPU = torch.device("cpu")
@@ -65,11 +70,14 @@ def libraries(tmp_path_factory) -> dict[str, Path]:
 def home(monkeypatch, tmp_path) -> Path:
     """A fresh ``$STA_CACHE_HOME`` and temporary folder, and a loader that remembers nothing."""
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("STA_CACHE_CC_TIMEOUT", raising=False)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    cpu_kernels.library.cache_clear()
+    cpu_kernels.reset()
+    dispatch._warn_once.cache_clear()
     yield tmp_path / "home"
-    cpu_kernels.library.cache_clear()
+    cpu_kernels.reset()
+    dispatch._warn_once.cache_clear()
 
 
 def fake_compiler(monkeypatch, folder: Path, body: str) -> Path:
@@ -169,7 +177,7 @@ def test_a_truncated_library_is_rebuilt(home, copying_compiler, libraries) -> No
     # A new file renamed over it: the library loaded above is mapped, and truncating that file would crash us.
     target.with_name("truncated").write_bytes(whole[: len(whole) // 2])
     os.replace(target.with_name("truncated"), target)
-    cpu_kernels.library.cache_clear()
+    cpu_kernels.reset()
 
     cpu_kernels.library()
 
@@ -180,13 +188,55 @@ def test_a_truncated_library_is_rebuilt(home, copying_compiler, libraries) -> No
 
 def test_a_library_without_the_kernels_is_not_used(monkeypatch, home, tmp_path, libraries) -> None:
     """A library that lacks the kernels' symbols raised a raw AttributeError; now it is CPUKernelUnavailable, on
-    which "auto" falls back with a warning, and its digest is dropped so that the next process rebuilds it."""
-    fake_compiler(monkeypatch, tmp_path, f'cp "{libraries["empty"]}" "$out"')
+    which "auto" falls back with one warning, and its digest is dropped so that the next process rebuilds it."""
+    log = fake_compiler(monkeypatch, tmp_path, f'cp "{libraries["empty"]}" "$out"')
     with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="has no sta_key_scores_post"):
         cpu_kernels.library()
     assert not library_path(home).with_name(library_path(home).name + ".sha256").exists()
-    with pytest.warns(RuntimeWarning, match="has no sta_key_scores_post"):
-        assert dispatch.resolve_backend("auto", CPU, 64) == "torch"
+    messages = loader_warnings(lambda: [dispatch.resolve_backend("auto", CPU, 64) for _ in range(3)])
+    assert len(messages) == 1 and "has no sta_key_scores_post" in messages[0]
+    assert dispatch.resolve_backend("auto", CPU, 64) == "torch"
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="backend='cpu' needs the C kernels.*has no sta_"):
+        dispatch.resolve_backend("cpu", CPU, 64)
+    assert runs(log) == 1
+
+
+def test_a_read_only_disk_falls_back_to_pytorch_or_says_why(monkeypatch, home, copying_compiler) -> None:
+    """Writing anything fails (EROFS, as on a read-only HOME): "auto" attends through PyTorch with one warning, "cpu"
+    raises CPUKernelUnavailable with the reason, the build is tried once in each folder and nothing is left."""
+
+    def read_only(source, target, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    messages = loader_warnings(lambda: [dispatch.resolve_backend("auto", CPU, 64) for _ in range(3)])
+    assert len(messages) == 1 and "Read-only file system" in messages[0]
+    assert dispatch.resolve_backend("auto", CPU, 64) == "torch"
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="backend='cpu' needs the C kernels.*Read-only file"):
+        dispatch.resolve_backend("cpu", CPU, 64)
+    assert runs(copying_compiler) == 2  # the cache folder, then a temporary one
+    assert leftovers(home / "kernels") == [] and leftovers(Path(tempfile.gettempdir())) == []
+
+
+def test_a_model_on_a_read_only_disk_runs_with_the_default_backend(monkeypatch, home, copying_compiler) -> None:
+    """The first forward used to raise OSError: Read-only file system with backend="auto"; now every layer attends
+    through PyTorch after one warning, and backend="cpu" fails on the first forward with the reason."""
+
+    def read_only(source, target, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    model = tiny_model("llama", "sta")
+    dictionary = make_dictionary(model)
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    cache = SparseSemanticCache(dictionary, residual_length=2, num_sink_tokens=1, config=model.config)
+    with torch.no_grad():
+        messages = loader_warnings(lambda: model(ids, **cache_kwargs(model, cache)))
+    assert len(messages) == 1 and "Read-only file system" in messages[0]
+    assert [layer.backend for layer in cache.sparse_layers] == ["torch"] * len(cache.sparse_layers)
+    cache = SparseSemanticCache(dictionary, config=model.config, backend="cpu")
+    with torch.no_grad(), pytest.raises(cpu_kernels.CPUKernelUnavailable, match="Read-only file system"):
+        model(ids, **cache_kwargs(model, cache))
 
 
 def test_a_read_only_cache_folder_builds_in_a_temporary_one(monkeypatch, home, copying_compiler) -> None:
@@ -206,6 +256,50 @@ def test_a_read_only_cache_folder_builds_in_a_temporary_one(monkeypatch, home, c
     assert_the_kernels_work()
     assert runs(copying_compiler) == 1
     assert not home.exists() and leftovers(Path(tempfile.gettempdir())) == []
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_a_hanging_compiler_is_stopped(monkeypatch, home, tmp_path) -> None:
+    """A compiler that hangs is killed past the timeout with what it started, not retried with other flags or by
+    later calls, and its scratch folder is removed."""
+    pid_file = tmp_path / "pid"
+    log = fake_compiler(monkeypatch, tmp_path, f'sleep 60 & echo $! > "{pid_file}"\nwait')
+    monkeypatch.setenv("STA_CACHE_CC_TIMEOUT", "0.5")
+    start = time.monotonic()
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="did not finish within 0.5 s"):
+        cpu_kernels.library()
+    assert time.monotonic() - start < 10
+    deadline = time.monotonic() + 5
+    while process_alive(int(pid_file.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(int(pid_file.read_text())), "the compiler's child survived the timeout"
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="did not finish"):
+        cpu_kernels.library()
+    assert runs(log) == 1
+    assert leftovers(home / "kernels") == []
+
+
+def test_a_failing_compiler_runs_once_per_process(monkeypatch, home, tmp_path) -> None:
+    """A failing compiler used to be run 3 times (once per flag set) by each layer of each new cache."""
+    log = fake_compiler(monkeypatch, tmp_path, "exit 1")
+    messages = loader_warnings(lambda: [dispatch.resolve_backend("auto", CPU, 64) for _ in range(30)])
+    assert len(messages) == 1 and "failed" in messages[0]
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="backend='cpu' needs the C kernels.*failed"):
+        dispatch.resolve_backend("cpu", CPU, 64)
+    assert runs(log) == len(cpu_kernels.ATTEMPTS)
+    cpu_kernels.reset()
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable):
+        cpu_kernels.library()
+    assert runs(log) == 2 * len(cpu_kernels.ATTEMPTS)
+    assert leftovers(home / "kernels") == []
 
 
 def test_the_built_files_are_private_under_any_umask(home, copying_compiler) -> None:
