@@ -12,10 +12,10 @@ GIL. Its OpenMP runtime is the ``libgomp.so.1`` that PyTorch has already loaded,
 ``torch.get_num_threads()`` threads.
 
 Loading a shared library runs its code, so the loader trusts only what it built itself (:func:`library`): the
-``kernels`` folder must belong to this user and be writable by nobody else (else the kernels are built in a fresh
-private temporary folder), and a library is loaded only if it is a file of this user, writable by nobody else,
-whose SHA-256 is the one recorded beside it at build time; anything else is rebuilt. The compiler runs under a
-timeout (:data:`BUILD_TIMEOUT_S`), and the outcome, failures included, is kept for the process.
+``kernels`` folder must be a folder (not a link) of this user that nobody else can write to (else the kernels are
+built in a fresh private temporary folder), and a library is loaded only if it is a file of this user, writable by
+nobody else, whose SHA-256 is the one recorded beside it at build time; anything else is rebuilt. The compiler runs
+under a timeout (:data:`BUILD_TIMEOUT_S`), and the outcome, failures included, is kept for the process.
 """
 
 from __future__ import annotations
@@ -96,9 +96,12 @@ def _library_name(compiler: str) -> str:
 
 def _open_private(path: Path) -> int:
     """A descriptor of the folder ``path``, created 0700 if missing. A folder that another user owns or can write
-    to is refused (PermissionError): whoever can write there chooses the code that loading a library runs."""
+    to is refused (PermissionError): whoever can write there chooses the code that loading a library runs. So is a
+    link, which whoever made it may have pointed at any folder of this user."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    if path.is_symlink():  # O_NOFOLLOW refuses it below too, but with a puzzling "Not a directory"
+        raise PermissionError(f"{path} is a link; only a real folder is used")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     info = os.fstat(fd)
     if info.st_uid != os.geteuid() or info.st_mode & 0o022:
         os.close(fd)

@@ -128,7 +128,7 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "plant", ["without a digest", "with a wrong digest", "in a world-writable folder", "in another user's folder",
-              "as another user's file"],
+              "as another user's file", "through a linked folder"],
 )  # fmt: skip
 def test_a_planted_library_is_never_loaded(home, copying_compiler, libraries, plant) -> None:
     """Anyone who can compute the library's name can put a file there; its constructor must never run. The file is
@@ -144,8 +144,11 @@ def test_a_planted_library_is_never_loaded(home, copying_compiler, libraries, pl
     digest.write_text("0" * 64 if plant == "with a wrong digest" else planted_digest)
     if plant == "without a digest":
         digest.unlink()
-    refused = plant in ("in a world-writable folder", "in another user's folder")
-    if plant == "in a world-writable folder":
+    refused = plant in ("in a world-writable folder", "in another user's folder", "through a linked folder")
+    if plant == "through a linked folder":  # a private folder, but reached through a link someone else may have made
+        target.parent.rename(home / "elsewhere")
+        target.parent.symlink_to(home / "elsewhere")
+    elif plant == "in a world-writable folder":
         target.parent.chmod(0o777)
     elif plant == "in another user's folder":
         os.chown(target.parent, 4242, 4242)
@@ -159,7 +162,8 @@ def test_a_planted_library_is_never_loaded(home, copying_compiler, libraries, pl
     assert runs(copying_compiler) == 1
     assert_the_kernels_work()
     if refused:
-        assert len(messages) == 1 and "temporary folder" in messages[0] and "not a folder of this user" in messages[0]
+        assert len(messages) == 1 and "temporary folder" in messages[0]
+        assert ("is a link" if "link" in plant else "not a folder of this user") in messages[0]
         assert hashlib.sha256(target.read_bytes()).hexdigest() == planted_digest  # left alone
         assert leftovers(Path(tempfile.gettempdir())) == []
     else:
