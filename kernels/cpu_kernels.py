@@ -10,18 +10,29 @@ The source is compiled once per machine with the system C compiler (``$CC``, els
 -march=native -fopenmp`` where accepted) into the sta_cache cache folder and loaded with ctypes; ctypes releases the
 GIL. Its OpenMP runtime is the ``libgomp.so.1`` that PyTorch has already loaded, and it uses
 ``torch.get_num_threads()`` threads.
+
+Loading a shared library runs its code, so the loader trusts only what it built itself (:func:`library`): the
+``kernels`` folder must be a folder (not a link) of this user that nobody else can write to (else the kernels are
+built in a fresh private temporary folder), and a library is loaded only if it is a file of this user, writable by
+nobody else, whose SHA-256 is the one recorded beside it at build time; anything else is rebuilt. The compiler runs
+under a timeout (:data:`BUILD_TIMEOUT_S`), and the outcome, failures included, is kept for the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import platform
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
-from functools import lru_cache
+import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +44,12 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 # Tried in order: tuned for this CPU with OpenMP threads, then portable, then single-threaded (e.g. Apple clang,
 # which has no -fopenmp; the OpenMP pragmas are then ignored and the results are the same).
 ATTEMPTS = (("-march=native", "-fopenmp", *FLAGS), ("-fopenmp", *FLAGS), FLAGS)
+# Seconds a compiler run may take (about 1 s is usual) before it is stopped; $STA_CACHE_CC_TIMEOUT overrides it.
+BUILD_TIMEOUT_S = 120.0
+# On Linux a folder is reached through its open descriptor once it has been checked (/proc/<pid>/fd/<fd>, a path
+# the compiler can use too), so that swapping the path for another folder afterwards changes nothing; elsewhere the
+# checked path is used again.
+_PROC_FD = Path("/proc/self/fd").is_dir()
 
 _INDEX_KINDS = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
 _PACKED = 4
@@ -70,53 +87,198 @@ def _machine_tag() -> str:
     return f"{platform.machine()} {platform.processor()} {features}"
 
 
-def _build(compiler: str, target: Path) -> None:
-    """Compile the kernels to ``target`` (atomically: concurrent processes never load a half-written file), with
-    the first of :data:`ATTEMPTS` that the compiler accepts."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
+def _library_name(compiler: str) -> str:
+    """The library's file name, keyed by what the build depends on: source, compiler, flags and CPU."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(f"{compiler} {ATTEMPTS} {_machine_tag()}".encode())
+    return f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+
+
+def _open_private(path: Path) -> int:
+    """A descriptor of the folder ``path``, created 0700 if missing. A folder that another user owns or can write
+    to is refused (PermissionError): whoever can write there chooses the code that loading a library runs. So is a
+    link, which whoever made it may have pointed at any folder of this user."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.is_symlink():  # O_NOFOLLOW refuses it below too, but with a puzzling "Not a directory"
+        raise PermissionError(f"{path} is a link; only a real folder is used")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        os.close(fd)
+        raise PermissionError(
+            f"{path} (owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)}) is not a folder of this user that "
+            "only it can write to; remove it, or `chmod 700` it if it is yours"
+        )
+    return fd
+
+
+def _read_own(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file (not a link) of this user that nobody else can write to."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # a link
+            return None
+        raise
+    with open(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return None
+        return file.read()
+
+
+def _verified(folder: Path, name: str) -> bool:
+    """Whether ``folder/name`` is a library built here: it and the SHA-256 recorded beside it at build time are
+    files of this user that nobody else can write to, and they agree (a truncated or replaced library does not)."""
+    recorded, built = _read_own(folder / f"{name}.sha256"), _read_own(folder / name)
+    return recorded is not None and built is not None and hashlib.sha256(built).hexdigest().encode() == recorded.strip()
+
+
+def _compile(command: list[str]) -> tuple[int, str]:
+    """Run the compiler -> (exit status, its messages). Past the timeout it is killed with its whole process group
+    (cc1, as and ld run as its children) and CPUKernelUnavailable is raised."""
+    timeout = float(os.environ.get("STA_CACHE_CC_TIMEOUT", BUILD_TIMEOUT_S))
+    try:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", process_group=0
+        ) as process:
+            try:
+                output, _ = process.communicate(timeout=timeout)
+            except BaseException:  # the timeout, or Ctrl-C, which the compiler's own process group does not get
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                raise
+    except subprocess.TimeoutExpired:
+        raise CPUKernelUnavailable(
+            f"{command[0]} did not finish within {timeout:g} s (set STA_CACHE_CC_TIMEOUT to allow more)"
+        ) from None
+    return process.returncode, output
+
+
+def _build(compiler: str, folder: Path, name: str) -> None:
+    """Compile the kernels to ``folder/name`` with the first of :data:`ATTEMPTS` that the compiler accepts, and
+    record their SHA-256 in ``folder/name.sha256``. Both are written in a private scratch folder and renamed into
+    place, so that no process reads a half-written file; the scratch folder is removed in every case."""
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=folder) as scratch:
+        built, digest = Path(scratch) / name, Path(scratch) / f"{name}.sha256"
         errors = []
         for flags in ATTEMPTS:
-            result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
-            )
-            if result.returncode == 0:
-                os.replace(built, target)
-                return
-            errors.append(result.stderr.strip())
-        raise CPUKernelUnavailable(f"building {SOURCE.name} with {compiler} failed:\n" + "\n".join(errors))
+            status, output = _compile([compiler, *flags, str(SOURCE), "-o", str(built)])
+            if status == 0:
+                break
+            errors.append(output.strip())
+        else:
+            raise CPUKernelUnavailable(f"building {SOURCE.name} with {compiler} failed:\n" + "\n".join(errors))
+        os.chmod(built, 0o700)  # whatever the umask, nobody else may write the code that this process runs
+        with open(os.open(digest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
+        os.replace(built, folder / name)
+        os.replace(digest, folder / digest.name)
 
 
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL:
-    """The compiled kernels, built on first use (about a second) and cached by source, compiler and CPU."""
+def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
+    """Give the kernels their C signatures; a library that lacks one was not built from :data:`SOURCE`."""
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    codes = ctypes.POINTER(_Codes)
+    signatures = {
+        "sta_key_scores_post": ([codes, p, i64, i64, i64, p, i32], None),
+        "sta_key_scores_pre": ([codes, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, i32], None),
+        "sta_value_accumulate": ([codes, p, i64, i64, i64, i64, p, i32], ctypes.c_int),
+        "sta_omp_encode": ([p, p, p, i64, i64, i64, i64, f32, p, p, i32], ctypes.c_int),
+    }
+    for symbol, (argtypes, restype) in signatures.items():
+        try:
+            function = getattr(lib, symbol)
+        except AttributeError:
+            raise CPUKernelUnavailable(f"{path} has no {symbol}: it was not built from {SOURCE.name}") from None
+        function.argtypes, function.restype = argtypes, restype
+    return lib
+
+
+def _load_from(path: Path, name: str, compiler: str) -> ctypes.CDLL:
+    """The kernels in the private folder ``path``, built there first unless a verified build is there."""
+    fd = _open_private(path)
+    folder = Path(f"/proc/{os.getpid()}/fd/{fd}") if _PROC_FD else path
+    try:
+        if not _verified(folder, name):
+            _build(compiler, folder, name)
+            if not _verified(folder, name):
+                raise CPUKernelUnavailable(f"the kernels built in {path} do not match their recorded SHA-256")
+        lib = ctypes.CDLL(str(folder / name))
+    except BaseException:
+        os.close(fd)
+        raise
+    # fd stays open for the life of the process: the library was loaded through it, and the dynamic loader knows
+    # it by that path, which must not name another folder later (a second load would get this library back).
+    try:
+        return _declare(lib, path / name)
+    except CPUKernelUnavailable:
+        with contextlib.suppress(OSError):  # not to be trusted again: the next process rebuilds it
+            (folder / f"{name}.sha256").unlink(missing_ok=True)
+        raise
+
+
+def _load() -> ctypes.CDLL:
+    """Load the kernels from the cache folder, built there if needed. Where that folder cannot be used (not
+    private, read-only, ...), build them in a fresh private temporary folder, removed once they are loaded."""
     from ..embedded import default_cache_dir
 
     compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
     if not compiler:
         raise CPUKernelUnavailable("no C compiler found (install gcc or set CC); use backend='torch' instead")
     torch.get_num_threads()  # make sure PyTorch's OpenMP runtime is loaded first, so the kernels share it
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(f"{compiler} {ATTEMPTS} {_machine_tag()}".encode())
-    target = default_cache_dir() / "kernels" / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
-    if not target.exists():
-        _build(compiler, target)
+    name = _library_name(compiler)
+    cache = default_cache_dir() / "kernels"
     try:
-        lib = ctypes.CDLL(str(target))
+        return _load_from(cache, name, compiler)
     except OSError as error:
-        raise CPUKernelUnavailable(f"loading {target} failed: {error}") from error
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    codes = ctypes.POINTER(_Codes)
-    lib.sta_key_scores_post.argtypes = [codes, p, i64, i64, i64, p, i32]
-    lib.sta_key_scores_post.restype = None
-    lib.sta_key_scores_pre.argtypes = [codes, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, i32]
-    lib.sta_key_scores_pre.restype = None
-    lib.sta_value_accumulate.argtypes = [codes, p, i64, i64, i64, i64, p, i32]
-    lib.sta_value_accumulate.restype = ctypes.c_int
-    lib.sta_omp_encode.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, p, i32]
-    lib.sta_omp_encode.restype = ctypes.c_int
+        reason = f"{cache} cannot be used: {error}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="sta_cache-kernels-") as scratch:
+            lib = _load_from(Path(scratch), name, compiler)
+    except (OSError, CPUKernelUnavailable) as error:
+        raise CPUKernelUnavailable(f"{reason}; in a temporary folder: {error}") from error
+    warnings.warn(
+        f"sta_cache: built the CPU kernels in a temporary folder, again in every process, because {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return lib
+
+
+_outcome: ctypes.CDLL | CPUKernelUnavailable | None = None
+_outcome_lock = threading.Lock()  # one build at a time in this process
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernels, built on first use (about a second) and cached by source, compiler and CPU. Every
+    failure is a CPUKernelUnavailable, and the outcome is kept for the process: a failed build is not tried again
+    by each layer of each cache."""
+    global _outcome
+    with _outcome_lock:
+        if _outcome is None:
+            try:
+                _outcome = _load()
+            except CPUKernelUnavailable as error:
+                _outcome = error
+            except Exception as error:  # whatever went wrong (a full disk, ...): "auto" falls back on this type
+                _outcome = CPUKernelUnavailable(f"building or loading the kernels failed: {error!r}")
+                _outcome.__cause__ = error
+        outcome = _outcome
+    if isinstance(outcome, CPUKernelUnavailable):
+        raise outcome.with_traceback(None)  # the same error each time, its traceback not growing with each raise
+    return outcome
+
+
+def reset() -> None:
+    """Forget :func:`library`'s outcome, so that the next call loads or builds again (tests). Libraries already
+    loaded stay loaded: ctypes cannot unload them safely."""
+    global _outcome
+    with _outcome_lock:
+        _outcome = None
 
 
 def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -> tuple[_Codes, list[torch.Tensor]]:

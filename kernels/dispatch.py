@@ -69,7 +69,13 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
                 f"backend='cpu' needs head_dim a multiple of 16 up to {cpu_kernels.MAX_HEAD_DIM}, the model has "
                 f"{head_dim}"
             )
-        cpu_kernels.library()  # build now: a missing compiler is reported here, not mid-generation
+        try:
+            cpu_kernels.library()  # build now: a failure is reported when the backend is resolved, not mid-generation
+        except cpu_kernels.CPUKernelUnavailable as error:
+            raise cpu_kernels.CPUKernelUnavailable(
+                f"backend='cpu' needs the C kernels, which are unavailable here: {error}. Use backend='auto' (falls "
+                "back to PyTorch) or backend='torch'"
+            ) from error
     return backend
 
 

@@ -103,18 +103,19 @@ def test_dispatcher_routes_to_cpu_kernels_and_guards_packed_indices() -> None:
 def test_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
-    cpu_kernels.library.cache_clear()
+    cpu_kernels.reset()
     try:
         with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="no C compiler found"):
             cpu_kernels.library()
         monkeypatch.undo()
         monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
         monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+        cpu_kernels.reset()  # the failure above is kept for the process
         with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="failed"):
             cpu_kernels.library()
         assert not list((tmp_path / "kernels").glob("*.so")), "a failed build must not leave a library behind"
     finally:
-        cpu_kernels.library.cache_clear()
+        cpu_kernels.reset()
 
 
 def test_auto_backend_takes_the_cpu_kernels_where_they_fit(monkeypatch, tmp_path) -> None:
@@ -125,12 +126,12 @@ def test_auto_backend_takes_the_cpu_kernels_where_they_fit(monkeypatch, tmp_path
         dispatch.resolve_backend("cpu", cpu, head_dim=24)
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    cpu_kernels.library.cache_clear()
+    cpu_kernels.reset()
     try:
         with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
             assert dispatch.resolve_backend("auto", cpu, head_dim=64) == "torch"
     finally:
-        cpu_kernels.library.cache_clear()
+        cpu_kernels.reset()
 
 
 def test_kernels_build_without_openmp(monkeypatch, tmp_path) -> None:
@@ -140,11 +141,11 @@ def test_kernels_build_without_openmp(monkeypatch, tmp_path) -> None:
     compiler.chmod(0o755)
     monkeypatch.setenv("STA_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(compiler))
-    cpu_kernels.library.cache_clear()
+    cpu_kernels.reset()
     try:
         g = gen(3)
         kv = make_cache(g, 1, 3, 64, 4, 2000, 16, 1024, 8, 16, 1, F32, True)
         assert compare(kv, kv, randn(g, 1, 9, 1, 64), None) < TOL[F32]
         assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
     finally:
-        cpu_kernels.library.cache_clear()
+        cpu_kernels.reset()
