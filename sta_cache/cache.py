@@ -13,6 +13,7 @@ from .attention import hand_over
 from .dictionary import KVDictionary
 from .layer import SparseSemanticLayer
 from .memory import owned, storage_bytes
+from .validation import check_cache_arguments
 
 DEFAULT_RESIDUAL_LENGTH = 64
 DEFAULT_NUM_SINK_TOKENS = 4
@@ -63,6 +64,22 @@ def check_model_fits(dictionary: KVDictionary, config: PretrainedConfig) -> list
     return layer_types
 
 
+def model_config(config: PretrainedConfig | None, model: torch.nn.Module | None) -> PretrainedConfig | None:
+    """The model config that ``config=`` or ``model=`` gives (``model=model`` is short for
+    ``config=model.config``); checks what was passed."""
+    if model is not None:
+        if config is not None:
+            raise TypeError("pass config= or model=, not both (model=model is short for config=model.config)")
+        config = getattr(model, "config", None)
+        if not isinstance(config, PretrainedConfig):
+            raise TypeError(f"model= must be a transformers model with a .config, got {type(model).__name__}")
+    if config is not None and not isinstance(config, PretrainedConfig):
+        raise TypeError(
+            f"config must be a transformers PretrainedConfig (model.config), got {type(config).__name__}"
+        )
+    return config
+
+
 class CompactSlidingWindowLayer(DynamicSlidingWindowLayer):
     """transformers' sliding-window layer, except that after a prefill or chunk it keeps a compact copy of its
     window instead of a view of all the chunk's keys and values (which keeps the whole prompt alive). After a
@@ -84,15 +101,19 @@ class SparseSemanticCache(Cache):
     time. Layers without a dictionary stay dense (sliding-window layers, such as Gemma-3's local layers, keep
     transformers' own bounded sliding cache).
 
-    Pass ``config=model.config`` to check the dictionary against the model before anything runs, and to lay out
-    sliding-window layers. Use ``attn_implementation="sta"`` (see :mod:`sta_cache.attention`) to attend from the
-    codes directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
+    Pass ``config=model.config`` (or ``model=model``) to check the dictionary against the model before anything
+    runs (layers, KV heads, head_dim), and to lay out
+    sliding-window layers; without it a model with other KV heads or head_dim, or more layers, is refused at its
+    first forward. Use ``attn_implementation="sta"`` (see :mod:`sta_cache.attention`) to attend from the codes
+    directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
 
-    ``k_key`` / ``k_value`` default to the dictionary's budget (8 / 16 unless it says otherwise).
-    ``coefficient_dtype`` stores coefficients in another dtype than the model's (e.g. ``torch.float8_e4m3fn``);
-    ``pack_indices=True`` packs each index into ceil(log2 N) bits.
+    ``k_key`` / ``k_value`` (ints from 1 to the dictionary's N atoms) default to the dictionary's budget (8 / 16
+    unless it says otherwise). ``coefficient_dtype`` stores coefficients in another float dtype than the model's
+    (a ``torch.dtype``, e.g. ``torch.float8_e4m3fn``; not a string; values beyond its range are clamped, with a
+    warning); ``pack_indices=True`` packs each index into ceil(log2 N) bits (N <= 65536).
     ``backend`` is ``"auto"`` (Triton on CUDA; on the CPU the fused C kernels, built once with the system C
     compiler, or PyTorch where they cannot be built), ``"torch"``, ``"triton"`` or ``"cpu"`` (the C kernels).
+    Every argument is checked here; a failed ``update`` leaves each layer as it was.
     """
 
     def __init__(
@@ -105,14 +126,28 @@ class SparseSemanticCache(Cache):
         num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS,
         encode_batch: int = DEFAULT_ENCODE_BATCH,
         config: PretrainedConfig | None = None,
+        model: torch.nn.Module | None = None,
         coefficient_dtype: torch.dtype | None = None,
         pack_indices: bool = False,
         backend: str = "auto",
     ):
+        if not isinstance(dictionary, KVDictionary):
+            load = isinstance(dictionary, (str, os.PathLike))
+            raise TypeError(
+                f"dictionary must be a KVDictionary, got {type(dictionary).__name__}"
+                + (f": load {dictionary!r} with SparseSemanticCache.from_pretrained(...)" if load else "")
+            )
+        config = model_config(config, model)
         meta = dictionary.config
+        k_key = meta.k_key if k_key is None else k_key
+        k_value = meta.k_value if k_value is None else k_value
+        check_cache_arguments(
+            n_atoms=meta.n_atoms, k_key=k_key, k_value=k_value, residual_length=residual_length,
+            num_sink_tokens=num_sink_tokens, encode_batch=encode_batch, coefficient_dtype=coefficient_dtype,
+            pack_indices=pack_indices, backend=backend,
+        )  # fmt: skip
         self.dictionary = dictionary
-        self.k_key = meta.k_key if k_key is None else k_key
-        self.k_value = meta.k_value if k_value is None else k_value
+        self.k_key, self.k_value = k_key, k_value
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
         if config is not None:
             layer_types = check_model_fits(dictionary, config)
@@ -154,18 +189,33 @@ class SparseSemanticCache(Cache):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
+        config: PretrainedConfig | None = None,
+        model: torch.nn.Module | None = None,
         **kwargs,
     ) -> SparseSemanticCache:
-        """Load the dictionary from a folder or Hub repo id and build a cache; ``kwargs`` go to ``__init__``."""
+        """Load the dictionary from a folder or Hub repo id and build a cache. Pass ``config=model.config`` (or
+        ``model=model``) to check the dictionary against the model now; ``kwargs`` go to ``__init__``."""
+        config = model_config(config, model)  # before loading: a wrong argument fails fast
         dictionary = KVDictionary.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-        return cls(dictionary, **kwargs)
+        return cls(dictionary, config=config, **kwargs)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        meta = self.dictionary.config
         if layer_idx >= len(self.layers):
-            raise ValueError(
-                f"the model has a layer {layer_idx} but the dictionary ({self.dictionary.config.base_model}) covers "
-                f"{len(self.layers)} layers: it was made for another model"
+            raise UnsupportedModelError(
+                f"the model has a layer {layer_idx} but the dictionary ({meta.base_model}) covers "
+                f"{len(self.layers)} layers: it was made for another model (pass config=model.config to check "
+                "before anything runs)"
             )
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SparseSemanticLayer) and not layer.is_initialized:
+            _, heads, _, head_dim = key_states.shape
+            if (heads, head_dim) != (meta.num_kv_heads, meta.head_dim):
+                raise UnsupportedModelError(
+                    f"layer {layer_idx} of the model has {heads} KV heads and head_dim {head_dim}, the dictionary "
+                    f"({meta.base_model}) was made for {meta.num_kv_heads} KV heads and head_dim {meta.head_dim}: "
+                    "it belongs to another model (pass config=model.config to check before anything runs)"
+                )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         hand_over(layer_idx, self.layers[layer_idx])
         return keys, values

@@ -14,6 +14,7 @@ from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_
 from .dictionary import KINDS, LayerDictionary
 from .memory import owned, storage_bytes
 from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
+from .validation import check_cache_arguments
 
 T = TypeVar("T")
 
@@ -68,11 +69,11 @@ class SparseSemanticLayer(CacheLayerMixin):
     ):
         super().__init__()
         n_atoms = dictionary.key[0].n_atoms
-        for name, k in (("k_key", k_key), ("k_value", k_value)):
-            if not 1 <= k <= n_atoms:
-                raise ValueError(f"{name}={k} must be between 1 and the dictionary's N={n_atoms} atoms")
-        if residual_length < 0 or num_sink_tokens < 0 or encode_batch < 1:
-            raise ValueError("residual_length and num_sink_tokens must be >= 0, encode_batch >= 1")
+        check_cache_arguments(
+            n_atoms=n_atoms, k_key=k_key, k_value=k_value, residual_length=residual_length,
+            num_sink_tokens=num_sink_tokens, encode_batch=encode_batch, coefficient_dtype=coefficient_dtype,
+            pack_indices=pack_indices, backend=backend,
+        )  # fmt: skip
         self.dictionary = dictionary
         self.layer_idx = layer_idx
         self.k = {"key": k_key, "value": k_value}
@@ -85,6 +86,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.pack_indices = pack_indices
         self.requested_backend = backend
         self.attention_reads_codes = False  # set by the "sta" attention function
+        self.warned_clamping = False
         self._clear()
 
     # ------------------------------------------------------------------------------------------ state
@@ -304,12 +306,27 @@ class SparseSemanticLayer(CacheLayerMixin):
             ]
             indices = torch.stack([i.view(batch, n, k) for i, _ in per_head], dim=1)
             coefficients = torch.stack([c.view(batch, n, k) for _, c in per_head], dim=1)
-        if self.coefficient_dtype.itemsize == 1 and self.coefficient_dtype.is_floating_point:
-            limit = torch.finfo(self.coefficient_dtype).max  # float8 casts overflow to NaN, not to the maximum
-            coefficients = coefficients.clamp(-limit, limit)
+        if self.coefficient_dtype.itemsize < 4:
+            coefficients = self._clamp_to_coefficient_dtype(coefficients)
         if self.pack_indices:
             return pack_indices(indices, self.n_atoms), coefficients.to(self.coefficient_dtype)
         return indices.to(self.stored_index_dtype), coefficients.to(self.coefficient_dtype)
+
+    def _clamp_to_coefficient_dtype(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Clamp float32 coefficients to the range of a narrower coefficient dtype, which a cast would turn into
+        inf (float16, bfloat16) or NaN (float8); warn the first time this layer clamps, as its codes then lose
+        accuracy."""
+        limit = torch.finfo(self.coefficient_dtype).max
+        if not self.warned_clamping and bool((coefficients.abs() > limit).any()):
+            warnings.warn(
+                f"layer {self.layer_idx}: coefficients beyond the range of {self.coefficient_dtype} (|c| > {limit:g}) "
+                "were clamped to it; these tokens are coded less accurately. Store a wider coefficient_dtype (e.g. "
+                "torch.float32, or None for the model's dtype) if this happens often.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.warned_clamping = True
+        return coefficients.clamp(-limit, limit)
 
     def _indices(self, kind: str) -> torch.Tensor:
         stored = self.codes[kind][0]
