@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import warnings
 
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention import hand_over
 from .dictionary import KVDictionary
@@ -61,7 +64,59 @@ def check_model_fits(dictionary: KVDictionary, config: PretrainedConfig) -> list
             f"layers {sliding_with_saes} are sliding-window layers, which keep a bounded dense cache; the dictionary "
             "should not hold SAEs for them"
         )
+    if meta.key_space == "pre_rope":
+        check_rotary_fits(dictionary, config, layer_types)
     return layer_types
+
+
+def rotary_from_config(config: PretrainedConfig, layer_type: str | None) -> tuple[torch.Tensor, float]:
+    """``(inv_freq, attention_scaling)`` that transformers' rotary embedding computes at init for layers of
+    ``layer_type`` of a model built from the text ``config`` (``rope_parameters``: rope_theta, rope_type and its
+    scaling, partial_rotary_factor; per layer type where the config has one set per type, as Gemma-3's)."""
+    config = copy.deepcopy(config)  # transformers' rope functions standardize the config they are given in place
+    config.standardize_rope_params()
+    parameters = config.rope_parameters
+    per_type = layer_type is not None and isinstance(parameters.get(layer_type), dict)
+    parameters = parameters[layer_type] if per_type else parameters
+    rope_type = parameters.get("rope_type", "default")
+    if rope_type != "default":
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type if per_type else None)
+        return inv_freq.float(), float(scaling)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    partial = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    dim = int(head_dim * partial)
+    return 1.0 / parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim), 1.0
+
+
+def check_rotary_fits(dictionary: KVDictionary, config: PretrainedConfig, layer_types: list[str]) -> None:
+    """Pre-RoPE codes are re-rotated with the dictionary's frequencies and ``rope_scaling``: raise
+    :class:`UnsupportedModelError` if those are not the model's (another rope_theta, rope scaling or model), which
+    would rotate every compressed key wrongly. Warn instead if the model's cannot be computed from its config."""
+    meta = dictionary.config
+    for i in meta.layer_indices:
+        try:
+            inv_freq, scaling = rotary_from_config(config, layer_types[i])
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            warnings.warn(
+                f"could not compute the rotary frequencies of {config.model_type} from its config ({error!r}); the "
+                "pre-RoPE dictionary's frequencies are not checked against the model",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+        stored = dictionary[i].rope_inv_freq.cpu()
+        if stored.shape != inv_freq.shape or not torch.allclose(stored, inv_freq, rtol=1e-4, atol=0):
+            raise UnsupportedModelError(
+                f"the pre-RoPE dictionary ({meta.base_model}) rotates keys with other frequencies than this "
+                f"{config.model_type} model: layer {i} has inv_freq {_leading(inv_freq)} ({inv_freq.numel()} "
+                f"frequencies), the dictionary {_leading(stored)} ({stored.numel()}); it was made for another "
+                "rope_theta, rope scaling or model, and would rotate every compressed key wrongly"
+            )
+        if not math.isclose(meta.rope_scaling, scaling, rel_tol=1e-4):
+            raise UnsupportedModelError(
+                f"the pre-RoPE dictionary ({meta.base_model}) has rope_scaling {meta.rope_scaling}, this "
+                f"{config.model_type} model scales its rotary embedding by {scaling}: it was made for another model"
+            )
 
 
 def model_config(config: PretrainedConfig | None, model: torch.nn.Module | None) -> PretrainedConfig | None:
@@ -78,6 +133,11 @@ def model_config(config: PretrainedConfig | None, model: torch.nn.Module | None)
             f"config must be a transformers PretrainedConfig (model.config), got {type(config).__name__}"
         )
     return config
+
+
+def _leading(values: torch.Tensor) -> str:
+    """The first three values of a vector, for a message."""
+    return "[" + ", ".join(f"{v:.4g}" for v in values[:3].tolist()) + ", ...]"
 
 
 class CompactSlidingWindowLayer(DynamicSlidingWindowLayer):
@@ -102,7 +162,7 @@ class SparseSemanticCache(Cache):
     transformers' own bounded sliding cache).
 
     Pass ``config=model.config`` (or ``model=model``) to check the dictionary against the model before anything
-    runs (layers, KV heads, head_dim), and to lay out
+    runs (layers, KV heads, head_dim and, for pre-RoPE dictionaries, the rotary frequencies), and to lay out
     sliding-window layers; without it a model with other KV heads or head_dim, or more layers, is refused at its
     first forward. Use ``attn_implementation="sta"`` (see :mod:`sta_cache.attention`) to attend from the codes
     directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
