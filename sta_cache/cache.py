@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import warnings
 
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention import hand_over
 from .dictionary import KVDictionary
 from .layer import SparseSemanticLayer
 from .memory import owned, storage_bytes
+from .validation import check_cache_arguments
 
 DEFAULT_RESIDUAL_LENGTH = 64
 DEFAULT_NUM_SINK_TOKENS = 4
@@ -60,7 +64,80 @@ def check_model_fits(dictionary: KVDictionary, config: PretrainedConfig) -> list
             f"layers {sliding_with_saes} are sliding-window layers, which keep a bounded dense cache; the dictionary "
             "should not hold SAEs for them"
         )
+    if meta.key_space == "pre_rope":
+        check_rotary_fits(dictionary, config, layer_types)
     return layer_types
+
+
+def rotary_from_config(config: PretrainedConfig, layer_type: str | None) -> tuple[torch.Tensor, float]:
+    """``(inv_freq, attention_scaling)`` that transformers' rotary embedding computes at init for layers of
+    ``layer_type`` of a model built from the text ``config`` (``rope_parameters``: rope_theta, rope_type and its
+    scaling, partial_rotary_factor; per layer type where the config has one set per type, as Gemma-3's)."""
+    config = copy.deepcopy(config)  # transformers' rope functions standardize the config they are given in place
+    config.standardize_rope_params()
+    parameters = config.rope_parameters
+    per_type = layer_type is not None and isinstance(parameters.get(layer_type), dict)
+    parameters = parameters[layer_type] if per_type else parameters
+    rope_type = parameters.get("rope_type", "default")
+    if rope_type != "default":
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type if per_type else None)
+        return inv_freq.float(), float(scaling)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    partial = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    dim = int(head_dim * partial)
+    return 1.0 / parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim), 1.0
+
+
+def check_rotary_fits(dictionary: KVDictionary, config: PretrainedConfig, layer_types: list[str]) -> None:
+    """Pre-RoPE codes are re-rotated with the dictionary's frequencies and ``rope_scaling``: raise
+    :class:`UnsupportedModelError` if those are not the model's (another rope_theta, rope scaling or model), which
+    would rotate every compressed key wrongly. Warn instead if the model's cannot be computed from its config."""
+    meta = dictionary.config
+    for i in meta.layer_indices:
+        try:
+            inv_freq, scaling = rotary_from_config(config, layer_types[i])
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            warnings.warn(
+                f"could not compute the rotary frequencies of {config.model_type} from its config ({error!r}); the "
+                "pre-RoPE dictionary's frequencies are not checked against the model",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+        stored = dictionary[i].rope_inv_freq.cpu()
+        if stored.shape != inv_freq.shape or not torch.allclose(stored, inv_freq, rtol=1e-4, atol=0):
+            raise UnsupportedModelError(
+                f"the pre-RoPE dictionary ({meta.base_model}) rotates keys with other frequencies than this "
+                f"{config.model_type} model: layer {i} has inv_freq {_leading(inv_freq)} ({inv_freq.numel()} "
+                f"frequencies), the dictionary {_leading(stored)} ({stored.numel()}); it was made for another "
+                "rope_theta, rope scaling or model, and would rotate every compressed key wrongly"
+            )
+        if not math.isclose(meta.rope_scaling, scaling, rel_tol=1e-4):
+            raise UnsupportedModelError(
+                f"the pre-RoPE dictionary ({meta.base_model}) has rope_scaling {meta.rope_scaling}, this "
+                f"{config.model_type} model scales its rotary embedding by {scaling}: it was made for another model"
+            )
+
+
+def model_config(config: PretrainedConfig | None, model: torch.nn.Module | None) -> PretrainedConfig | None:
+    """The model config that ``config=`` or ``model=`` gives (``model=model`` is short for
+    ``config=model.config``); checks what was passed."""
+    if model is not None:
+        if config is not None:
+            raise TypeError("pass config= or model=, not both (model=model is short for config=model.config)")
+        config = getattr(model, "config", None)
+        if not isinstance(config, PretrainedConfig):
+            raise TypeError(f"model= must be a transformers model with a .config, got {type(model).__name__}")
+    if config is not None and not isinstance(config, PretrainedConfig):
+        raise TypeError(
+            f"config must be a transformers PretrainedConfig (model.config), got {type(config).__name__}"
+        )
+    return config
+
+
+def _leading(values: torch.Tensor) -> str:
+    """The first three values of a vector, for a message."""
+    return "[" + ", ".join(f"{v:.4g}" for v in values[:3].tolist()) + ", ...]"
 
 
 class CompactSlidingWindowLayer(DynamicSlidingWindowLayer):
@@ -84,15 +161,19 @@ class SparseSemanticCache(Cache):
     time. Layers without a dictionary stay dense (sliding-window layers, such as Gemma-3's local layers, keep
     transformers' own bounded sliding cache).
 
-    Pass ``config=model.config`` to check the dictionary against the model before anything runs, and to lay out
-    sliding-window layers. Use ``attn_implementation="sta"`` (see :mod:`sta_cache.attention`) to attend from the
-    codes directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
+    Pass ``config=model.config`` (or ``model=model``) to check the dictionary against the model before anything
+    runs (layers, KV heads, head_dim and, for pre-RoPE dictionaries, the rotary frequencies), and to lay out
+    sliding-window layers; without it a model with other KV heads or head_dim, or more layers, is refused at its
+    first forward. Use ``attn_implementation="sta"`` (see :mod:`sta_cache.attention`) to attend from the codes
+    directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
 
-    ``k_key`` / ``k_value`` default to the dictionary's budget (8 / 16 unless it says otherwise).
-    ``coefficient_dtype`` stores coefficients in another dtype than the model's (e.g. ``torch.float8_e4m3fn``);
-    ``pack_indices=True`` packs each index into ceil(log2 N) bits.
+    ``k_key`` / ``k_value`` (ints from 1 to the dictionary's N atoms) default to the dictionary's budget (8 / 16
+    unless it says otherwise). ``coefficient_dtype`` stores coefficients in another float dtype than the model's
+    (a ``torch.dtype``, e.g. ``torch.float8_e4m3fn``; not a string; values beyond its range are clamped, with a
+    warning); ``pack_indices=True`` packs each index into ceil(log2 N) bits (N <= 65536).
     ``backend`` is ``"auto"`` (Triton on CUDA; on the CPU the fused C kernels, built once with the system C
     compiler, or PyTorch where they cannot be built), ``"torch"``, ``"triton"`` or ``"cpu"`` (the C kernels).
+    Every argument is checked here; a failed ``update`` leaves each layer as it was.
     """
 
     def __init__(
@@ -105,14 +186,28 @@ class SparseSemanticCache(Cache):
         num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS,
         encode_batch: int = DEFAULT_ENCODE_BATCH,
         config: PretrainedConfig | None = None,
+        model: torch.nn.Module | None = None,
         coefficient_dtype: torch.dtype | None = None,
         pack_indices: bool = False,
         backend: str = "auto",
     ):
+        if not isinstance(dictionary, KVDictionary):
+            load = isinstance(dictionary, (str, os.PathLike))
+            raise TypeError(
+                f"dictionary must be a KVDictionary, got {type(dictionary).__name__}"
+                + (f": load {dictionary!r} with SparseSemanticCache.from_pretrained(...)" if load else "")
+            )
+        config = model_config(config, model)
         meta = dictionary.config
+        k_key = meta.k_key if k_key is None else k_key
+        k_value = meta.k_value if k_value is None else k_value
+        check_cache_arguments(
+            n_atoms=meta.n_atoms, k_key=k_key, k_value=k_value, residual_length=residual_length,
+            num_sink_tokens=num_sink_tokens, encode_batch=encode_batch, coefficient_dtype=coefficient_dtype,
+            pack_indices=pack_indices, backend=backend,
+        )  # fmt: skip
         self.dictionary = dictionary
-        self.k_key = meta.k_key if k_key is None else k_key
-        self.k_value = meta.k_value if k_value is None else k_value
+        self.k_key, self.k_value = k_key, k_value
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
         if config is not None:
             layer_types = check_model_fits(dictionary, config)
@@ -154,18 +249,33 @@ class SparseSemanticCache(Cache):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
+        config: PretrainedConfig | None = None,
+        model: torch.nn.Module | None = None,
         **kwargs,
     ) -> SparseSemanticCache:
-        """Load the dictionary from a folder or Hub repo id and build a cache; ``kwargs`` go to ``__init__``."""
+        """Load the dictionary from a folder or Hub repo id and build a cache. Pass ``config=model.config`` (or
+        ``model=model``) to check the dictionary against the model now; ``kwargs`` go to ``__init__``."""
+        config = model_config(config, model)  # before loading: a wrong argument fails fast
         dictionary = KVDictionary.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-        return cls(dictionary, **kwargs)
+        return cls(dictionary, config=config, **kwargs)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        meta = self.dictionary.config
         if layer_idx >= len(self.layers):
-            raise ValueError(
-                f"the model has a layer {layer_idx} but the dictionary ({self.dictionary.config.base_model}) covers "
-                f"{len(self.layers)} layers: it was made for another model"
+            raise UnsupportedModelError(
+                f"the model has a layer {layer_idx} but the dictionary ({meta.base_model}) covers "
+                f"{len(self.layers)} layers: it was made for another model (pass config=model.config to check "
+                "before anything runs)"
             )
+        layer = self.layers[layer_idx]
+        if isinstance(layer, SparseSemanticLayer) and not layer.is_initialized:
+            _, heads, _, head_dim = key_states.shape
+            if (heads, head_dim) != (meta.num_kv_heads, meta.head_dim):
+                raise UnsupportedModelError(
+                    f"layer {layer_idx} of the model has {heads} KV heads and head_dim {head_dim}, the dictionary "
+                    f"({meta.base_model}) was made for {meta.num_kv_heads} KV heads and head_dim {meta.head_dim}: "
+                    "it belongs to another model (pass config=model.config to check before anything runs)"
+                )
         previous = self.layers[layer_idx - 1] if layer_idx > 0 else None
         if isinstance(previous, SparseSemanticLayer):
             # Layers run in order, so the previous layer's attention is done: with any attention implementation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,12 +16,17 @@ from torch import nn
 
 from .memory import storage_bytes
 from .sae import TopKSAE
+from .validation import check_choice, check_flag, check_int, check_positive_float
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "dictionary.safetensors"
 KINDS = ("key", "value")
 SAE_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# config.json records the sha256 of the tensors under this key (not a config field: it describes the file).
+DIGEST_KEY = "tensor_sha256"
+# Decoder atoms are unit vectors; a file saved in a narrow dtype keeps them unit only to that dtype's precision.
+ATOM_NORM_TOLERANCE = 1e-2
 
 
 class DictionaryFormatError(ValueError):
@@ -55,16 +61,36 @@ class KVDictionaryConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.key_space not in ("post_rope", "pre_rope"):
-            raise DictionaryFormatError(f"key_space must be 'post_rope' or 'pre_rope', got {self.key_space!r}")
-        if self.encoder not in ("topk", "omp"):
-            raise DictionaryFormatError(f"encoder must be 'topk' or 'omp', got {self.encoder!r}")
-        bad = [i for i in self.layer_indices if not 0 <= i < self.num_layers]
-        if bad:
-            raise DictionaryFormatError(f"layer_indices {bad} are outside a {self.num_layers}-layer model")
-        for name, k in (("k_key", self.k_key), ("k_value", self.k_value)):
-            if not 1 <= k <= self.n_atoms:
-                raise DictionaryFormatError(f"default {name}={k} must be between 1 and n_atoms={self.n_atoms}")
+        """Check every field's type and range: a config.json edited by hand (``"n_atoms": 1024.0``, ``"rope_scaling":
+        "1.0"``) is refused here by name rather than failing somewhere inside torch."""
+        try:
+            self._check_fields()
+        except (TypeError, ValueError) as error:
+            raise DictionaryFormatError(f"invalid dictionary config: {error}") from error
+
+    def _check_fields(self) -> None:
+        if not isinstance(self.base_model, str):
+            raise TypeError(f"base_model must be a string, got {self.base_model!r}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "n_atoms", "format_version"):
+            check_int(name, getattr(self, name), minimum=1)
+        if not isinstance(self.layer_indices, list):
+            raise TypeError(f"layer_indices must be a list of ints, got {self.layer_indices!r}")
+        for i in self.layer_indices:
+            check_int("each of layer_indices", i, maximum=self.num_layers - 1, minimum=0,
+                      bound=f" (a layer of the {self.num_layers}-layer model)")  # fmt: skip
+        if len(set(self.layer_indices)) != len(self.layer_indices):
+            raise ValueError(f"layer_indices {self.layer_indices} name a layer twice")
+        for name in ("k_key", "k_value"):
+            check_int(f"default {name}", getattr(self, name), minimum=1, maximum=self.n_atoms, bound=" (n_atoms)")
+        check_flag("per_head", self.per_head)
+        check_choice("key_space", self.key_space, ("post_rope", "pre_rope"))
+        check_choice("encoder", self.encoder, ("topk", "omp"))
+        check_positive_float("rope_scaling", self.rope_scaling)
+        if self.key_space == "pre_rope" and self.head_dim % 2:
+            raise ValueError(f"pre-RoPE keys rotate pairs of dimensions: head_dim must be even, got {self.head_dim}")
+        for name in ("training", "evaluation"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"{name} must be a JSON object (a dict), got {getattr(self, name)!r}")
 
     @property
     def num_dictionary_heads(self) -> int:
@@ -78,7 +104,7 @@ class KVDictionaryConfig:
         if missing:
             raise DictionaryFormatError(f"config.json lacks the fields {missing}")
         version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
             raise DictionaryFormatError(
                 f"dictionary format {version} is newer than this sta_cache understands ({FORMAT_VERSION}); upgrade"
             )
@@ -164,7 +190,8 @@ class KVDictionary(nn.Module):
             for name, t in self._flat_tensors().items()
         }
         save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "sta_cache": str(FORMAT_VERSION)})
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        config = {**asdict(self.config), DIGEST_KEY: tensor_digest(tensors)}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         (directory / "README.md").write_text(model_card(self.config, directory / WEIGHTS_NAME))
         return directory
 
@@ -186,16 +213,24 @@ class KVDictionary(nn.Module):
 
     @classmethod
     def load_folder(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> KVDictionary:
-        """Read a saved folder, checking that config and tensors agree exactly."""
+        """Read a saved folder, checking once what every later step relies on: the config's fields, that config
+        and tensors agree exactly, the recorded sha256 of the tensors (when config.json has one), and the
+        tensors' contents (see :func:`check_tensor`)."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise DictionaryFormatError(f"{directory} is not a sta_cache dictionary: {path.name} is missing")
         try:
-            config = KVDictionaryConfig.from_dict(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
+            data = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
             raise DictionaryFormatError(f"{config_path} is not valid dictionary JSON: {error}") from error
+        if not isinstance(data, dict):
+            raise DictionaryFormatError(f"{config_path} is not valid dictionary JSON: it holds no object")
+        try:
+            config = KVDictionaryConfig.from_dict(data)
+        except DictionaryFormatError as error:
+            raise DictionaryFormatError(f"{config_path}: {error}") from error
         try:
             tensors = load_file(weights_path)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -212,14 +247,19 @@ class KVDictionary(nn.Module):
                 f"{weights_path} does not match its config.json: missing {len(missing)} tensors"
                 f" (layers {missing_layers}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
+        recorded = data.get(DIGEST_KEY)
+        if recorded is not None and recorded != tensor_digest(tensors):
+            raise DictionaryFormatError(
+                f"the tensors in {weights_path} do not match the sha256 that {config_path.name} records for them: "
+                "the file is corrupted or was changed after saving; download or save it again"
+            )
         for name, target in expected.items():
             source = tensors[name]
             if source.shape != target.shape:
                 raise DictionaryFormatError(
                     f"tensor {name} has shape {tuple(source.shape)}, config.json implies {tuple(target.shape)}"
                 )
-            if not torch.isfinite(source).all():
-                raise DictionaryFormatError(f"tensor {name} holds non-finite values; the file is corrupted")
+            check_tensor(name, source)
             with torch.no_grad():
                 target.copy_(source.to(target.dtype))
         return dictionary
@@ -233,6 +273,40 @@ class KVDictionary(nn.Module):
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, dtype=torch.float16)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, **kwargs)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors as stored: names, dtypes, shapes and bytes, in name order. Saved in config.json and
+    checked at load, it catches corruption that leaves every value finite (a flipped bit)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Raise :class:`DictionaryFormatError` unless the stored tensor ``name`` is float and finite, decoder atoms
+    (``W_dec`` rows) are unit vectors, and rotary frequencies are positive: a zeroed, rescaled or boolean atom
+    passes every shape check but codes every vector wrongly."""
+    if not tensor.is_floating_point():
+        raise DictionaryFormatError(f"tensor {name} has dtype {tensor.dtype}; dictionary tensors are floats")
+    values = tensor.float()  # float8 files are read as float32: torch cannot check float8 tensors in place
+    if not torch.isfinite(values).all():
+        raise DictionaryFormatError(f"tensor {name} holds non-finite values; the file is corrupted")
+    if name.endswith("W_dec"):
+        tolerance = max(ATOM_NORM_TOLERANCE, torch.finfo(tensor.dtype).eps)
+        norms = values.double().norm(dim=-1)  # float32 squares of 1e-30 underflow to a norm of 0
+        worst = int((norms - 1).abs().argmax())
+        if abs(float(norms[worst]) - 1) > tolerance:
+            raise DictionaryFormatError(
+                f"tensor {name}: atom {worst} has norm {float(norms[worst]):.4g}, and decoder atoms are unit vectors "
+                f"(to within {tolerance:g}): the file is corrupted or its atoms were never normalised "
+                "(TopKSAE.normalize_decoder() does that)"
+            )
+    if name.endswith("rope_inv_freq") and not (values > 0).all():
+        raise DictionaryFormatError(f"tensor {name} holds rotary frequencies <= 0; the file is corrupted")
 
 
 def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:

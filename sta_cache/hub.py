@@ -9,6 +9,7 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import validate_repo_id
 
 from .dictionary import CONFIG_NAME, WEIGHTS_NAME, DictionaryFormatError
 
@@ -29,12 +30,31 @@ def resolve_dictionary(
 
     A local folder wins. Otherwise the name is a Hub repo id, resolved by ``huggingface_hub.snapshot_download``
     (which honours ``HF_HUB_OFFLINE`` and the HF cache); if the Hub cannot be reached and the id is one of the
-    dictionaries shipped with sta_cache, the packaged copy is used.
+    dictionaries shipped with sta_cache, the packaged copy is used. A name that is neither an existing folder nor a
+    valid Hub id (``org/name``, at most 96 characters) is refused before any download.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"a dictionary is named by a folder path or a Hub repo id, got {name_or_path!r}")
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a branch, tag or commit hash (a string), got {revision!r}")
     path = Path(name_or_path)
-    if path.is_dir():
-        return path
+    try:
+        if path.is_dir():
+            return path
+    except OSError as error:  # e.g. ENAMETOOLONG: then it is no folder, and no Hub id either (checked below)
+        reason = error.strerror
+    else:
+        reason = "no such folder"
     repo_id = str(name_or_path)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        shown = repr(repo_id) if len(repo_id) <= 80 else f"{repo_id[:60]!r}... ({len(repo_id)} characters)"
+        raise DictionaryFormatError(
+            f"{shown} is neither a local folder ({reason}) nor a valid Hub repo id ('name' or 'org/name': letters, "
+            "digits, '-', '_' and '.', at most 96 characters): pass the path of a saved dictionary folder or a Hub "
+            "id such as 'sta-cache/SmolLM2-135M-Instruct'"
+        ) from error
     try:
         return Path(
             snapshot_download(
@@ -45,8 +65,6 @@ def resolve_dictionary(
                 allow_patterns=DICTIONARY_FILES,
             )
         )
-    except HFValidationError as error:
-        raise DictionaryFormatError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id") from error
     except Exception as hub_error:  # offline, unreachable, unknown repo or revision
         # huggingface_hub 1.x does not fall back to the cache for a pinned commit when offline: look there first
         for local in (cache_dir, PACKAGED_HUB_CACHE):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -12,6 +14,9 @@ from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_
 from .dictionary import KINDS, LayerDictionary
 from .memory import owned, storage_bytes
 from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
+from .validation import check_cache_arguments
+
+T = TypeVar("T")
 
 
 def index_dtype(n_atoms: int) -> torch.dtype:
@@ -64,11 +69,11 @@ class SparseSemanticLayer(CacheLayerMixin):
     ):
         super().__init__()
         n_atoms = dictionary.key[0].n_atoms
-        for name, k in (("k_key", k_key), ("k_value", k_value)):
-            if not 1 <= k <= n_atoms:
-                raise ValueError(f"{name}={k} must be between 1 and the dictionary's N={n_atoms} atoms")
-        if residual_length < 0 or num_sink_tokens < 0 or encode_batch < 1:
-            raise ValueError("residual_length and num_sink_tokens must be >= 0, encode_batch >= 1")
+        check_cache_arguments(
+            n_atoms=n_atoms, k_key=k_key, k_value=k_value, residual_length=residual_length,
+            num_sink_tokens=num_sink_tokens, encode_batch=encode_batch, coefficient_dtype=coefficient_dtype,
+            pack_indices=pack_indices, backend=backend,
+        )  # fmt: skip
         self.dictionary = dictionary
         self.layer_idx = layer_idx
         self.k = {"key": k_key, "value": k_value}
@@ -81,6 +86,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.pack_indices = pack_indices
         self.requested_backend = backend
         self.attention_reads_codes = False  # set by the "sta" attention function
+        self.warned_clamping = False
         self._clear()
 
     # ------------------------------------------------------------------------------------------ state
@@ -106,13 +112,15 @@ class SparseSemanticLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: the model has {heads} KV heads but the dictionary holds per-head SAEs "
                 f"for {self.num_dictionary_heads}"
             )
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.backend = dispatch.resolve_backend(self.requested_backend, self.device, head_dim)
+        device = key_states.device
+        backend = dispatch.resolve_backend(self.requested_backend, device, head_dim)  # may raise: before any state
+        used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
+        sae = {kind: self.dictionary.on_device(kind, device, used) for kind in KINDS}
+        rope_inv_freq = self.dictionary.rope_inv_freq.to(device)
+        self.sae, self.rope_inv_freq, self.backend = sae, rope_inv_freq, backend
+        self.dtype, self.device = key_states.dtype, device
         self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
         self._warn_if_codes_outweigh(dense_bytes=2 * head_dim * key_states.element_size())
-        used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
-        self.sae = {kind: self.dictionary.on_device(kind, self.device, used) for kind in KINDS}
-        self.rope_inv_freq = self.dictionary.rope_inv_freq.to(self.device)
         empty = key_states.new_empty(batch, heads, 0, head_dim)  # not a view: it would hold the prompt's storage
         self.keys, self.values = empty, empty
         self.sink_keys, self.sink_values = empty, empty
@@ -169,16 +177,32 @@ class SparseSemanticLayer(CacheLayerMixin):
     def num_window(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
+    def _atomically(self, step: Callable[[SparseSemanticLayer], T]) -> T:
+        """Run ``step`` on a draft of this layer (a shallow copy) and take the draft's state over only once it has
+        returned. Steps replace tensors and never write into the ones held, so an exception anywhere (NaN states,
+        a failing kernel, a bad beam index) leaves the layer exactly as it was: never key codes without their
+        value codes, or lengths that disagree."""
+        draft = object.__new__(type(self))
+        draft.__dict__.update(self.__dict__)
+        draft.codes = dict(self.codes)  # the one container that steps change in place
+        result = step(draft)
+        self.__dict__.update(draft.__dict__)
+        return result
+
     # ------------------------------------------------------------------------------------ the protocol
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode what has left the window, append the new tokens densely, and return the keys and values that
         attention should see: all of them (codes rebuilt) for dense attention implementations, or only the
-        window when the "sta" attention function reads the codes itself."""
+        window when the "sta" attention function reads the codes itself. All or nothing: if anything raises,
+        the layer is left as it was before the call."""
+        return self._atomically(lambda layer: layer._update(key_states, value_states))
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.flush(min_tokens=self.encode_batch)
+        self._flush(self.encode_batch)
         start, new = self.get_seq_length(), key_states.shape[2]
         if self.num_window == 0:  # no copy of a whole prompt, unless it is a view of something larger
             self.keys, self.values = owned(key_states), owned(value_states)
@@ -196,20 +220,27 @@ class SparseSemanticLayer(CacheLayerMixin):
 
     def observe(self, position_ids: torch.Tensor | None, real: torch.Tensor | None) -> None:
         """Record the rotary positions ``[B or 1, q]`` and real-token flags ``[B, q]`` of the ``q`` tokens that the
-        last ``update`` appended (called by the "sta" attention function, which sees them)."""
+        last ``update`` appended (called by the "sta" attention function, which sees them). All or nothing."""
         new = position_ids.shape[-1] if position_ids is not None else (real.shape[-1] if real is not None else 0)
         if new == 0:
             return
         if new > self.num_window:
             raise ValueError(f"layer {self.layer_idx}: {new} new tokens observed but the window holds fewer")
+        self._atomically(lambda layer: layer._observe(new, position_ids, real))
+
+    def _observe(self, new: int, position_ids: torch.Tensor | None, real: torch.Tensor | None) -> None:
         if position_ids is not None:
-            self.window_positions[:, -new:] = position_ids.to(self.device).expand(self.window_positions.shape[0], -1)
+            positions = position_ids.to(self.device).expand(self.window_positions.shape[0], -1)
+            self.window_positions = torch.cat([self.window_positions[:, :-new], positions], dim=1)
         if real is not None:
-            self.window_real[:, -new:] = real.to(self.device)
+            self.window_real = torch.cat([self.window_real[:, :-new], real.to(self.device)], dim=1)
 
     def flush(self, min_tokens: int = 1) -> None:
         """Settle the sinks once every row has them, then encode every token beyond the recent window, if there
-        are at least ``min_tokens`` of them."""
+        are at least ``min_tokens`` of them. All or nothing: if encoding raises, nothing is stored."""
+        self._atomically(lambda layer: layer._flush(min_tokens))
+
+    def _flush(self, min_tokens: int) -> None:
         if not self.is_initialized:
             return
         if not self.sinks_settled:
@@ -278,12 +309,27 @@ class SparseSemanticLayer(CacheLayerMixin):
             ]
             indices = torch.stack([i.view(batch, n, k) for i, _ in per_head], dim=1)
             coefficients = torch.stack([c.view(batch, n, k) for _, c in per_head], dim=1)
-        if self.coefficient_dtype.itemsize == 1 and self.coefficient_dtype.is_floating_point:
-            limit = torch.finfo(self.coefficient_dtype).max  # float8 casts overflow to NaN, not to the maximum
-            coefficients = coefficients.clamp(-limit, limit)
+        if self.coefficient_dtype.itemsize < 4:
+            coefficients = self._clamp_to_coefficient_dtype(coefficients)
         if self.pack_indices:
             return pack_indices(indices, self.n_atoms), coefficients.to(self.coefficient_dtype)
         return indices.to(self.stored_index_dtype), coefficients.to(self.coefficient_dtype)
+
+    def _clamp_to_coefficient_dtype(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Clamp float32 coefficients to the range of a narrower coefficient dtype, which a cast would turn into
+        inf (float16, bfloat16) or NaN (float8); warn the first time this layer clamps, as its codes then lose
+        accuracy."""
+        limit = torch.finfo(self.coefficient_dtype).max
+        if not self.warned_clamping and bool((coefficients.abs() > limit).any()):
+            warnings.warn(
+                f"layer {self.layer_idx}: coefficients beyond the range of {self.coefficient_dtype} (|c| > {limit:g}) "
+                "were clamped to it; these tokens are coded less accurately. Store a wider coefficient_dtype (e.g. "
+                "torch.float32, or None for the model's dtype) if this happens often.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.warned_clamping = True
+        return coefficients.clamp(-limit, limit)
 
     def _indices(self, kind: str) -> torch.Tensor:
         stored = self.codes[kind][0]
@@ -343,9 +389,12 @@ class SparseSemanticLayer(CacheLayerMixin):
         self._clear()
 
     def _map_batch(self, fn) -> None:
-        """Apply ``fn`` to the batch dimension of every stored tensor (beam search and batch edits)."""
-        if not self.is_initialized:
-            return
+        """Apply ``fn`` to the batch dimension of every stored tensor (beam search and batch edits), all or
+        nothing."""
+        if self.is_initialized:
+            self._atomically(lambda layer: layer._map_batch_tensors(fn))
+
+    def _map_batch_tensors(self, fn) -> None:
         for name in ("keys", "values", "sink_keys", "sink_values", "sink_positions", "sink_real",
                      "window_positions", "window_real", "key_positions"):  # fmt: skip
             tensor = getattr(self, name)
@@ -366,7 +415,10 @@ class SparseSemanticLayer(CacheLayerMixin):
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens; a negative value drops the last ``-max_length`` (as transformers'
         layers do). Tokens still in the window go exactly; deeper crops drop codes (the kept tokens are not
-        re-encoded), and a crop into the sinks returns them to the window."""
+        re-encoded), and a crop into the sinks returns them to the window. All or nothing."""
+        self._atomically(lambda layer: layer._crop(max_length))
+
+    def _crop(self, max_length: int) -> None:
         length = self.get_seq_length()
         keep_total = length + max_length if max_length < 0 else max_length
         remove = length - max(keep_total, 0)

@@ -1,4 +1,5 @@
-"""Bad input gets a clear error that names the mismatch, before any token is generated."""
+"""Bad input gets a clear error that names the mismatch, before any token is generated (the table of bad inputs
+is in test_validation.py); a call that fails leaves the cache as it was."""
 
 from __future__ import annotations
 
@@ -22,29 +23,6 @@ def test_dictionary_for_another_geometry_is_refused_at_construction():
         SparseSemanticCache(make_dictionary(gemma), config=qwen2.config)
     with pytest.raises(UnsupportedModelError, match="2 KV heads .dictionary: 1"):
         SparseSemanticCache(make_dictionary(gemma), config=llama.config)
-
-
-def test_wrong_head_dim_without_config_fails_on_the_first_forward():
-    llama, gemma = tiny_model("llama"), tiny_model("gemma3")
-    cache = SparseSemanticCache(make_dictionary(gemma))
-    with pytest.raises(ValueError, match="head_dim is 16 but the dictionary was made for head_dim 32"):
-        llama(torch.randint(1, VOCAB, (1, 5)), **cache_kwargs(llama, cache))
-
-
-def test_extra_model_layers_without_config_are_refused():
-    model = tiny_model("llama")
-    dictionary = make_dictionary(model)
-    dictionary.config.num_layers = 2  # as if made for a shallower model
-    cache = SparseSemanticCache(dictionary)
-    with pytest.raises(ValueError, match="the model has a layer 2 .* covers 2 layers"):
-        model(torch.randint(1, VOCAB, (1, 5)), **cache_kwargs(model, cache))
-
-
-@pytest.mark.parametrize("budget", [dict(k_key=65), dict(k_value=0)])
-def test_budget_outside_the_dictionary_is_refused(budget):
-    model = tiny_model("llama")
-    with pytest.raises(ValueError, match="must be between 1 and the dictionary's N=64"):
-        SparseSemanticCache(make_dictionary(model), config=model.config, **budget)
 
 
 def test_a_budget_that_stores_more_than_the_dense_vectors_warns():
@@ -84,8 +62,16 @@ def test_non_finite_states_never_reach_the_codes():
     hook = model.model.layers[1].self_attn.v_proj.register_forward_hook(
         lambda module, args, out: out.index_fill(1, torch.tensor([0]), float("nan"))
     )
+    # Found when layer 2's update codes what left layer 1's window; retries leave layer 1 as it was: no key
+    # codes without value codes pile up.
     with pytest.raises(ValueError, match="layer 1: non-finite value states reached the encoder"):
         model(torch.randint(1, VOCAB, (1, 6)), **cache_kwargs(model, cache))
+    for _ in range(3):
+        with pytest.raises(ValueError, match="layer 1: non-finite value states reached the encoder"):
+            model(torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(model, cache))
+        layer = cache.layers[1]
+        assert layer.get_seq_length() == 6 and layer.num_compressed == 0
+        assert layer.codes["key"][0].shape[2] == layer.codes["value"][0].shape[2] == 0
     hook.remove()
 
 
@@ -96,3 +82,117 @@ def test_sae_encode_refuses_non_finite_input_and_bad_k():
         sae.encode(torch.tensor([[float("inf")] * 16]), 4)
     with pytest.raises(ValueError, match="k must be between 1 and the number of atoms"):
         sae.encode(torch.randn(2, 16), 65)
+
+
+# ------------------------------------------------------------------------------- a failed call changes nothing
+def snapshot(layer) -> dict:
+    """Every attribute of ``layer``; tensors (also inside ``codes``) as ``(object, clone)``, to tell a replaced
+    tensor from one written into."""
+    def held(value):
+        if isinstance(value, torch.Tensor):
+            return value, value.clone()
+        if isinstance(value, (tuple, list)):
+            return type(value)(held(v) for v in value)
+        if isinstance(value, dict):
+            return {k: held(v) for k, v in value.items()}
+        return value
+
+    return {name: held(value) for name, value in vars(layer).items()}
+
+
+def assert_unchanged(layer, before: dict) -> None:
+    def same(now, then, where):
+        if isinstance(then, tuple) and len(then) == 2 and isinstance(then[1], torch.Tensor) and \
+                isinstance(now, torch.Tensor):  # fmt: skip
+            assert now is then[0], where
+            torch.testing.assert_close(now, then[1], rtol=0, atol=0, equal_nan=True, msg=where)
+        elif isinstance(then, (tuple, list)):
+            assert len(now) == len(then), where
+            for i, (a, b) in enumerate(zip(now, then)):
+                same(a, b, f"{where}[{i}]")
+        elif isinstance(then, dict):
+            assert now.keys() == then.keys(), where
+            for key in then:
+                same(now[key], then[key], f"{where}[{key!r}]")
+        else:
+            assert now is then or now == then, where
+
+    assert vars(layer).keys() == before.keys()
+    for name, then in before.items():
+        same(getattr(layer, name), then, name)
+
+
+def prefilled_layer(values_nan_at: int | None = None):
+    """Layer 1 of a tiny llama cache after a 6-token update that nothing has encoded yet (window 2, so the next
+    update encodes 4 tokens); ``values_nan_at`` puts a NaN into that token's value."""
+    model = tiny_model("llama")
+    cache = SparseSemanticCache(make_dictionary(model), residual_length=2, num_sink_tokens=0, encode_batch=1,
+                                config=model.config, backend="torch")  # fmt: skip
+    keys, values = torch.randn(2, 1, 2, 6, 16).unbind(0)
+    if values_nan_at is not None:
+        values[:, :, values_nan_at, 0] = float("nan")
+    layer = cache.layers[1]
+    layer.update(keys, values)
+    return layer
+
+
+def assert_consistent(layer, tokens: int) -> None:
+    keys, values = layer.dense_keys_values()
+    assert layer.get_seq_length() == keys.shape[2] == values.shape[2] == tokens
+    assert layer.codes["key"][0].shape[2] == layer.codes["value"][0].shape[2] == layer.num_compressed
+    assert layer.memory()["code_bytes"] > 0
+
+
+def test_an_encoder_failing_for_the_values_leaves_the_layer_as_it_was(monkeypatch):
+    """The key codes are computed first; the value encoder then fails: no key code may stay behind, at the
+    update (which encodes what left the window) or at an explicit flush; once the encoder works again, updates
+    go on as if the failure had never happened."""
+    from sta_cache.kernels import dispatch
+
+    layer = prefilled_layer()
+    encode = dispatch.encode
+
+    def failing_for_values(x, sae, k, encoder, backend):
+        if k == layer.k["value"]:
+            raise RuntimeError("kernel failed")
+        return encode(x, sae, k, encoder, backend)
+
+    monkeypatch.setattr(dispatch, "encode", failing_for_values)
+    before = snapshot(layer)
+    for _ in range(2):  # a retry must not pile up key codes either
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            layer.update(*torch.randn(2, 1, 2, 1, 16).unbind(0))
+        assert_unchanged(layer, before)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            layer.flush()
+        assert_unchanged(layer, before)
+    monkeypatch.setattr(dispatch, "encode", encode)
+    layer.update(*torch.randn(2, 1, 2, 1, 16).unbind(0))
+    assert layer.num_compressed == 4
+    assert_consistent(layer, 7)
+
+
+def test_non_finite_values_leave_the_layer_as_it_was():
+    """The issue's case: a NaN value reaches the encoder after the keys of the same tokens were coded."""
+    layer = prefilled_layer(values_nan_at=1)
+    before = snapshot(layer)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="non-finite value states reached the encoder"):
+            layer.update(*torch.randn(2, 1, 2, 1, 16).unbind(0))
+        assert_unchanged(layer, before)
+    assert layer.get_seq_length() == 6 and layer.num_compressed == 0
+    layer.crop(1)  # dropping the poisoned tokens makes the layer usable again
+    layer.update(*torch.randn(2, 1, 2, 4, 16).unbind(0))
+    layer.flush()
+    assert_consistent(layer, 5)
+
+
+def test_failed_batch_edits_leave_the_layer_as_it_was():
+    layer = prefilled_layer()
+    layer.flush()
+    before = snapshot(layer)
+    with pytest.raises(IndexError):
+        layer.reorder_cache(torch.tensor([3]))
+    with pytest.raises(RuntimeError):
+        layer.observe(torch.arange(2).view(1, 2), torch.ones(2, 2, dtype=torch.bool))  # 2 rows, 1 in the cache
+    assert_unchanged(layer, before)

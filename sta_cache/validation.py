@@ -1,0 +1,127 @@
+"""Argument checks shared by the cache, its layers and the dictionary config.
+
+A value of the wrong type or out of range is refused where it is given, with a message that says what was given,
+what is valid and what to do, instead of failing later inside a kernel, mid-generation, or not at all (an int8
+coefficient dtype or a float budget used to be accepted and degraded the model's output silently). Wrong types
+raise ``TypeError``, wrong values ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+import os
+
+import torch
+
+from .kernels.dispatch import BACKENDS
+from .packing import index_bits
+
+# Coefficients are signed reals: floats that have a sign bit. None (the default) keeps the model's dtype.
+COEFFICIENT_DTYPES = (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+)  # fmt: skip
+# unpack_indices reads three bytes per index, so a packed index holds at most 16 bits (N <= 65536 atoms).
+MAX_PACKED_INDEX_BITS = 16
+
+
+def check_int(name: str, value: object, *, minimum: int, maximum: int | None = None, bound: str = "") -> None:
+    """``value`` must be an int in ``[minimum, maximum]`` (``bound`` says where the maximum comes from). A bool is
+    not a count, so ``True`` is refused, and so is ``8.0``: a float budget or length is a mistake upstream."""
+    valid = f"from {minimum} to {maximum}{bound}" if maximum is not None else f">= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int {valid}, got {value!r} ({type(value).__name__})")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int {valid}, got {value}")
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...], hint: str = "") -> None:
+    """``value`` must be one of ``choices`` (strings, case-sensitive: a near miss is pointed out)."""
+    valid = ", ".join(map(repr, choices))
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {valid}, got {value!r} ({type(value).__name__}){hint}")
+    if value not in choices:
+        near = f"; did you mean {value.lower()!r}?" if value.lower() in choices else ""
+        raise ValueError(f"{name} must be one of {valid}, got {value!r}{near}{hint}")
+
+
+def check_positive_float(name: str, value: object) -> None:
+    """``value`` must be a finite number > 0 (an int is fine; a bool or the string "1.0" is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite positive number, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+
+def check_backend(backend: object) -> None:
+    """``backend`` must name kernels this machine can run. The device is the model's and is known only at the
+    first forward; what is known now is checked now (Triton without CUDA or its interpreter)."""
+    check_choice(
+        "backend", backend, BACKENDS,
+        hint=" (it names the kernels, not the device: the cache follows the model's device, and 'auto' takes Triton "
+        "on CUDA and the C kernels, or PyTorch, on the CPU)",
+    )  # fmt: skip
+    if backend != "triton":
+        return
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs a CUDA GPU and torch.cuda.is_available() is False: use backend='auto' (or "
+            "'torch' / 'cpu') on the CPU, or set TRITON_INTERPRET=1 before importing triton to run the Triton "
+            "kernels in its interpreter (slow; for tests)"
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package: pip install triton, or use backend='auto'")
+
+
+def check_coefficient_dtype(dtype: object) -> None:
+    """``dtype`` must be ``None`` (the model's dtype) or one of :data:`COEFFICIENT_DTYPES`: integer and bool dtypes
+    would truncate every coefficient. Strings are refused rather than guessed at: pass ``torch.float16``."""
+    valid = ", ".join(str(d) for d in COEFFICIENT_DTYPES)
+    if dtype is None or dtype in COEFFICIENT_DTYPES:
+        return
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        fix = f": pass torch.{name}" if isinstance(getattr(torch, name, None), torch.dtype) else ""
+        raise TypeError(f"coefficient_dtype must be a torch.dtype ({valid} or None), got the string {dtype!r}{fix}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"coefficient_dtype must be a torch.dtype ({valid} or None), got {dtype!r}")
+    raise ValueError(
+        f"coefficient_dtype {dtype} cannot hold signed real coefficients: use one of {valid}, or None for the "
+        "model's dtype"
+    )
+
+
+def check_cache_arguments(
+    *,
+    n_atoms: int,
+    k_key: object,
+    k_value: object,
+    residual_length: object,
+    num_sink_tokens: object,
+    encode_batch: object,
+    coefficient_dtype: object,
+    pack_indices: object,
+    backend: object,
+) -> None:
+    """The arguments of a :class:`SparseSemanticCache` (and of each of its layers), for a dictionary of
+    ``n_atoms`` atoms."""
+    for name, k in (("k_key", k_key), ("k_value", k_value)):
+        check_int(name, k, minimum=1, maximum=n_atoms, bound=" (the dictionary's N atoms)")
+    check_int("residual_length", residual_length, minimum=0)
+    check_int("num_sink_tokens", num_sink_tokens, minimum=0)
+    check_int("encode_batch", encode_batch, minimum=1)
+    check_coefficient_dtype(coefficient_dtype)
+    check_flag("pack_indices", pack_indices)
+    if pack_indices and index_bits(n_atoms) > MAX_PACKED_INDEX_BITS:
+        raise ValueError(
+            f"pack_indices=True packs each atom index into at most {MAX_PACKED_INDEX_BITS} bits (N <= "
+            f"{2**MAX_PACKED_INDEX_BITS} atoms); this dictionary has N={n_atoms} ({index_bits(n_atoms)}-bit "
+            "indices): use pack_indices=False"
+        )
+    check_backend(backend)
