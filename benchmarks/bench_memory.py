@@ -225,6 +225,7 @@ def generate_report(args: argparse.Namespace) -> None:
 
     runs = [Run(cache, prompt, chunk, args.new_tokens) for prompt in args.prompts for chunk in args.chunks
             for cache in args.caches]  # fmt: skip
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     results = []
     for run in runs:
         command = [sys.executable, __file__, "--run-one", json.dumps(asdict(run))]
@@ -234,15 +235,14 @@ def generate_report(args: argparse.Namespace) -> None:
             print(f"{run}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if args.json:  # after every run: a long sweep that is stopped keeps what it measured
+            Path(args.json).write_text(json.dumps({"versions": versions, "runs": results}, indent=1) + "\n")
         r = results[-1]
         print(f"{run.cache:>15} prompt {run.prompt:>6} chunk {run.chunk:>4}: held {r['held_bytes'] / 2**20:8.1f} MiB, "
               f"peak +{r['peak_growth_bytes'] / 2**20:8.1f} MiB, TTFT {r['ttft_seconds']:6.1f} s", flush=True)
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     print(f"\nSmolLM2-135M fp32, {args.new_tokens} new tokens, batch 1, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, torch {versions['torch']}, transformers {versions['transformers']}\n")
     print(render_generate_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"versions": versions, "runs": results}, indent=1) + "\n")
 
 
 def render_generate_table(results: list[dict]) -> str:
