@@ -285,9 +285,14 @@ def main() -> None:
                         help=f"generate mode: caches to run, comma-separated, of {', '.join(CACHES)}")
     parser.add_argument("--new-tokens", type=int, default=8, help="generate mode: tokens to generate")
     parser.add_argument("--json", help="generate mode: also write every run's numbers to this file")
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="print the table of runs saved by earlier --generate --json sweeps, and exit")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run_one:
+    if args.render:
+        runs = [run for path in args.render for run in json.loads(Path(path).read_text())["runs"]]
+        print(render_generate_table(runs))
+    elif args.run_one:
         print(json.dumps(run_one(Run(**json.loads(args.run_one)))))
     elif args.generate:
         unknown = sorted(set(args.caches) - set(CACHES))
