@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from sta_cache import KVDictionary, KVDictionaryConfig, SparseSemanticCache
+from sta_cache import KVDictionary, KVDictionaryConfig, SparseSemanticCache, cache_kwargs
 from sta_cache.layer import index_dtype
 from sta_cache.memory import storage_bytes
 from sta_cache.packing import pack_indices
@@ -192,15 +192,16 @@ def run_one(run: Run) -> dict:
             pass
 
     with torch.no_grad():  # warm-up: imports, kernel loading, allocator pools
-        model.generate(prompt[:, :256], past_key_values=make_cache(run.cache, model, dictionary), max_new_tokens=2,
-                       **options)  # fmt: skip
+        model.generate(prompt[:, :256], **cache_kwargs(model, make_cache(run.cache, model, dictionary)),
+                       max_new_tokens=2, **options)  # fmt: skip
         cache = make_cache(run.cache, model, dictionary)
         _release_freed_memory()
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         streamer = FirstToken()
         start = time.perf_counter()
-        model.generate(prompt, past_key_values=cache, max_new_tokens=run.new_tokens, streamer=streamer, **options)
+        model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=run.new_tokens, streamer=streamer,
+                       **options)  # fmt: skip
         seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     dictionary_tensors = [t for layer in cache.layers for t in (getattr(layer, "sae", None), getattr(layer, "rope_inv_freq", None))]

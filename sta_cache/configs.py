@@ -23,10 +23,16 @@ def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-def check_choice(name: str, value: Any, mode: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of the ``Literal`` type ``mode``'s values."""
-    if value not in get_args(mode):
-        raise ValueError(f"{name} must be one of {list(get_args(mode))}, got {value!r}")
+def check_choice(name: str, value: Any, choices: Any, hint: str = "") -> None:
+    """``value`` must be one of ``choices`` (a tuple of strings, or a ``Literal`` type), case-sensitive: a near miss
+    is pointed out. Not a string: ``TypeError``; another string: ``ValueError``."""
+    choices = get_args(choices) or tuple(choices)
+    valid = ", ".join(map(repr, choices))
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {valid}, got {value!r} ({type(value).__name__}){hint}")
+    if value not in choices:
+        near = f"; did you mean {value.lower()!r}?" if value.lower() in choices else ""
+        raise ValueError(f"{name} must be one of {valid}, got {value!r}{near}{hint}")
 
 
 @dataclass

@@ -16,7 +16,8 @@ from torch import nn
 
 from .memory import storage_bytes
 from .sae import TopKSAE
-from .validation import check_choice, check_flag, check_int, check_positive_float
+from .configs import Encoder, KeySpace, check_choice
+from .validation import check_flag, check_int, check_positive_float
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -83,8 +84,8 @@ class KVDictionaryConfig:
         for name in ("k_key", "k_value"):
             check_int(f"default {name}", getattr(self, name), minimum=1, maximum=self.n_atoms, bound=" (n_atoms)")
         check_flag("per_head", self.per_head)
-        check_choice("key_space", self.key_space, ("post_rope", "pre_rope"))
-        check_choice("encoder", self.encoder, ("topk", "omp"))
+        check_choice("key_space", self.key_space, KeySpace)
+        check_choice("encoder", self.encoder, Encoder)
         check_positive_float("rope_scaling", self.rope_scaling)
         if self.key_space == "pre_rope" and self.head_dim % 2:
             raise ValueError(f"pre-RoPE keys rotate pairs of dimensions: head_dim must be even, got {self.head_dim}")

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .configs import check_choice
 from .kernels.dispatch import BACKENDS
 from .packing import index_bits
 
@@ -39,16 +40,6 @@ def check_int(name: str, value: object, *, minimum: int, maximum: int | None = N
 def check_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...], hint: str = "") -> None:
-    """``value`` must be one of ``choices`` (strings, case-sensitive: a near miss is pointed out)."""
-    valid = ", ".join(map(repr, choices))
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {valid}, got {value!r} ({type(value).__name__}){hint}")
-    if value not in choices:
-        near = f"; did you mean {value.lower()!r}?" if value.lower() in choices else ""
-        raise ValueError(f"{name} must be one of {valid}, got {value!r}{near}{hint}")
 
 
 def check_positive_float(name: str, value: object) -> None:

@@ -219,7 +219,7 @@ CASES = [
     Case("per_head string", lambda t, m: load(with_fields(saved(t), per_head="no")), DictionaryFormatError,
          ("per_head must be True or False, got 'no'",)),
     Case("key_space unknown", lambda t, m: load(with_fields(saved(t), key_space="rope")), DictionaryFormatError,
-         ("key_space must be one of 'post_rope', 'pre_rope', got 'rope'",)),
+         ("key_space must be one of 'pre_rope', 'post_rope', got 'rope'",)),
     Case("config not an object", lambda t, m: load(with_config_text(saved(t), "[1]")), DictionaryFormatError,
          ("is not valid dictionary JSON: it holds no object",)),
     # --- dictionary files: tensors
