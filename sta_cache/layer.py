@@ -238,6 +238,8 @@ class SparseSemanticLayer(CacheLayerMixin):
     def flush(self, min_tokens: int = 1) -> None:
         """Settle the sinks once every row has them, then encode every token beyond the recent window, if there
         are at least ``min_tokens`` of them. All or nothing: if encoding raises, nothing is stored."""
+        if not self.is_initialized or (self.sinks_settled and self.num_window - self.residual_length < min_tokens):
+            return  # nothing to do, the case of most decode steps: no draft
         self._atomically(lambda layer: layer._flush(min_tokens))
 
     def _flush(self, min_tokens: int) -> None:
