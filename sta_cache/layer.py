@@ -243,8 +243,6 @@ class SparseSemanticLayer(CacheLayerMixin):
         self._atomically(lambda layer: layer._flush(min_tokens))
 
     def _flush(self, min_tokens: int) -> None:
-        if not self.is_initialized:
-            return
         if not self.sinks_settled:
             self._settle_sinks()
             if not self.sinks_settled:
