@@ -410,3 +410,189 @@ int sta_omp_encode(const float *targets, const float *atoms, const float *panels
     }
     return failed;
 }
+
+/* Running first-maximum of 16 lanes: best[l] / where[l] over the blocks seen so far (strictly larger replaces, so
+ * each lane keeps its first maximum; NaN never wins). */
+typedef struct {
+    vec16 best;
+    ivec16 where;
+} argmax16_t;
+
+static inline void argmax16_update(argmax16_t *state, vec16 value, int32_t first) {
+    const ivec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const ivec16 larger = value > state->best;
+    state->best = (vec16)(((ivec16)state->best & ~larger) | ((ivec16)value & larger));
+    state->where = (state->where & ~larger) | ((lane + first) & larger);
+}
+
+static inline int64_t argmax16_result(const argmax16_t *state) {
+    int lane = 0;
+    for (int i = 1; i < 16; i++)
+        if (state->best[i] > state->best[lane] || (state->best[i] == state->best[lane] && state->where[i] < state->where[lane]))
+            lane = i;
+    return state->where[lane];
+}
+
+/* The Gram kernel keeps D q_i in IEEE half precision where the CPU converts it in one instruction (x86 F16C /
+ * AVX-512F): |D q_i| <= 1, so the absolute error is below 2^-12, and each step reads half the bytes, which is
+ * what bounds that kernel. Elsewhere float32. */
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+typedef uint16_t dq_t;
+static inline vec16 load_dq(const dq_t *p) {
+    vec16 v;
+#ifdef __AVX512F__
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    memcpy(&v, &f, sizeof v);
+#else
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+#endif
+    return v;
+}
+static inline void store_dq(dq_t *p, vec16 v) {
+#ifdef __AVX512F__
+    __m512 f;
+    memcpy(&f, &v, sizeof f);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    __m256 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128((__m128i *)(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+}
+#else
+typedef float dq_t;
+static inline vec16 load_dq(const dq_t *p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void store_dq(dq_t *p, vec16 v) { memcpy(p, &v, sizeof v); }
+#endif
+
+/* One step of the Gram kernel for atoms [a, a + 16 * blocks): D q_step = (G[best] - sum_i u_i D q_i) * scale,
+ * correlations -= projection * D q_step, and the running argmax of their magnitudes. blocks independent
+ * accumulators keep the multiply-adds over i from waiting on each other. u_i = column[i * k]. */
+#define GRAM_BLOCKS 4
+static inline void gram_update(const float *g, dq_t *projected, float *alpha, const float *column, int64_t k,
+                               int64_t n_atoms, int64_t step, float scale, float projection, int64_t a, int blocks,
+                               argmax16_t *search) {
+    vec16 acc[GRAM_BLOCKS];
+    for (int b = 0; b < blocks; b++) memcpy(&acc[b], g + a + 16 * b, sizeof acc[b]);
+    for (int64_t i = 0; i < step; i++) {
+        const float u = column[i * k];
+        const dq_t *earlier = projected + i * n_atoms + a;
+        for (int b = 0; b < blocks; b++) acc[b] -= u * load_dq(earlier + 16 * b);
+    }
+    for (int b = 0; b < blocks; b++) {
+        const vec16 dq = acc[b] * scale;
+        store_dq(projected + step * n_atoms + a + 16 * b, dq);
+        vec16 corr;
+        memcpy(&corr, alpha + a + 16 * b, sizeof corr);
+        corr -= projection * dq;
+        memcpy(alpha + a + 16 * b, &corr, sizeof corr);
+        argmax16_update(search, (vec16)((ivec16)corr & 0x7fffffff), (int32_t)(a + 16 * b));
+    }
+}
+
+/* OMP with the correlations kept up to date through the dictionary's Gram matrix instead of recomputed (Batch-OMP,
+ * Rubinstein, Zibulevsky & Elad 2008): the same picks and coefficients as sta_omp_encode up to float rounding, at
+ * N * (step + 1) multiply-adds per step instead of N * d. With r the residual and q the orthonormal directions
+ * of the picked atoms, D r_s = D r_(s-1) - p_s D q_s and D q_s = (G[a_s] - sum_(i<s) u_is D q_i) / |.|, so
+ * only one row of G = D D^T is read per step; the next pick's argmax runs in the same pass. targets [m][d] (bias
+ * subtracted), atoms [n][d] unit rows, correlations [m][n] = targets . atoms^T (overwritten; a picked atom's entry
+ * becomes NaN, which excludes it), gram [n][n]; n a multiple of 16, k <= n. The residual and the directions stay
+ * exact in float32 as in sta_omp_encode: only the choice of atoms reads the correlations. */
+int sta_omp_encode_gram(const float *targets, const float *atoms, float *correlations, const float *gram, int64_t m,
+                        int64_t n_atoms, int64_t dim, int64_t k, float eps, int64_t *out_indices,
+                        float *out_coefficients, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        /* scratch per thread: D q_i of every step and the d-dimensional pursuit state */
+        dq_t *projected = (dq_t *)malloc(sizeof(dq_t) * (size_t)(k * n_atoms));
+        float *basis = (float *)malloc(sizeof(float) * (size_t)(k * dim));
+        float *upper = (float *)malloc(sizeof(float) * (size_t)(k * k));
+        float *projections = (float *)malloc(sizeof(float) * (size_t)k);
+        if (!projected || !basis || !upper || !projections) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t v = 0; v < m; v++) {
+                float residual[MAX_HEAD_DIM];
+                float *alpha = correlations + v * n_atoms;
+                int64_t *picked = out_indices + v * k;
+                memcpy(residual, targets + v * dim, sizeof(float) * (size_t)dim);
+                memset(upper, 0, sizeof(float) * (size_t)(k * k));
+                argmax16_t search = {.best = (vec16){0} - 1.0f, .where = {0}};
+                for (int64_t a = 0; a < n_atoms; a += 16) {
+                    vec16 corr;
+                    memcpy(&corr, alpha + a, sizeof corr);
+                    argmax16_update(&search, (vec16)((ivec16)corr & 0x7fffffff), (int32_t)a);
+                }
+                for (int64_t step = 0; step < k; step++) {
+                    const int64_t best = argmax16_result(&search);
+                    picked[step] = best;
+                    alpha[best] = NAN;
+                    const float *atom = atoms + best * dim;
+                    float direction[MAX_HEAD_DIM];
+                    memcpy(direction, atom, sizeof(float) * (size_t)dim);
+                    for (int64_t i = 0; i < step; i++) {
+                        float overlap = 0.0f;
+#pragma omp simd reduction(+ : overlap)
+                        for (int64_t e = 0; e < dim; e++) overlap += basis[i * dim + e] * atom[e];
+                        upper[i * k + step] = overlap;
+                    }
+                    for (int64_t i = 0; i < step; i++)
+#pragma omp simd
+                        for (int64_t e = 0; e < dim; e++) direction[e] -= upper[i * k + step] * basis[i * dim + e];
+                    float norm = 0.0f;
+#pragma omp simd reduction(+ : norm)
+                    for (int64_t e = 0; e < dim; e++) norm += direction[e] * direction[e];
+                    norm = sqrtf(norm);
+                    const int fresh = norm > eps; /* an atom adding no new direction gets coefficient 0 */
+                    const float scale = fresh ? 1.0f / norm : 0.0f;
+                    upper[step * k + step] = fresh ? norm : 1.0f;
+                    float projection = 0.0f;
+#pragma omp simd reduction(+ : projection)
+                    for (int64_t e = 0; e < dim; e++) {
+                        basis[step * dim + e] = direction[e] * scale;
+                        projection += residual[e] * basis[step * dim + e];
+                    }
+                    projections[step] = projection;
+                    for (int64_t e = 0; e < dim; e++) residual[e] -= projection * basis[step * dim + e];
+                    if (step + 1 == k) break;
+                    /* D q_step, the updated correlations and the next pick */
+                    const float *g = gram + best * n_atoms;
+                    search = (argmax16_t){.best = (vec16){0} - 1.0f, .where = {0}};
+                    int64_t a = 0;
+                    for (; a + 16 * GRAM_BLOCKS <= n_atoms; a += 16 * GRAM_BLOCKS)
+                        gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a,
+                                    GRAM_BLOCKS, &search);
+                    for (; a < n_atoms; a += 16)
+                        gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a, 1,
+                                    &search);
+                }
+                float *coef = out_coefficients + v * k; /* back substitution: upper . coef = projections */
+                for (int64_t i = k - 1; i >= 0; i--) {
+                    float sum = projections[i];
+                    for (int64_t j = i + 1; j < k; j++) sum -= upper[i * k + j] * coef[j];
+                    coef[i] = sum / upper[i * k + i];
+                }
+            }
+        }
+        free(projected);
+        free(basis);
+        free(upper);
+        free(projections);
+    }
+    return failed;
+}

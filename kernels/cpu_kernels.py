@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -188,6 +189,7 @@ def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
         "sta_key_scores_pre": ([codes, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, i32], None),
         "sta_value_accumulate": ([codes, p, i64, i64, i64, i64, p, i32], ctypes.c_int),
         "sta_omp_encode": ([p, p, p, i64, i64, i64, i64, f32, p, p, i32], ctypes.c_int),
+        "sta_omp_encode_gram": ([p, p, p, p, i64, i64, i64, i64, f32, p, p, i32], ctypes.c_int),
     }
     for symbol, (argtypes, restype) in signatures.items():
         try:
@@ -379,28 +381,53 @@ def compressed_value_output(weights: torch.Tensor, kv: CompressedKV) -> torch.Te
 
 
 def omp_encode(
-    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, eps: float = 1e-6
+    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, eps: float = 1e-6, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`reference.omp_encode_reference` (same picks up to float rounding on near-ties), in C: no per-step
-    tensor operations, and the dictionary streamed once per group of 8 vectors and step. ``x [M, d]`` ->
-    ``(indices int64 [M, k], coefficients [M, k])``. Dictionaries whose N is not a multiple of 16 go to the
-    reference."""
+    """As :func:`reference.omp_encode_reference` (same picks up to float rounding on near-ties), in C. ``x [M, d]``
+    -> ``(indices int64 [M, k], coefficients [M, k])``. Dictionaries whose N is not a multiple of 16 go to the
+    reference.
+
+    ``method="direct"`` correlates every residual with all N atoms at every step (N * d multiply-adds per step);
+    ``"gram"`` correlates each vector with the atoms once (one matmul for all of them), forms the Gram matrix
+    ``atoms atoms^T`` and updates the correlations from it (N * (step + 1) per step, plus N^2 * d per call);
+    ``"auto"`` picks ``"gram"`` when the call has enough vectors to amortise the Gram matrix."""
     n_atoms, d = atoms.shape
+    if method not in ("auto", "direct", "gram"):
+        raise ValueError(f"method must be 'auto', 'direct' or 'gram', got {method!r}")
+    if not 1 <= k <= n_atoms:
+        raise ValueError(f"k must be between 1 and the dictionary's {n_atoms} atoms, got {k}")
     if n_atoms % 16 or not fits(d) or x.device.type != "cpu":
         return omp_encode_reference(x, atoms, b_dec, k, eps)
+    if method == "auto":
+        method = "gram" if x.shape[0] >= gram_threshold(n_atoms, d, k) else "direct"
     m = x.shape[0]
     target = (x.float() - b_dec.float()).contiguous()
     atoms = atoms.float().contiguous()
-    panels = atoms.view(n_atoms // 16, 16, d).transpose(1, 2).contiguous()  # [N / 16, d, 16]: see correlate()
     indices = torch.empty(m, k, dtype=torch.long)
     coefficients = torch.empty(m, k, dtype=torch.float32)
-    failed = library().sta_omp_encode(
-        target.data_ptr(), atoms.data_ptr(), panels.data_ptr(), m, n_atoms, d, k, eps, indices.data_ptr(),
-        coefficients.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+    if method == "gram":
+        correlations = target @ atoms.T
+        gram = atoms @ atoms.T
+        failed = library().sta_omp_encode_gram(
+            target.data_ptr(), atoms.data_ptr(), correlations.data_ptr(), gram.data_ptr(), m, n_atoms, d, k, eps,
+            indices.data_ptr(), coefficients.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        panels = atoms.view(n_atoms // 16, 16, d).transpose(1, 2).contiguous()  # [N / 16, d, 16]: see correlate()
+        failed = library().sta_omp_encode(
+            target.data_ptr(), atoms.data_ptr(), panels.data_ptr(), m, n_atoms, d, k, eps, indices.data_ptr(),
+            coefficients.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
     if failed:
         raise MemoryError("the OMP kernel could not allocate its scratch memory")
     return indices, coefficients.to(x.dtype)
+
+
+def gram_threshold(n_atoms: int, head_dim: int, k: int) -> int:
+    """Vectors per call from which the Gram kernel is faster than the direct one: it saves about
+    ``N * (k * d - k * (k + 1) / 2)`` multiply-adds per vector and pays ``N^2 * d`` per call."""
+    saved = k * head_dim - k * (k + 1) / 2
+    return max(1, math.ceil(n_atoms * head_dim / max(saved, 1.0)))
 
 
 def sparse_attention(

@@ -5,6 +5,7 @@ scratch is NaN-poisoned off CUDA, so an element nobody wrote fails the finitenes
 relative L2 error < 1e-4 in float32, < 1e-2 in float16 / bfloat16.
 """
 
+import functools
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything below imports triton
@@ -82,9 +83,16 @@ def test_topk_encode_separated_indices(dtype: torch.dtype) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- OMP
 
-# The Triton kernel and the C kernel of the "cpu" backend (which takes N a multiple of 16, else the reference)
+# The Triton kernel and both C kernels of the "cpu" backend (which take N a multiple of 16, else the reference):
+# "direct" correlates with every atom at every step, "gram" updates the correlations through the Gram matrix.
 OMP_KERNELS = pytest.mark.parametrize(
-    "omp_encode", [triton_encode.omp_encode, cpu_kernels.omp_encode], ids=["triton", "cpu"]
+    "omp_encode",
+    [
+        triton_encode.omp_encode,
+        functools.partial(cpu_kernels.omp_encode, method="direct"),
+        functools.partial(cpu_kernels.omp_encode, method="gram"),
+    ],
+    ids=["triton", "cpu-direct", "cpu-gram"],
 )
 
 
@@ -146,6 +154,50 @@ def test_omp_encode_random(omp_encode, m: int, d: int, n: int, k: int, dtype: to
     ref_indices, ref_coefficients = reference.omp_encode_reference(x.float(), atoms.float(), b_dec.float(), k)
     assert indices.shape == coefficients.shape == (m, k) and coefficients.dtype == dtype
     check_omp_codes(indices, coefficients, ref_indices, ref_coefficients, x, atoms, b_dec, TOL[dtype])
+
+
+def test_omp_gram_codes_are_as_good_as_the_reference_on_a_coherent_dictionary() -> None:
+    """The shipped dictionaries' shape with atoms far from orthogonal (shared components): the Gram kernel's updated
+    (half-precision) correlations break near-ties differently from fresh ones in some rows, late in the pursuit,
+    so each row's residual may differ a little either way, but no more, and not on average."""
+    g = gen(11)
+    common = randn(g, 8, 64)
+    atoms = torch.nn.functional.normalize(randn(g, 1024, 8) @ common + 0.5 * randn(g, 1024, 64), dim=-1)
+    b_dec = randn(g, 64, scale=0.1)
+    x = randn(g, 300, 8) @ common + randn(g, 300, 64)
+    target = x - b_dec
+    ref_indices, ref_coefficients = reference.omp_encode_reference(x, atoms, b_dec, 16)
+    indices, coefficients = cpu_kernels.omp_encode(x, atoms, b_dec, 16, method="gram")
+    check_indices(indices, 1024)
+    residual = (target - decode_rows(indices, coefficients, atoms)).norm(dim=-1)
+    ref_residual = (target - decode_rows(ref_indices, ref_coefficients, atoms)).norm(dim=-1)
+    assert ((residual - ref_residual).abs() / target.norm(dim=-1)).max() < 0.05
+    assert abs(residual.mean() / ref_residual.mean() - 1) < 2e-3
+    assert (indices == ref_indices).all(-1).float().mean() > 0.8
+    lstsq = torch.linalg.lstsq(atoms[indices].transpose(1, 2), target.unsqueeze(-1)).solution.squeeze(-1)
+    assert rel_err(coefficients, lstsq) < 1e-3
+
+
+def test_omp_auto_uses_the_gram_kernel_for_many_vectors(monkeypatch) -> None:
+    calls = []
+    library = cpu_kernels.library()
+    monkeypatch.setattr(cpu_kernels, "library", lambda: type("Spy", (), {
+        "sta_omp_encode": lambda self, *a: calls.append("direct") or library.sta_omp_encode(*a),
+        "sta_omp_encode_gram": lambda self, *a: calls.append("gram") or library.sta_omp_encode_gram(*a),
+    })())  # fmt: skip
+    g = gen(5)
+    atoms, b_dec = unit_atoms(g, 1024, 64), randn(g, 64, scale=0.1)
+    threshold = cpu_kernels.gram_threshold(1024, 64, 16)
+    for m in (threshold - 1, threshold):
+        cpu_kernels.omp_encode(randn(g, m, 64), atoms, b_dec, 16)
+    assert calls == ["direct", "gram"]
+
+
+@pytest.mark.parametrize("k, method", [(0, "auto"), (1025, "gram"), (4, "fast")])
+def test_omp_encode_rejects_bad_arguments(k: int, method: str) -> None:
+    g = gen(1)
+    with pytest.raises(ValueError, match="method must be|k must be between"):
+        cpu_kernels.omp_encode(randn(g, 3, 64), unit_atoms(g, 1024, 64), randn(g, 64), k, method=method)
 
 
 # ----------------------------------------------------------------------------------------------------- attention
