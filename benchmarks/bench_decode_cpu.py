@@ -5,7 +5,12 @@ For each context length the caches are filled directly with states of the right 
 cost does not depend on them) instead of running a long prefill. Then ``--steps`` decode steps of the whole model
 are timed (after one warm-up step). SparseSemanticCache encodes the tokens that leave its window ``encode_batch``
 (16) at a time, so one step in 16 also runs the encoder: the table gives the median step (no encoding), the mean
-step over 16 steps (encoding amortised: what generation really pays per token) and the encoder's cost per token.
+step over 16 steps (encoding amortised: what generation really pays per token) and the encoder's cost per token
+over all layers, at 16 tokens per call (decode) and at 1,024 (a prompt, coded layer by layer during the prefill).
+
+``--generate 1024,4096,16384`` times ``model.generate`` end to end from held-out prompts of those lengths, one
+greedy run per cache and prompt to the largest of ``--new-tokens`` (64,512): time to the first token and to each
+of ``--new-tokens``, against DynamicCache's on the same prompt (``--generate-only`` skips the step table).
 
 Rows marked ``torch`` attend and encode through the PyTorch path, ``cpu`` through the C kernels
 (kernels/cpu_kernels.c). Post-RoPE rows use ``--post-rope-dictionary`` (scores gathered from one
@@ -16,6 +21,7 @@ Rows marked ``torch`` attend and encode through the PyTorch path, ``cpu`` throug
 
     python benchmarks/bench_decode_cpu.py --contexts 1024,4096,16384,32768 --threads 2 \
         --quality eval_fp32/results.json eval_fp8/results.json
+    python benchmarks/bench_decode_cpu.py --generate 1024,4096,16384 --new-tokens 64,512 --generate-only
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 from bench_memory import fill_sparse  # a sibling script
 from transformers import DynamicCache, QuantizedCache
+from transformers.generation.streamers import BaseStreamer
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.benchmark_quality import cache_bytes
@@ -63,8 +70,12 @@ def step_times(model, cache, steps: int) -> list[float]:
     return times
 
 
+ENCODE_BATCH = 16  # tokens per call during decode: SparseSemanticCache's default encode_batch
+PREFILL_TOKENS = 1024  # tokens per call when a prompt is encoded layer by layer
+
+
 @torch.no_grad()
-def encode_ms_per_token(cache, config, tokens: int = 16) -> float:
+def encode_ms_per_token(cache, config, tokens: int) -> float:
     """Encoder time per token over all layers: code ``tokens`` new window overflow tokens of every layer."""
     heads, d = config.num_key_value_heads, config.head_dim
     for layer in cache.sparse_layers:
@@ -79,22 +90,42 @@ def encode_ms_per_token(cache, config, tokens: int = 16) -> float:
     return (time.perf_counter() - start) * 1000 / tokens
 
 
+class TokenClock(BaseStreamer):
+    """A streamer that notes when each generated token arrives (``generate`` first hands it the prompt)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.arrivals: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.arrivals.append(time.perf_counter() - self.start)
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
-def generate_timing(model, prompt: torch.Tensor, make, new_tokens: int) -> dict:
-    """Wall time of greedy ``model.generate`` from ``prompt [1, L]``: once for the first token alone (the prefill),
-    once for ``new_tokens`` (exactly: EOS does not stop it). SparseSemanticCache encodes the prompt's tokens beyond
-    its window at the second token, so its one-time encoding falls into the decode phase."""
+def generate_timing(model, prompt: torch.Tensor, make, new_tokens: list[int]) -> list[dict]:
+    """Greedy ``model.generate`` from ``prompt [1, L]`` for ``max(new_tokens)`` tokens (exactly: EOS does not stop
+    it), once, with the arrival time of every token: time to first token (the prefill, which for
+    SparseSemanticCache includes encoding the prompt layer by layer), and for each count in ``new_tokens`` the
+    time to that token and the tokens per second up to it."""
     inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
-    times = []
-    for count in (1, new_tokens):
-        cache = make()
-        start = time.perf_counter()
-        model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=count, min_new_tokens=count,
-                       do_sample=False)  # fmt: skip
-        times.append(time.perf_counter() - start)
-    first, total = times
-    return {"first_token_s": first, "total_s": total, "tokens_per_s": new_tokens / total,
-            "decode_tokens_per_s": (new_tokens - 1) / (total - first)}  # fmt: skip
+    cache, clock = make(), TokenClock()
+    count = max(new_tokens)
+    model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=count, min_new_tokens=count,
+                   do_sample=False, streamer=clock)  # fmt: skip
+    first = clock.arrivals[0]
+    rows = []
+    for n in new_tokens:
+        total = clock.arrivals[n - 1]
+        rows.append({"new_tokens": n, "first_token_s": first, "total_s": total, "tokens_per_s": n / total,
+                     "decode_tokens_per_s": (n - 1) / (total - first)})  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -108,7 +139,9 @@ def main() -> None:
     parser.add_argument("--quality", type=Path, nargs="*", default=[], help="results.json files of `sta-cache eval`")
     parser.add_argument("--post-rope-quality", type=Path, nargs="*", default=[], help="the same, post-RoPE dictionary")
     parser.add_argument("--generate", default="", help="prompt lengths for end-to-end generate timing, e.g. 1024,4096")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per --generate run")
+    parser.add_argument("--new-tokens", default="64,512",
+                        help="for --generate: report the time to each of these tokens (one run to the largest)")
+    parser.add_argument("--generate-only", action="store_true", help="skip the decode-step table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,8 +182,14 @@ def main() -> None:
                 for row in json.loads(path.read_text())["rows"]}  # fmt: skip
 
     quality = {"pre-RoPE": ratios(args.quality), "post-RoPE": ratios(args.post_rope_quality)}
-    rows = []
-    for context in [int(c) for c in args.contexts.split(",")]:
+    rows, generated = [], []
+
+    def write() -> None:  # after every generate run too: a long run that is stopped keeps what it measured
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = {"threads": args.threads, "versions": versions(), "rows": rows, "generate": generated}
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+    for context in [] if args.generate_only else [int(c) for c in args.contexts.split(",")]:
         for name, (attention, make, fill, quality_name) in setups.items():
             model.set_attn_implementation(attention)
             cache = make()
@@ -161,50 +200,76 @@ def main() -> None:
                    "mean_ms": statistics.fmean(times), "bytes_per_token": stored / context,
                    "perplexity_ratio": quality[quality_name[0]].get(quality_name[1]) if quality_name else None}  # fmt: skip
             if isinstance(cache, SparseSemanticCache):
-                row["encode_ms_per_token"] = encode_ms_per_token(cache, config)
+                row["encode_ms_per_token"] = encode_ms_per_token(cache, config, ENCODE_BATCH)
+                row["prefill_encode_ms_per_token"] = encode_ms_per_token(cache, config, PREFILL_TOKENS)
             rows.append(row)
             print(f"{name:38s} ctx {context:6d}  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms  "
                   f"{row['bytes_per_token']:8.0f} B/token", flush=True)  # fmt: skip
-    generated = []
     generate_setups = ["DynamicCache (sdpa)", "QuantizedCache quanto int4 (sdpa)", "STA 8/16 pre-RoPE (sta, cpu)",
-                       "STA 8/16 pre-RoPE fp8+packed (sta, cpu)", "STA 8/16 pre-RoPE (sta, torch)"]  # fmt: skip
+                       "STA 8/16 pre-RoPE fp8+packed (sta, cpu)"]  # fmt: skip
+    new_tokens = sorted(int(n) for n in args.new_tokens.split(","))
     for length in [int(c) for c in args.generate.split(",") if c]:
         prompt = token_windows(tokenizer, wikipedia_text("eval"), length, 1)
         for name in generate_setups:
             attention, make, _, _ = setups[name]
             model.set_attn_implementation(attention)
-            row = {"cache": name, "prompt_tokens": length, "new_tokens": args.new_tokens,
-                   **generate_timing(model, prompt, make, args.new_tokens)}  # fmt: skip
-            generated.append(row)
-            print(f"{name:38s} prompt {length:6d}  first token {row['first_token_s']:6.2f} s  "
-                  f"total {row['total_s']:6.2f} s  {row['tokens_per_s']:5.1f} tokens/s", flush=True)  # fmt: skip
+            for timing in generate_timing(model, prompt, make, new_tokens):
+                row = {"cache": name, "prompt_tokens": length, **timing}
+                generated.append(row)
+                print(f"{name:38s} prompt {length:6d}  first token {row['first_token_s']:6.2f} s  "
+                      f"{row['new_tokens']:4d} tokens {row['total_s']:7.2f} s  {row['tokens_per_s']:5.1f} tokens/s",
+                      flush=True)  # fmt: skip
+            write()
     dense = {row["context"]: row for row in rows if row["cache"].startswith("DynamicCache")}
     for row in rows:
         row["mean_vs_dynamic"] = row["mean_ms"] / dense[row["context"]]["mean_ms"]
         row["compression"] = dense[row["context"]]["bytes_per_token"] / row["bytes_per_token"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(
-        json.dumps({"threads": args.threads, "rows": rows, "generate": generated}, indent=2)
-    )
-    plot(rows, args.out / "decode_latency.png")
+    baseline = {(row["prompt_tokens"], row["new_tokens"]): row for row in generated
+                if row["cache"].startswith("DynamicCache")}  # fmt: skip
+    for row in generated:
+        base = baseline[row["prompt_tokens"], row["new_tokens"]]
+        row["first_token_vs_dynamic"] = row["first_token_s"] / base["first_token_s"]
+        row["total_vs_dynamic"] = row["total_s"] / base["total_s"]
+    write()
+    if rows:
+        plot(rows, args.out / "decode_latency.png")
+        print_step_table(rows, args)
+    if generated:
+        print_generate_table(generated)
+
+
+def versions() -> dict:
+    import platform
+
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine()}  # fmt: skip
+
+
+def print_step_table(rows: list[dict], args) -> None:
     print(f"\n{args.model} fp32, {args.threads} threads, batch 1, {args.steps} decode steps per row; window 64 + 4 "
           "sinks; mean = encoder amortised\n")  # fmt: skip
     print("| cache | context | median step ms | mean step ms | mean x DynamicCache | tokens/s | encode ms/token "
-          "| bytes/token | x smaller | ppl ratio |")  # fmt: skip
+          f"({ENCODE_BATCH} / {PREFILL_TOKENS} per call) | bytes/token | x smaller | ppl ratio |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        encode = f"{row['encode_ms_per_token']:.1f}" if "encode_ms_per_token" in row else "—"
+        encode = (f"{row['encode_ms_per_token']:.2f} / {row['prefill_encode_ms_per_token']:.2f}"
+                  if "encode_ms_per_token" in row else "—")  # fmt: skip
         ratio = f"{row['perplexity_ratio']:.4f}" if row["perplexity_ratio"] else "—"
         print(f"| {row['cache']} | {row['context']} | {row['median_ms']:.1f} | {row['mean_ms']:.1f} | "
               f"{row['mean_vs_dynamic']:.2f} | {1000 / row['mean_ms']:.1f} | {encode} | "
               f"{row['bytes_per_token']:,.0f} | {row['compression']:.2f} | {ratio} |")  # fmt: skip
-    if generated:
-        print(f"\nmodel.generate, greedy, {args.new_tokens} new tokens from a held-out Wikipedia prompt\n")
-        print("| cache | prompt tokens | first token s | total s | tokens/s | decode tokens/s |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for row in generated:
-            print(f"| {row['cache']} | {row['prompt_tokens']} | {row['first_token_s']:.2f} | {row['total_s']:.2f} | "
-                  f"{row['tokens_per_s']:.1f} | {row['decode_tokens_per_s']:.1f} |")  # fmt: skip
+
+
+def print_generate_table(generated: list[dict]) -> None:
+    print("\nmodel.generate, greedy, from a held-out Wikipedia prompt; one run per (cache, prompt) to the most tokens\n")
+    print("| cache | prompt tokens | new tokens | first token s | x DynamicCache | total s | x DynamicCache | tokens/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in generated:
+        print(f"| {row['cache']} | {row['prompt_tokens']} | {row['new_tokens']} | {row['first_token_s']:.2f} | "
+              f"{row['first_token_vs_dynamic']:.2f} | {row['total_s']:.2f} | {row['total_vs_dynamic']:.2f} | "
+              f"{row['tokens_per_s']:.1f} |")  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:
