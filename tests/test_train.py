@@ -13,7 +13,8 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Llam
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache import train as train_module
-from sta_cache.collect import compressible_layers, iter_kv, rotary_for_layer, token_windows, verify_rotary
+from sta_cache.collect import iter_kv, rotary_for_layer, token_windows, verify_rotary
+from sta_cache.geometry import compressible_layers
 from sta_cache.kernels.reference import apply_rope
 from sta_cache.train import TrainConfig, evaluate_dictionary, train_dictionary
 from sta_cache.compat import cache_kwargs
