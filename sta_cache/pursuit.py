@@ -78,7 +78,8 @@ def learn_pursuit_dictionary(
 def train_pursuit_dictionary(model, tokenizer, text_path, config: PursuitConfig, out_dir, progress: bool = True):
     """Collect a model's cached keys/values over a text and learn OMP dictionaries for every compressible layer
     by MOD; saves to ``out_dir`` and returns the :class:`KVDictionary`."""
-    from .collect import compressible_layers, iter_kv, kv_geometry, rotary_for_layer, token_windows
+    from .collect import iter_kv, rotary_for_layer, token_windows
+    from .geometry import compressible_layers, kv_geometry
     from .dictionary import KVDictionary, KVDictionaryConfig
 
     generator = torch.Generator().manual_seed(config.seed)

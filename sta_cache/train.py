@@ -22,14 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .collect import (
-    compressible_layers,
-    iter_kv,
-    kv_geometry,
-    rotary_for_layer,
-    text_path_of,
-    token_windows,
-)
+from .collect import iter_kv, rotary_for_layer, text_path_of, token_windows
+from .geometry import compressible_layers, kv_geometry
 from .configs import TrainConfig
 from .dictionary import KINDS, KVDictionary, KVDictionaryConfig
 from .kernels.reference import omp_encode_reference
