@@ -322,7 +322,8 @@ def train_per_k(model, tokenizer, dictionary: KVDictionary, vectors, ks: list[in
     """Small dictionaries trained at each k (same N, key space, encoder) on the train split; their held-out
     cosine/FVU at that k. Slow: one training run per k."""
     from .embedded import wikipedia_text
-    from .train import TrainConfig, train_dictionary
+    from .configs import TrainConfig
+    from .training import train_dictionary
 
     meta = dictionary.config
     generator = torch.Generator().manual_seed(config.seed)

@@ -195,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(DemoConfig(**_options(args, DemoConfig)))
     elif args.command == "train":
-        from .train import TrainConfig, train_dictionary
+        from .configs import TrainConfig
+        from .training import train_dictionary
 
         _train(args, train_dictionary, TrainConfig(**_options(args, TrainConfig)))
     elif args.command == "train-pursuit":
-        from .pursuit import PursuitConfig, train_pursuit_dictionary
+        from .configs import PursuitConfig
+        from .training import train_pursuit_dictionary
 
         _train(args, train_pursuit_dictionary, PursuitConfig(**_options(args, PursuitConfig)))
     elif args.command == "analyze":

@@ -29,7 +29,7 @@ def demo_dictionary(name: str, model, tokenizer, dictionary: str | None) -> tupl
             return KVDictionary.from_pretrained(PACKAGED_DICTIONARIES[name]), PACKAGED_DICTIONARIES[name]
         except DictionaryFormatError:
             pass
-    from .train import train_dictionary
+    from .training import train_dictionary
 
     out = default_cache_dir() / "dictionaries" / f"{Path(str(name)).name}-demo"
     try:
