@@ -14,7 +14,7 @@ from .configs import DemoConfig, TrainConfig
 from .compat import cache_kwargs
 from .dictionary import DictionaryFormatError, KVDictionary
 from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
-from .evaluate import perplexity
+from .evaluation.perplexity import perplexity
 
 PACKAGED_DICTIONARIES = {"smollm2": "sta-cache/SmolLM2-135M-Instruct", "gemma3": "sta-cache/gemma-3-270m"}
 

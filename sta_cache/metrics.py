@@ -15,6 +15,7 @@ EPS = 1e-12
 
 __all__ = [
     "EPS",
+    "average",
     "cosine",
     "fraction_of_variance_unexplained",
     "mean_cosine",
@@ -59,3 +60,8 @@ def variance(x: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of the vectors to their mean: ``[..., n, d] -> [...]`` (the FVU denominator per
     vector, for stacks of dictionaries trained together)."""
     return mean_squared_norm(x - x.mean(-2, keepdim=True))
+
+
+def average(values: list[float]) -> float:
+    """Mean of plain numbers (a statistic over layers), NaN for none."""
+    return sum(values) / len(values) if values else float("nan")

@@ -23,12 +23,11 @@ from tqdm.auto import tqdm
 from ..collect import iter_kv, rotary_for_layer, text_path_of, token_windows
 from ..configs import TrainConfig
 from ..dictionary import KINDS, KVDictionary, KVDictionaryConfig
+from ..dtypes import DTYPES
 from ..geometry import compressible_layers, kv_geometry
 from . import checkpoint
 from .heldout import evaluate_stack, summary
 from .run import TrainingRun
-
-WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 __all__ = ["train_dictionary"]
 
@@ -88,7 +87,7 @@ def train_dictionary(
     finally:
         log.close()
 
-    run.sae.round_to(WEIGHT_DTYPES[config.dtype])
+    run.sae.round_to(DTYPES[config.dtype])
     per_encoder, evaluation, eval_seconds = _final_evaluation(run, heldout, eval_windows, config)
     log = checkpoint.TrainLog(folder.log)
     for encoder, by_layer in per_encoder.items():
@@ -99,7 +98,7 @@ def train_dictionary(
     meta = _dictionary_config(model, config, run, text_path, folder.fingerprint["text"]["sha256"], windows,
                               eval_text_path, rope_scaling, evaluation, eval_seconds)  # fmt: skip
     dictionary = _export(run, meta, rotary)
-    dictionary.save_pretrained(out_dir, dtype=None if config.dtype == "float32" else WEIGHT_DTYPES[config.dtype])
+    dictionary.save_pretrained(out_dir, dtype=None if config.dtype == "float32" else DTYPES[config.dtype])
     folder.finish({"summary": evaluation, "per_layer": per_encoder, "k_key": config.k_key, "k_value": config.k_value})
     return KVDictionary.load_folder(out_dir)
 
