@@ -223,17 +223,22 @@ def _load_from(path: Path, name: str, compiler: str) -> ctypes.CDLL:
         raise
 
 
+def _cache_home() -> Path:
+    """``$STA_CACHE_HOME`` if set, else ``~/.cache/sta_cache``: the folder sta_cache keeps its artifacts in. Read
+    here rather than imported, so that the kernels depend on nothing else in the package."""
+    env = os.environ.get("STA_CACHE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sta_cache"
+
+
 def _load() -> ctypes.CDLL:
     """Load the kernels from the cache folder, built there if needed. Where that folder cannot be used (not
     private, read-only, ...), build them in a fresh private temporary folder, removed once they are loaded."""
-    from ..embedded import default_cache_dir
-
     compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
     if not compiler:
         raise CPUKernelUnavailable("no C compiler found (install gcc or set CC); use backend='torch' instead")
     torch.get_num_threads()  # make sure PyTorch's OpenMP runtime is loaded first, so the kernels share it
     name = _library_name(compiler)
-    cache = default_cache_dir() / "kernels"
+    cache = _cache_home() / "kernels"
     try:
         return _load_from(cache, name, compiler)
     except OSError as error:

@@ -25,8 +25,8 @@ ATTN_IMPLEMENTATION = "sta"
 _handoff = threading.local()
 
 # From this many query tokens per step (chunked prefill, long speculative drafts) rebuilding the compressed tokens
-# and running sdpa is cheaper than attending from the codes (SmolLM2 on 2 cores: equal at 16-32 queries, dense
-# ×0.66 at 64 and ×0.46 at 128 with 4k tokens; LAB_NOTES 2026-12-02); decode steps always read the codes.
+# and running sdpa costs less than attending from the codes: the rebuild is paid once per step while the codes'
+# cost grows with every query (LAB_NOTES.md has the measurements). Decode steps always read the codes.
 DENSE_FROM_QUERIES = 32
 
 
@@ -56,7 +56,7 @@ _causal_verdict = threading.local()
 def _is_plain_causal(mask: torch.Tensor) -> bool:
     """Whether a bool mask ``[B, 1 or H, L, L]`` is exactly lower-triangular in every row (no padding, no
     bidirectional spans), i.e. what ``is_causal=True`` computes. Checked once per mask tensor (a weak reference
-    tells a later mask from this one), not once per layer: ~9 ms at 4k tokens."""
+    tells a later mask from this one), not once per layer: the comparison reads the whole ``L x L`` mask."""
     entry = getattr(_causal_verdict, "entry", None)
     if entry is not None and entry[0]() is mask:
         return entry[1]

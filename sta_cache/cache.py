@@ -12,8 +12,10 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from . import geometry
 from .attention import hand_over
 from .dictionary import KVDictionary
+from .geometry import FULL_ATTENTION, SLIDING_LAYER_TYPES
 from .layer import SparseSemanticLayer
 from .memory import owned, storage_bytes
 from .validation import check_cache_arguments
@@ -21,7 +23,6 @@ from .validation import check_cache_arguments
 DEFAULT_RESIDUAL_LENGTH = 64
 DEFAULT_NUM_SINK_TOKENS = 4
 DEFAULT_ENCODE_BATCH = 16
-SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
 
 class UnsupportedModelError(ValueError):
@@ -38,13 +39,12 @@ def check_model_fits(dictionary: KVDictionary, config: PretrainedConfig) -> list
             "per-head keys and values, and SparseSemanticCache cannot serve it"
         )
     if getattr(config, "layer_types", None) and any(
-        t not in ("full_attention", *SLIDING_LAYER_TYPES) for t in config.layer_types
+        t not in (FULL_ATTENTION, *SLIDING_LAYER_TYPES) for t in config.layer_types
     ):
-        others = sorted(set(config.layer_types) - {"full_attention", *SLIDING_LAYER_TYPES})
+        others = sorted(set(config.layer_types) - {FULL_ATTENTION, *SLIDING_LAYER_TYPES})
         raise UnsupportedModelError(f"{config.model_type} has layers of type {others}, which this cache cannot serve")
     meta = dictionary.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, head_dim = geometry.num_kv_heads(config), geometry.head_dim(config)
     problems = []
     if config.num_hidden_layers != meta.num_layers:
         problems.append(f"{config.num_hidden_layers} layers (dictionary: {meta.num_layers})")
@@ -57,7 +57,7 @@ def check_model_fits(dictionary: KVDictionary, config: PretrainedConfig) -> list
             f"the dictionary was made for {meta.base_model} and does not fit this {config.model_type} model: the "
             f"model has {', '.join(problems)}"
         )
-    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    layer_types = geometry.layer_types(config)
     sliding_with_saes = [i for i in meta.layer_indices if layer_types[i] in SLIDING_LAYER_TYPES]
     if sliding_with_saes:
         raise UnsupportedModelError(
@@ -82,9 +82,8 @@ def rotary_from_config(config: PretrainedConfig, layer_type: str | None) -> tupl
     if rope_type != "default":
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type if per_type else None)
         return inv_freq.float(), float(scaling)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     partial = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-    dim = int(head_dim * partial)
+    dim = int(geometry.head_dim(config) * partial)
     return 1.0 / parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim), 1.0
 
 

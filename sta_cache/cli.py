@@ -71,7 +71,7 @@ def _options(args: argparse.Namespace, cls) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .configs import DemoConfig, Encoder, PursuitConfig, TrainConfig
+    from .configs import DemoConfig, Encoder, PasskeyFeed, PursuitConfig, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="sta-cache", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-context", type=int, default=None, help="longest passkey prompt (default 4096)")
     evaluate.add_argument("--passkey-depths", type=_float_list, default=None, help="e.g. 0.1,0.5,0.9")
     evaluate.add_argument("--passkey-trials", type=int, default=None, help="keys per length and depth")
-    evaluate.add_argument("--passkey-feed", choices=["generate", "chunked"], default=None,
+    evaluate.add_argument("--passkey-feed", choices=typing.get_args(PasskeyFeed), default=None,
                           help="passkey prompt: one prefill as model.generate (default) or chunked like perplexity")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
@@ -163,12 +163,12 @@ def _str_list(value: str) -> list[str]:
 
 
 def _dtype_list(value: str) -> list[str]:
-    from .benchmark_quality import COEFFICIENT_DTYPES
+    from .configs import CoefficientDtype
 
-    names = _str_list(value)
-    unknown = [name for name in names if name not in COEFFICIENT_DTYPES]
+    names, valid = _str_list(value), typing.get_args(CoefficientDtype)
+    unknown = [name for name in names if name not in valid]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"coefficient dtypes must be among {sorted(COEFFICIENT_DTYPES)}, got {value!r}")
+        raise argparse.ArgumentTypeError(f"coefficient dtypes must be among {sorted(valid)}, got {value!r}")
     return names
 
 
@@ -195,15 +195,18 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(DemoConfig(**_options(args, DemoConfig)))
     elif args.command == "train":
-        from .train import TrainConfig, train_dictionary
+        from .configs import TrainConfig
+        from .training import train_dictionary
 
         _train(args, train_dictionary, TrainConfig(**_options(args, TrainConfig)))
     elif args.command == "train-pursuit":
-        from .pursuit import PursuitConfig, train_pursuit_dictionary
+        from .configs import PursuitConfig
+        from .training import train_pursuit_dictionary
 
         _train(args, train_pursuit_dictionary, PursuitConfig(**_options(args, PursuitConfig)))
     elif args.command == "analyze":
-        from .analyze import AnalyzeConfig, run_analysis
+        from .configs import AnalyzeConfig
+        from .evaluation import run_analysis
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "quick", "train_per_k")}
         config = AnalyzeConfig.preset(args.quick, **{**options, "out": str(args.out)},
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = results["suggested_budget"]
         print(f"suggested budget k_key={budget['k_key']} k_value={budget['k_value']}; report: {args.out / 'report.md'}")
     elif args.command == "eval":
-        from .benchmark_quality import EvalConfig, run_eval
+        from .configs import EvalConfig
+        from .evaluation import run_eval
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
         config = EvalConfig.preset(args.quick, **{**options, "out": str(args.out)})

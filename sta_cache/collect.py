@@ -18,17 +18,16 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 
 from .compat import cache_kwargs
+from .configs import KeySpace, check_choice
+from .geometry import SLIDING_LAYER_TYPES, compressible_layers
 from .kernels.reference import apply_rope, undo_rope
 
-SLIDING_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 TEXT_BLOCK_CHARS = 1 << 20
 
 __all__ = [
     "KVBatch",
     "RecordingCache",
-    "compressible_layers",
     "iter_kv",
-    "kv_geometry",
     "rotary_for_layer",
     "token_windows",
     "verify_rotary",
@@ -39,23 +38,7 @@ class _StopForward(Exception):
     """Raised by the recording cache once the last layer of interest has been recorded: skips the rest."""
 
 
-# ----------------------------------------------------------------------------------------------------- geometry
-def kv_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a model's text config."""
-    config = config.get_text_config()
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, heads, head_dim
-
-
-def compressible_layers(config: PretrainedConfig) -> list[int]:
-    """The layers that get dictionaries: every layer but sliding-window / chunked ones (which keep a bounded
-    dense cache)."""
-    config = config.get_text_config()
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return [i for i, t in enumerate(types) if t not in SLIDING_LAYER_TYPES]
-
-
+# ----------------------------------------------------------------------------------------------------- modules
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     get = getattr(model, "get_decoder", None)
     decoder = get() if callable(get) else None
@@ -293,7 +276,7 @@ def iter_kv(
     windows: torch.LongTensor,
     *,
     layers: list[int] | None = None,
-    key_space: str = "post_rope",
+    key_space: KeySpace = "post_rope",
     per_head: bool = False,
     batch_windows: int = 4,
     skip_first: int = 0,
@@ -306,8 +289,7 @@ def iter_kv(
     (attention sinks, which the cache keeps dense). Each yielded :class:`KVBatch` is independent of the model's
     state; nothing is kept between forwards.
     """
-    if key_space not in ("post_rope", "pre_rope"):
-        raise ValueError(f"key_space must be 'post_rope' or 'pre_rope', got {key_space!r}")
+    check_choice("key_space", key_space, KeySpace)
     layers = list(layers) if layers is not None else compressible_layers(model.config)
     if not layers:
         raise ValueError("no layers to record")

@@ -1,7 +1,9 @@
-"""The settings of the ``demo``, ``train`` and ``train-pursuit`` commands, as dataclasses with a help text per field.
+"""The settings of every ``sta-cache`` command, as dataclasses, and the ``Literal`` types of their mode strings.
 
-The command line derives one ``--option`` per field from these (help, default, and the choices of ``Literal``
-fields), so this module imports nothing heavy: ``sta-cache --help`` never loads torch.
+The command line derives one ``--option`` per field of the ``demo``, ``train`` and ``train-pursuit`` settings from
+these (help, default, and the choices of ``Literal`` fields); ``analyze`` and ``eval`` have presets (full or
+``--quick``) that fill what the command line leaves unset. This module imports nothing heavy: ``sta-cache --help``
+never loads torch.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ Encoder = Literal["omp", "topk"]
 AtomInit = Literal["data", "random"]
 BiasInit = Literal["geometric_median", "mean", "zero"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
+CoefficientDtype = Literal["float32", "float16", "bfloat16", "float8_e4m3fn"]
+PasskeyFeed = Literal["generate", "chunked"]  # one prefill as model.generate, or prefill + chunks as perplexity
 
 DEFAULT_SINKS = 4  # SparseSemanticCache keeps the first 4 tokens dense: no need to learn them
+DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)  # the k grid of `sta-cache analyze`
+DEFAULT_BUDGETS = ((4, 8), (8, 16), (16, 32))  # (k_key, k_value) rows of `sta-cache eval`
+DEFAULT_BASELINES = ("quanto:4", "quanto:2", "hqq:4", "hqq:2", "fp8")  # QuantizedCache rows of `sta-cache eval`
 
 
 def option(default: Any, help: str) -> Any:
@@ -147,3 +154,102 @@ class PursuitConfig:
         for name in ("k_key", "k_value"):
             if not 1 <= getattr(self, name) <= self.n_atoms:
                 raise ValueError(f"{name} must be between 1 and n_atoms={self.n_atoms}")
+
+
+@dataclass
+class AnalyzeConfig:
+    """What ``sta-cache analyze`` runs; :meth:`preset` gives the full or ``--quick`` defaults."""
+
+    model: str = "smollm2"
+    dictionary: str | None = None
+    out: str = "analyze_out"
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    context: int = 256  # tokens per held-out window
+    windows: int = 24  # held-out windows (the vectors of every layer come from the same windows)
+    skip_first: int = 4  # sink positions the cache keeps dense: left out of the statistics
+    max_vectors: int = 16384  # per layer and kind (random subset beyond that)
+    encoder: Encoder | None = None  # None: the dictionary's own
+    layer: int | None = None  # layer for the atom analysis (None: the middle compressed layer)
+    reference_k: int = 8  # k at which the asymmetry figure compares keys and values
+    gain_threshold: float = 0.01  # elbow_gain: cosine gained by the next doubling of k
+    top_atoms: int = 10
+    examples: int = 5
+    train_per_k: bool = False
+    train_tokens: int = 30_000  # per-k training text (tokens) with train_per_k
+    train_epochs: float = 2.0
+    train_text: str | None = None  # per-k training text (default: the embedded Wikipedia train split)
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.encoder is not None:
+            check_choice("encoder", self.encoder, Encoder)
+
+    @classmethod
+    def preset(cls, quick: bool, **overrides) -> AnalyzeConfig:
+        """Full defaults, or the ``--quick`` ones; ``None`` overrides are ignored."""
+        base = dict(windows=8, max_vectors=4096, train_tokens=8_000, train_epochs=1.0) if quick else {}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+@dataclass
+class EvalConfig:
+    """What ``sta-cache eval`` runs. :meth:`preset` gives the full or the ``--quick`` defaults."""
+
+    model: str = "smollm2"
+    dictionary: str | None = None
+    out: str = "eval_out"
+    context: int = 2048  # tokens per held-out text (perplexity window)
+    n_texts: int = 4
+    prefill: int = 256
+    chunk: int = 32
+    residual_length: int = 64  # SparseSemanticCache window (QuantizedCache gets the same residual length)
+    num_sink_tokens: int = 4
+    budgets: list[tuple[int, int]] = field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUDGETS])
+    paths: list[str] = field(default_factory=lambda: ["sta", "sdpa"])  # attention paths for SparseSemanticCache
+    sdpa_budgets: list[tuple[int, int]] | None = None  # budgets also run on "sdpa" (None: all budgets)
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    q_group_size: int = 64
+    encoder: Encoder | None = None  # None: the dictionary's own
+    coefficient_dtypes: list[CoefficientDtype | None] = field(default_factory=lambda: [None])  # None: the model's
+    pack_indices: bool = False
+    max_context: int = 4096
+    passkey_lengths: list[int] | None = None  # None: powers of two from 512 up to max_context
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    passkey_trials: int = 2
+    passkey_new_tokens: int = 8
+    passkey_feed: PasskeyFeed = "generate"
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.encoder is not None:
+            check_choice("encoder", self.encoder, Encoder)
+        for name in self.coefficient_dtypes:
+            if name is not None:
+                check_choice("coefficient dtype", name, CoefficientDtype)
+        check_choice("passkey_feed", self.passkey_feed, PasskeyFeed)
+
+    @classmethod
+    def preset(cls, quick: bool, **overrides) -> EvalConfig:
+        """Full defaults, or the ``--quick`` ones (SmolLM2 on 2 cores in a few minutes); ``None`` overrides are
+        ignored."""
+        base = {}
+        if quick:
+            base = dict(context=1024, n_texts=2, paths=["sta", "sdpa"], sdpa_budgets=[(8, 16)], max_context=1024,
+                        passkey_lengths=[1024], passkey_depths=[0.25, 0.75], passkey_trials=1)  # fmt: skip
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def lengths(self) -> list[int]:
+        """Passkey prompt lengths: the given ones (capped at ``max_context``), else powers of two from 512."""
+        if self.passkey_lengths:
+            return sorted({min(n, self.max_context) for n in self.passkey_lengths})
+        lengths, n = [], 512
+        while n < self.max_context:
+            lengths.append(n)
+            n *= 2
+        return lengths + [self.max_context]

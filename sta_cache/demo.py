@@ -14,7 +14,7 @@ from .configs import DemoConfig, TrainConfig
 from .compat import cache_kwargs
 from .dictionary import DictionaryFormatError, KVDictionary
 from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
-from .evaluate import perplexity
+from .evaluation.perplexity import perplexity
 
 PACKAGED_DICTIONARIES = {"smollm2": "sta-cache/SmolLM2-135M-Instruct", "gemma3": "sta-cache/gemma-3-270m"}
 
@@ -29,7 +29,7 @@ def demo_dictionary(name: str, model, tokenizer, dictionary: str | None) -> tupl
             return KVDictionary.from_pretrained(PACKAGED_DICTIONARIES[name]), PACKAGED_DICTIONARIES[name]
         except DictionaryFormatError:
             pass
-    from .train import train_dictionary
+    from .training import train_dictionary
 
     out = default_cache_dir() / "dictionaries" / f"{Path(str(name)).name}-demo"
     try:

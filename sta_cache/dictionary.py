@@ -54,8 +54,8 @@ class KVDictionaryConfig:
     per_head: bool = False
     k_key: int = 8
     k_value: int = 16
-    key_space: str = "post_rope"
-    encoder: str = "topk"
+    key_space: KeySpace = "post_rope"
+    encoder: Encoder = "topk"
     rope_scaling: float = 1.0
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)

@@ -41,7 +41,8 @@ class SparseSemanticLayer(CacheLayerMixin):
 
     A token is encoded once, after it has left the window, at a later ``update`` (so the step that wrote it
     attends to it exactly); tokens are encoded ``encode_batch`` at a time, which amortises the encoder's per-call
-    cost over decode steps (the window then holds up to ``residual_length + encode_batch - 1`` dense tokens). Keys are coded post-RoPE, or pre-RoPE when the dictionary says so: then each key is
+    cost over decode steps (the window then holds up to ``residual_length + encode_batch - 1`` dense tokens).
+    Keys are coded post-RoPE, or pre-RoPE when the dictionary says so: then each key is
     un-rotated by the position the model gave it and re-rotated when used. The positions come from the "sta"
     attention function (which sees the model's ``position_ids``); other attention implementations do not
     report them and slot ``i`` is taken to be position ``i`` (exact without left padding).

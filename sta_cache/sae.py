@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .configs import Encoder, check_choice
 from .kernels.reference import omp_encode_reference, topk_encode_reference
 
 
@@ -19,10 +20,9 @@ class TopKSAE(nn.Module):
     encoder: same storage, signed coefficients, much better reconstructions (see the README's lab notes).
     """
 
-    def __init__(self, d: int, n_atoms: int, *, encoder: str = "topk", dtype: torch.dtype = torch.float32):
+    def __init__(self, d: int, n_atoms: int, *, encoder: Encoder = "topk", dtype: torch.dtype = torch.float32):
         super().__init__()
-        if encoder not in ("topk", "omp"):
-            raise ValueError(f"encoder must be 'topk' or 'omp', got {encoder!r}")
+        check_choice("encoder", encoder, Encoder)
         self.d, self.n_atoms, self.encoder = d, n_atoms, encoder
         if encoder == "omp":  # matching pursuit reads only the decoder: no encoder weights are held
             self.register_parameter("W_enc", None)
@@ -48,11 +48,6 @@ class TopKSAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Project the atoms back onto the unit sphere."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        if self.W_enc is None:
-            raise ValueError("a matching-pursuit SAE has no one-shot encoder (encoder='omp' holds only the decoder)")
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Code ``x [..., d]`` as ``(indices [..., k] int64, coefficients [..., k])`` with this SAE's encoder."""

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from sta_cache import KVDictionary, KVDictionaryConfig
-from sta_cache.cache import SLIDING_LAYER_TYPES
+from sta_cache.geometry import SLIDING_LAYER_TYPES
 
 VOCAB = 97
 COMMON = dict(

@@ -12,16 +12,21 @@ from transformers import DynamicCache, QuantizedCache
 
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache
-from sta_cache.analyze import AnalyzeConfig, depth_groups, elbow_chord, elbow_gain, run_analysis, suggest_budget
-from sta_cache.benchmark_quality import (
-    PASSKEY_INTRO,
+from sta_cache.evaluation import (
+    AnalyzeConfig,
     EvalConfig,
     cache_bytes,
+    depth_groups,
+    elbow_chord,
+    elbow_gain,
     feed,
     passkey_correct,
     passkey_prompt,
+    run_analysis,
     run_eval,
+    suggest_budget,
 )
+from sta_cache.evaluation.passkey import PASSKEY_INTRO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -279,7 +284,7 @@ def test_analyze_writes_a_well_formed_report(llama, tmp_path):
 
 
 def test_passkey_feed_modes_agree_on_a_dense_cache(llama):
-    from sta_cache.benchmark_quality import greedy_answer
+    from sta_cache.evaluation import greedy_answer
 
     prompt = passkey_prompt(CharTokenizer(), 420, 0.5, "12345").input_ids
     generated = greedy_answer(llama, prompt, DynamicCache(config=llama.config), 4, "generate")

@@ -7,8 +7,8 @@ import torch
 from conftest import VOCAB, tiny_model
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.compat import cache_kwargs
-from sta_cache.pursuit import PursuitConfig, learn_pursuit_dictionary, omp_reconstruct, train_pursuit_dictionary
-from sta_cache.pursuit import fraction_of_variance_unexplained as fvu
+from sta_cache.metrics import fraction_of_variance_unexplained as fvu
+from sta_cache.training import PursuitConfig, learn_pursuit_dictionary, omp_reconstruct, train_pursuit_dictionary
 
 
 def test_mod_learns_a_planted_sparse_dictionary():

@@ -1,4 +1,4 @@
-"""Training dictionaries (sta_cache.collect + sta_cache.train) on a tiny random-init Llama: fast, seconds each."""
+"""Training dictionaries (sta_cache.collect + sta_cache.training) on a tiny random-init Llama: fast, seconds each."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from sta_cache import KVDictionary, SparseSemanticCache
-from sta_cache import train as train_module
-from sta_cache.collect import compressible_layers, iter_kv, rotary_for_layer, token_windows, verify_rotary
+from sta_cache.collect import iter_kv, rotary_for_layer, token_windows, verify_rotary
+from sta_cache.geometry import compressible_layers
 from sta_cache.kernels.reference import apply_rope
-from sta_cache.train import TrainConfig, evaluate_dictionary, train_dictionary
+from sta_cache.training import TrainConfig, checkpoint, evaluate_dictionary, train_dictionary
 from sta_cache.compat import cache_kwargs
 
 VOCAB = 97
@@ -203,7 +203,7 @@ def test_resume_after_interruption_gives_the_same_weights(trained, model, text, 
         train_dictionary(model, CharTokenizer(), text, small_config(**overrides), reference, progress=False)
         trained = reference
     out = tmp_path / "interrupted"
-    real_save = train_module._save_checkpoint
+    real_save = checkpoint.save_checkpoint
     calls = []
 
     def save_then_die(path, payload):
@@ -212,11 +212,11 @@ def test_resume_after_interruption_gives_the_same_weights(trained, model, text, 
         if len(calls) == interrupt_at:
             raise Interrupted
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         train_dictionary(model, CharTokenizer(), text, small_config(**overrides), out, progress=False)
     assert (out / "checkpoint.pt").is_file() and not (out / "dictionary.safetensors").exists()
-    monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     with pytest.raises(ValueError, match="different run"):
         train_dictionary(model, CharTokenizer(), text, small_config(lr=1e-3, **overrides), out, progress=False)
     train_dictionary(model, CharTokenizer(), text, small_config(**overrides), out, progress=False)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from .compat import cache_kwargs
+from ..compat import cache_kwargs
+
 
 @dataclass
 class PerplexityResult:
@@ -40,7 +41,7 @@ def perplexity(
     accuracy and the scored token count.
 
     ``memory`` is ``measure(cache)`` after the last text when ``measure`` is given (e.g.
-    :func:`sta_cache.benchmark_quality.cache_bytes`, which counts any cache), else the cache's
+    :func:`sta_cache.evaluation.bytes.cache_bytes`, which counts any cache), else the cache's
     ``memory_footprint()`` if it has one."""
     texts = list(texts)
     total_nll, total_correct, total_tokens, memory, per_text = 0.0, 0, 0, None, []

@@ -14,9 +14,15 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from .configs import PursuitConfig
-from .dictionary import KINDS
-from .kernels.reference import omp_encode_reference
+from ..collect import iter_kv, rotary_for_layer, token_windows
+from ..configs import PursuitConfig
+from ..dictionary import KINDS, KVDictionary, KVDictionaryConfig
+from ..geometry import compressible_layers, kv_geometry
+from ..kernels.reference import omp_encode_reference
+from ..metrics import fraction_of_variance_unexplained
+from .heldout import reconstruct
+
+__all__ = ["learn_pursuit_dictionary", "mod_step", "omp_reconstruct", "train_pursuit_dictionary"]
 
 
 def _codes_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: int) -> torch.Tensor:
@@ -25,13 +31,9 @@ def _codes_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: in
     return dense.scatter_add_(1, indices, coefficients.float())
 
 
-def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    return ((x - reconstruction).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
-
-
 def omp_reconstruct(x: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
-    indices, coefficients = omp_encode_reference(x, atoms, bias, k)
-    return torch.einsum("nk,nkd->nd", coefficients.float(), atoms[indices]) + bias
+    """``x [n, d]`` coded with ``k`` atoms by OMP over ``atoms [N, d]`` and ``bias [d]``, and decoded again."""
+    return reconstruct(None, None, atoms, bias, x, k, "omp")
 
 
 def mod_step(x: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor, k: int, ridge: float = 1e-4):
@@ -44,7 +46,7 @@ def mod_step(x: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor, k: int, r
     gram.diagonal().add_(ridge * usage.mean().clamp_min(1e-6))
     new_atoms = torch.linalg.solve(gram, codes.T @ (x - bias))
     reconstruction = codes @ new_atoms + bias
-    fvu = fraction_of_variance_unexplained(x, reconstruction)
+    fvu = fraction_of_variance_unexplained(x, reconstruction).item()
     bias = bias + (x - reconstruction).mean(0)
     unused = usage <= 0
     if unused.any():  # re-seed dead atoms with the directions of the worst-coded vectors
@@ -78,9 +80,6 @@ def learn_pursuit_dictionary(
 def train_pursuit_dictionary(model, tokenizer, text_path, config: PursuitConfig, out_dir, progress: bool = True):
     """Collect a model's cached keys/values over a text and learn OMP dictionaries for every compressible layer
     by MOD; saves to ``out_dir`` and returns the :class:`KVDictionary`."""
-    from .collect import compressible_layers, iter_kv, kv_geometry, rotary_for_layer, token_windows
-    from .dictionary import KVDictionary, KVDictionaryConfig
-
     generator = torch.Generator().manual_seed(config.seed)
     layers = compressible_layers(model.config)
     num_layers, heads, head_dim = kv_geometry(model.config)

@@ -1,0 +1,90 @@
+"""The cache configurations ``sta-cache eval`` compares: DynamicCache, SparseSemanticCache budgets and
+transformers' QuantizedCache backends, each with how to build a fresh cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, QuantizedCache
+from transformers.cache_utils import Cache
+
+from ..cache import SparseSemanticCache
+from ..configs import EvalConfig
+from ..dtypes import DTYPES, SHORT_NAMES
+from .bytes import cache_bytes
+from .passkey import feed
+
+__all__ = ["CacheSpec", "cache_specs"]
+
+
+@dataclass
+class CacheSpec:
+    """One row of the eval table: how to build a fresh cache of it (``make``), or why it cannot be built here."""
+
+    name: str
+    family: str  # dynamic | sta | quantized
+    attn: str  # the model's attention implementation while it runs
+    make: Callable[[], Cache] | None
+    params: dict
+    reason: str | None = None  # why it is unavailable
+
+
+def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
+    """The configurations to run, in table order. Baselines that cannot be built here come back with a reason."""
+    specs = [CacheSpec("DynamicCache", "dynamic", "sdpa", lambda: DynamicCache(config=model.config),
+                       {"dtype": str(model.dtype).replace("torch.", "")})]  # fmt: skip
+    window = dict(residual_length=config.residual_length, num_sink_tokens=config.num_sink_tokens)
+    sdpa_budgets = None if config.sdpa_budgets is None else {tuple(b) for b in config.sdpa_budgets}
+    for k_key, k_value in config.budgets:
+        for dtype_name in config.coefficient_dtypes:
+            for path in config.paths:
+                if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
+                    continue
+
+                def make(k_key=k_key, k_value=k_value, dtype=DTYPES.get(dtype_name)):
+                    return SparseSemanticCache(dictionary, k_key=k_key, k_value=k_value, config=model.config,
+                                               coefficient_dtype=dtype, pack_indices=config.pack_indices,
+                                               **window)  # fmt: skip
+
+                dtype_label = f", {SHORT_NAMES[dtype_name]}" if dtype_name else ""
+                specs.append(CacheSpec(
+                    f"STA {k_key}/{k_value}{dtype_label} ({path})", "sta", path, make,
+                    {"k_key": k_key, "k_value": k_value, "window": config.residual_length,
+                     "sinks": config.num_sink_tokens, "n_atoms": dictionary.config.n_atoms,
+                     "encoder": dictionary.config.encoder,
+                     "coefficient_dtype": dtype_name or str(model.dtype).replace("torch.", ""),
+                     "pack_indices": config.pack_indices},
+                ))  # fmt: skip
+    for baseline in config.baselines:
+        specs.append(_quantized_spec(model, baseline, config))
+    return specs
+
+
+def _quantized_spec(model, baseline: str, config: EvalConfig) -> CacheSpec:
+    backend, _, bits = baseline.partition(":")
+    if backend == "fp8":
+        name, params = "QuantizedCache fp8", {"backend": "fp8", "scale": "per-tensor"}
+        kwargs = {}
+    else:
+        nbits = int(bits or 4)
+        name = f"QuantizedCache {backend} int{nbits}"
+        kwargs = dict(nbits=nbits, q_group_size=config.q_group_size, residual_length=config.residual_length)
+        params = {"backend": backend, **kwargs}
+
+    def make():
+        return QuantizedCache(backend=backend, config=model.config, **kwargs)
+
+    spec = CacheSpec(name, "quantized", "sdpa", make, params)
+    try:  # build it and run a short sequence through it: import errors and CPU-only failures show up here
+        model.set_attn_implementation("sdpa")
+        cache = make()
+        ids = torch.arange(8, 8 + 2 * config.residual_length + 8, device=model.device).view(1, -1) % 1000
+        with torch.no_grad():
+            feed(model, ids, cache, prefill=config.residual_length + 4, chunk=8)
+        cache_bytes(cache)
+    except Exception as error:  # noqa: BLE001 - any failure makes the baseline unavailable, with its reason
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        spec.make, spec.reason = None, f"{type(error).__name__}: {first}"[:300]
+    return spec
