@@ -40,7 +40,7 @@ from transformers import DynamicCache, QuantizedCache
 from transformers.generation.streamers import BaseStreamer
 
 from sta_cache import KVDictionary, SparseSemanticCache
-from sta_cache.benchmark_quality import cache_bytes
+from sta_cache.evaluation.bytes import cache_bytes
 from sta_cache.compat import cache_kwargs
 from sta_cache.collect import token_windows
 from sta_cache.embedded import load_model, wikipedia_text
