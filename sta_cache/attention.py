@@ -67,6 +67,25 @@ def _is_plain_causal(mask: torch.Tensor) -> bool:
     return verdict
 
 
+# The verdict of _all_visible for the last (mask, length) seen, for the same reason.
+_visible_verdict = threading.local()
+
+
+def _all_visible(mask: torch.Tensor, length: int) -> bool:
+    """Whether every query of ``mask [B, 1 or H, q, >= length]`` may attend to all of its last ``length`` slots
+    (a decode step without padding): then the "sta" path needs no mask and every new token is real. Checked once
+    per mask tensor and length."""
+    entry = getattr(_visible_verdict, "entry", None)
+    if entry is not None and entry[0]() is mask and entry[1] == length:
+        return entry[2]
+    visible = mask[..., -length:]
+    if visible.dtype != torch.bool:
+        visible = visible > torch.finfo(visible.dtype).min / 2
+    verdict = bool(visible.all())
+    _visible_verdict.entry = (weakref.ref(mask), length, verdict)
+    return verdict
+
+
 def sta_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -89,7 +108,7 @@ def sta_attention_forward(
     batch, _, q_len, head_dim = query.shape
     length = layer.get_seq_length()
     mask = None
-    if attention_mask is not None:
+    if attention_mask is not None and not _all_visible(attention_mask, length):
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
         mask = attention_mask[:, 0, :, -length:].expand(batch, q_len, length)
