@@ -330,13 +330,16 @@ static int64_t argmax_first(const float *c, int64_t n) {
     return where[lane];
 }
 
-/* Orthogonal matching pursuit, as reference.omp_encode_reference computes it: k greedy picks of the atom most
- * correlated with the residual (first maximum on ties, never an atom twice), each orthogonalised against the
- * earlier picks (classical Gram-Schmidt) and its direction removed from the residual; one back substitution gives
- * the coefficients. targets [m][d] (bias already subtracted), atoms [n][d] unit rows, panels [n / 16][d][16]
- * the same atoms (see correlate), n a multiple of 16. Returns nonzero if scratch memory could not be allocated. */
+/* Greedy pursuit, as reference.omp_encode_reference computes it: k picks of the atom most correlated with a
+ * residual (first maximum on ties, never an atom twice), each orthogonalised against the earlier picks (classical
+ * Gram-Schmidt) and its direction removed from the orthogonal residual; one back substitution gives the least-
+ * squares coefficients. The picks read the orthogonal residual (OMP), or with `matching` the matching-pursuit
+ * residual, from which each pick removes only itself times its correlation. targets [m][d] (bias already
+ * subtracted), atoms [n][d] unit rows, panels [n / 16][d][16] the same atoms (see correlate), n a multiple of
+ * 16. Returns nonzero if scratch memory could not be allocated. */
 int sta_omp_encode(const float *targets, const float *atoms, const float *panels, int64_t m, int64_t n_atoms,
-                   int64_t dim, int64_t k, float eps, int64_t *out_indices, float *out_coefficients, int threads) {
+                   int64_t dim, int64_t k, float eps, int matching, int64_t *out_indices, float *out_coefficients,
+                   int threads) {
     const int64_t groups = (m + OMP_GROUP - 1) / OMP_GROUP;
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -345,19 +348,21 @@ int sta_omp_encode(const float *targets, const float *atoms, const float *panels
         const int64_t vectors = m - first < OMP_GROUP ? m - first : OMP_GROUP;
         /* scratch per group of vectors: small next to the group's k * 4 * N * d multiply-adds */
         float *corr = (float *)calloc((size_t)(OMP_GROUP * n_atoms), sizeof(float));
-        float *residual = (float *)calloc((size_t)(OMP_GROUP * dim), sizeof(float));
+        float *residual = (float *)calloc((size_t)(OMP_GROUP * dim), sizeof(float)); /* what the picks read */
+        float *orthogonal = matching ? (float *)malloc(sizeof(float) * (size_t)(OMP_GROUP * dim)) : residual;
         float *basis = (float *)malloc(sizeof(float) * (size_t)(OMP_GROUP * k * dim));
         float *upper = (float *)calloc((size_t)(OMP_GROUP * k * k), sizeof(float));
         float *projections = (float *)malloc(sizeof(float) * (size_t)(OMP_GROUP * k));
-        if (!corr || !residual || !basis || !upper || !projections) {
+        if (!corr || !residual || !orthogonal || !basis || !upper || !projections) {
 #pragma omp atomic write
             failed = 1;
         } else {
             memcpy(residual, targets + first * dim, sizeof(float) * (size_t)(vectors * dim));
+            if (matching) memcpy(orthogonal, residual, sizeof(float) * (size_t)(vectors * dim));
             for (int64_t step = 0; step < k; step++) {
                 correlate(panels, n_atoms, dim, residual, corr);
                 for (int64_t v = 0; v < vectors; v++) {
-                    float *c = corr + v * n_atoms, *r = residual + v * dim;
+                    float *c = corr + v * n_atoms, *r = orthogonal + v * dim;
                     float *b = basis + v * k * dim, *u = upper + v * k * k;
                     int64_t *picked = out_indices + (first + v) * k;
                     for (int64_t i = 0; i < step; i++) c[picked[i]] = -1.0f;
@@ -365,6 +370,12 @@ int sta_omp_encode(const float *targets, const float *atoms, const float *panels
                     picked[step] = best;
                     float direction[MAX_HEAD_DIM];
                     const float *atom = atoms + best * dim;
+                    if (matching) { /* the matching residual loses the pick times its (signed) correlation */
+                        float *read = residual + v * dim, signed_corr = 0.0f;
+#pragma omp simd reduction(+ : signed_corr)
+                        for (int64_t e = 0; e < dim; e++) signed_corr += read[e] * atom[e];
+                        for (int64_t e = 0; e < dim; e++) read[e] -= signed_corr * atom[e];
+                    }
                     memcpy(direction, atom, sizeof(float) * (size_t)dim);
                     for (int64_t i = 0; i < step; i++) { /* overlaps with the original atom (classical GS) */
                         float overlap = 0.0f;
@@ -403,6 +414,7 @@ int sta_omp_encode(const float *targets, const float *atoms, const float *panels
             }
         }
         free(corr);
+        if (matching) free(orthogonal);
         free(residual);
         free(basis);
         free(upper);
@@ -516,15 +528,17 @@ static inline void gram_update(const float *g, dq_t *projected, float *alpha, co
  * only one row of G = D D^T is read per step; the next pick's argmax runs in the same pass. targets [m][d] (bias
  * subtracted), atoms [n][d] unit rows, correlations [m][n] = targets . atoms^T (overwritten; a picked atom's entry
  * becomes NaN, which excludes it), gram [n][n]; n a multiple of 16, k <= n. The residual and the directions stay
- * exact in float32 as in sta_omp_encode: only the choice of atoms reads the correlations. */
+ * exact in float32 as in sta_omp_encode: only the choice of atoms reads the correlations. With `matching` the
+ * picks read the matching-pursuit residual instead (as sta_omp_encode's): D r_s = D r_(s-1) - c_s G[a_s], with c_s
+ * the pick's correlation, N multiply-adds per step and no D q_i at all. */
 int sta_omp_encode_gram(const float *targets, const float *atoms, float *correlations, const float *gram, int64_t m,
-                        int64_t n_atoms, int64_t dim, int64_t k, float eps, int64_t *out_indices,
+                        int64_t n_atoms, int64_t dim, int64_t k, float eps, int matching, int64_t *out_indices,
                         float *out_coefficients, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         /* scratch per thread: D q_i of every step and the d-dimensional pursuit state */
-        dq_t *projected = (dq_t *)malloc(sizeof(dq_t) * (size_t)(k * n_atoms));
+        dq_t *projected = (dq_t *)malloc(sizeof(dq_t) * (size_t)(matching ? 1 : k * n_atoms));
         float *basis = (float *)malloc(sizeof(float) * (size_t)(k * dim));
         float *upper = (float *)malloc(sizeof(float) * (size_t)(k * k));
         float *projections = (float *)malloc(sizeof(float) * (size_t)k);
@@ -549,6 +563,7 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
                 }
                 for (int64_t step = 0; step < k; step++) {
                     const int64_t best = argmax16_result(&search);
+                    const float picked_correlation = alpha[best];
                     picked[step] = best;
                     alpha[best] = NAN;
                     const float *atom = atoms + best * dim;
@@ -579,9 +594,20 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
                     projections[step] = projection;
                     for (int64_t e = 0; e < dim; e++) residual[e] -= projection * basis[step * dim + e];
                     if (step + 1 == k) break;
-                    /* D q_step, the updated correlations and the next pick */
                     const float *g = gram + best * n_atoms;
                     search = (argmax16_t){.best = (vec16){0} - 1.0f, .where = {0}};
+                    if (matching) { /* matching pursuit: D r loses G[best] times the pick's correlation */
+                        for (int64_t a = 0; a < n_atoms; a += 16) {
+                            vec16 row, corr;
+                            memcpy(&row, g + a, sizeof row);
+                            memcpy(&corr, alpha + a, sizeof corr);
+                            corr = fused_subtract(corr, picked_correlation, row);
+                            memcpy(alpha + a, &corr, sizeof corr);
+                            argmax16_update(&search, (vec16)((ivec16)corr & 0x7fffffff), (int32_t)a);
+                        }
+                        continue;
+                    }
+                    /* OMP: D q_step, the updated correlations and the next pick */
                     int64_t a = 0;
                     for (; a + 16 * GRAM_BLOCKS <= n_atoms; a += 16 * GRAM_BLOCKS)
                         gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a,

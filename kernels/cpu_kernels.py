@@ -38,7 +38,9 @@ from pathlib import Path
 
 import torch
 
-from .reference import CompressedKV, attend, byte_float_table, omp_encode_reference, rope_cos_sin, rope_table
+from .reference import (
+    PURSUITS, CompressedKV, attend, byte_float_table, omp_encode_reference, rope_cos_sin, rope_table,
+)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
@@ -188,8 +190,8 @@ def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
         "sta_key_scores_post": ([codes, p, i64, i64, i64, p, i32], None),
         "sta_key_scores_pre": ([codes, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, i32], None),
         "sta_value_accumulate": ([codes, p, i64, i64, i64, i64, p, i32], ctypes.c_int),
-        "sta_omp_encode": ([p, p, p, i64, i64, i64, i64, f32, p, p, i32], ctypes.c_int),
-        "sta_omp_encode_gram": ([p, p, p, p, i64, i64, i64, i64, f32, p, p, i32], ctypes.c_int),
+        "sta_omp_encode": ([p, p, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
+        "sta_omp_encode_gram": ([p, p, p, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
     }
     for symbol, (argtypes, restype) in signatures.items():
         try:
@@ -386,26 +388,35 @@ def compressed_value_output(weights: torch.Tensor, kv: CompressedKV) -> torch.Te
 
 
 def omp_encode(
-    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, eps: float = 1e-6, method: str = "auto"
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    eps: float = 1e-6,
+    method: str = "auto",
+    pursuit: str = "omp",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`reference.omp_encode_reference` (same picks up to float rounding on near-ties), in C. ``x [M, d]``
-    -> ``(indices int64 [M, k], coefficients [M, k])``. Dictionaries whose N is not a multiple of 16 go to the
-    reference.
+    """As :func:`reference.omp_encode_reference` with the same ``pursuit`` (same picks up to float rounding on
+    near-ties), in C. ``x [M, d]`` -> ``(indices int64 [M, k], coefficients [M, k])``. Dictionaries whose N is not a
+    multiple of 16 go to the reference.
 
     ``method="direct"`` correlates every residual with all N atoms at every step (N * d multiply-adds per step);
     ``"gram"`` correlates each vector with the atoms once (one matmul for all of them), forms the Gram matrix
-    ``atoms atoms^T`` and updates the correlations from it (N * (step + 1) per step, plus N^2 * d per call);
-    ``"auto"`` picks ``"gram"`` when the call has enough vectors to amortise the Gram matrix."""
+    ``atoms atoms^T`` and updates the correlations from it (N * (step + 1) per step for OMP, N for MP, plus
+    N^2 * d per call); ``"auto"`` picks ``"gram"`` when the call has enough vectors to amortise the Gram matrix."""
     n_atoms, d = atoms.shape
     if method not in ("auto", "direct", "gram"):
         raise ValueError(f"method must be 'auto', 'direct' or 'gram', got {method!r}")
+    if pursuit not in PURSUITS:
+        raise ValueError(f"pursuit must be one of {PURSUITS}, got {pursuit!r}")
     if not 1 <= k <= n_atoms:
         raise ValueError(f"k must be between 1 and the dictionary's {n_atoms} atoms, got {k}")
     if n_atoms % 16 or not fits(d) or x.device.type != "cpu":
-        return omp_encode_reference(x, atoms, b_dec, k, eps)
+        return omp_encode_reference(x, atoms, b_dec, k, eps, pursuit)
     if method == "auto":
-        method = "gram" if x.shape[0] >= gram_threshold(n_atoms, d, k) else "direct"
+        method = "gram" if x.shape[0] >= gram_threshold(n_atoms, d, k, pursuit) else "direct"
     m = x.shape[0]
+    matching = int(pursuit == "mp")
     target = (x.float() - b_dec.float()).contiguous()
     atoms = atoms.float().contiguous()
     indices = torch.empty(m, k, dtype=torch.long)
@@ -415,23 +426,25 @@ def omp_encode(
         gram = atoms @ atoms.T
         failed = library().sta_omp_encode_gram(
             target.data_ptr(), atoms.data_ptr(), correlations.data_ptr(), gram.data_ptr(), m, n_atoms, d, k, eps,
-            indices.data_ptr(), coefficients.data_ptr(), torch.get_num_threads(),
+            matching, indices.data_ptr(), coefficients.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     else:
         panels = atoms.view(n_atoms // 16, 16, d).transpose(1, 2).contiguous()  # [N / 16, d, 16]: see correlate()
         failed = library().sta_omp_encode(
-            target.data_ptr(), atoms.data_ptr(), panels.data_ptr(), m, n_atoms, d, k, eps, indices.data_ptr(),
-            coefficients.data_ptr(), torch.get_num_threads(),
+            target.data_ptr(), atoms.data_ptr(), panels.data_ptr(), m, n_atoms, d, k, eps, matching,
+            indices.data_ptr(), coefficients.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     if failed:
         raise MemoryError("the OMP kernel could not allocate its scratch memory")
     return indices, coefficients.to(x.dtype)
 
 
-def gram_threshold(n_atoms: int, head_dim: int, k: int) -> int:
-    """Vectors per call from which the Gram kernel is faster than the direct one: it saves about
-    ``N * (k * d - k * (k + 1) / 2)`` multiply-adds per vector and pays ``N^2 * d`` per call."""
-    saved = k * head_dim - k * (k + 1) / 2
+def gram_threshold(n_atoms: int, head_dim: int, k: int, pursuit: str = "omp") -> int:
+    """Vectors per call from which the Gram kernel is faster than the direct one: per vector it saves about
+    ``N * k * d`` multiply-adds less its own updates (``N * k * (k + 1) / 2`` for OMP, ``N * k`` for MP), and it
+    pays ``N^2 * d`` per call for the Gram matrix."""
+    updates = k * (k + 1) / 2 if pursuit == "omp" else k
+    saved = k * head_dim - updates
     return max(1, math.ceil(n_atoms * head_dim / max(saved, 1.0)))
 
 

@@ -85,19 +85,20 @@ def _warn_once(message: str) -> None:
 
 
 def encode(
-    x: torch.Tensor, sae: dict[str, torch.Tensor], k: int, encoder: str, backend: str
+    x: torch.Tensor, sae: dict[str, torch.Tensor], k: int, encoder: str, backend: str, pursuit: str = "omp"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code ``x [M, d]`` with one SAE (``W_enc, b_enc, W_dec, b_dec``) -> ``(indices [M, k], coefficients [M, k])``."""
+    """Code ``x [M, d]`` with one SAE (``W_enc, b_enc, W_dec, b_dec``) -> ``(indices [M, k], coefficients [M, k])``.
+    ``pursuit`` ("omp" or "mp") says how the "omp" encoder picks atoms (see ``reference.omp_encode_reference``)."""
     if backend == "triton":
         from . import triton_encode
 
         if encoder == "omp":
-            return triton_encode.omp_encode(x, sae["W_dec"], sae["b_dec"], k)
+            return triton_encode.omp_encode(x, sae["W_dec"], sae["b_dec"], k, pursuit=pursuit)
         return triton_encode.topk_encode(x, sae["W_enc"], sae["b_enc"], sae["b_dec"], k)
     if encoder == "omp":
         if backend == "cpu":
-            return cpu_kernels.omp_encode(x, sae["W_dec"], sae["b_dec"], k)
-        return omp_encode_reference(x, sae["W_dec"], sae["b_dec"], k)
+            return cpu_kernels.omp_encode(x, sae["W_dec"], sae["b_dec"], k, pursuit=pursuit)
+        return omp_encode_reference(x, sae["W_dec"], sae["b_dec"], k, pursuit=pursuit)
     return topk_encode_reference(x, sae["W_enc"], sae["b_enc"], sae["b_dec"], k)
 
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+# How a pursuit encoder picks atoms (see omp_encode_reference); both fit the coefficients by least squares.
+PURSUITS = ("omp", "mp")
+
 
 def topk_encode_reference(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int
@@ -28,16 +31,23 @@ def topk_encode_reference(
 
 
 def omp_encode_reference(
-    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, eps: float = 1e-6
+    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, eps: float = 1e-6, pursuit: str = "omp"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthogonal matching pursuit over unit-norm ``atoms [N, d]``: ``k`` greedy steps, each picking the atom most
-    correlated (in absolute value) with the residual, then refitting all chosen coefficients by least squares.
-    Coefficients are signed. ``x [M, d]`` -> ``(indices [M, k], coefficients [M, k])``.
+    """Greedy pursuit over unit-norm ``atoms [N, d]``: ``k`` steps, each picking the atom most correlated (in
+    absolute value) with a residual, never one twice; the coefficients are the least-squares fit of the target on
+    the picked atoms, signed. ``x [M, d]`` -> ``(indices [M, k], coefficients [M, k])``.
+
+    ``pursuit`` says which residual the picks read: ``"omp"`` (orthogonal matching pursuit) the target minus its
+    projection on all atoms picked so far; ``"mp"`` (matching pursuit, then the same least-squares refit) the
+    target minus each picked atom times its correlation at the time, which the CPU kernel updates at N multiply-
+    adds per step instead of N * (step + 1).
 
     The least squares run as an incremental Gram-Schmidt QR of the chosen atoms (as the Triton kernel does): each
     step orthogonalises the new atom against the earlier ones and removes its direction from the residual; one
     triangular solve at the end gives the coefficients. An atom that adds no new direction (the residual was
     already exact) gets coefficient 0."""
+    if pursuit not in PURSUITS:
+        raise ValueError(f"pursuit must be one of {PURSUITS}, got {pursuit!r}")
     target = x.float() - b_dec.float()
     atoms32 = atoms.float()
     m, d = target.shape
@@ -46,12 +56,16 @@ def omp_encode_reference(
     upper = target.new_zeros(m, k, k)  # chosen atoms = upper^T . basis
     projections = target.new_zeros(m, k)  # target . basis
     residual = target.clone()
+    matching = target.clone() if pursuit == "mp" else residual  # the residual the picks read
     for step in range(k):
-        correlation = (residual @ atoms32.T).abs_()
+        signed = matching @ atoms32.T
+        correlation = signed.abs()
         correlation.scatter_(1, indices[:, :step], -1.0)  # never pick an atom twice
         best = correlation.argmax(dim=-1)
         indices[:, step] = best
         atom = atoms32[best]
+        if pursuit == "mp":
+            matching = matching - signed.gather(1, best.unsqueeze(1)) * atom
         if step:
             overlap = torch.bmm(basis[:, :step], atom.unsqueeze(-1)).squeeze(-1)
             upper[:, :step, step] = overlap

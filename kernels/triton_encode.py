@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import PURSUITS
+
 _PROGRAMS_PER_SM = 4  # programs per SM the encoders aim for on a GPU
 _OMP_SCRATCH_BYTES = 128 << 20  # per-launch cap on OMP's per-row Q/R scratch; larger M is coded in row chunks
 
@@ -218,8 +220,10 @@ def _omp_kernel(
     x_ptr, sx_m, atoms_ptr, sa_n, b_dec_ptr, out_i_ptr, out_c_ptr, q_ptr, r_ptr,
     M, N, D, ridge,
     K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MATCHING: tl.constexpr,
 ):
-    """OMP for ``BLOCK_M`` rows. The least squares is a QR of the chosen atoms grown one column per step by
+    """OMP for ``BLOCK_M`` rows (with ``MATCHING``, the picks read the matching-pursuit residual instead: each pick
+    removes only itself times its correlation; the coefficients are the same least-squares fit). The least squares is a QR of the chosen atoms grown one column per step by
     modified Gram-Schmidt, applied twice ("twice is enough") and to the residual as an augmented column; the
     orthonormal ``Q [KP, d]`` and the triangular ``R [KP, KP]`` of each row live in a small scratch (L1/L2
     resident), and the coefficients come from one back-substitution ``R c = Q^T target`` at the end.
@@ -234,18 +238,22 @@ def _omp_kernel(
     target = x.to(tl.float32) - tl.load(b_dec_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)[None, :]
     target = tl.where(row_ok[:, None] & dim_ok, target, 0.0)
     residual = target
+    matching = target  # what the picks read under MATCHING
     chosen = tl.full([BLOCK_M, KP], -1, tl.int32)
     proj = tl.zeros([BLOCK_M, KP], tl.float32)  # Q^T target, built step by step
     q_rows = q_ptr + rows64[:, None] * (KP * BLOCK_D) + dims[None, :]  # row's Q[j] at + j * BLOCK_D
     r_rows = r_ptr + rows64[:, None] * (KP * KP) + cols_k[None, :]  # row's R[s, :] at + s * KP
     for step in range(K):
-        best = _omp_best_atom(residual, atoms_ptr, sa_n, chosen, N, D, dims, False, BLOCK_M, BLOCK_N, KP)
+        read = matching if MATCHING else residual
+        best = _omp_best_atom(read, atoms_ptr, sa_n, chosen, N, D, dims, False, BLOCK_M, BLOCK_N, KP)
         repeat = (tl.max((chosen == best[:, None]).to(tl.int32), 1) > 0) & row_ok
         if tl.max(repeat.to(tl.int32), 0) > 0:
-            best = _omp_best_atom(residual, atoms_ptr, sa_n, chosen, N, D, dims, True, BLOCK_M, BLOCK_N, KP)
+            best = _omp_best_atom(read, atoms_ptr, sa_n, chosen, N, D, dims, True, BLOCK_M, BLOCK_N, KP)
         chosen = tl.where(cols_k[None, :] == step, best[:, None], chosen)
         v = tl.load(atoms_ptr + best[:, None].to(tl.int64) * sa_n + dims[None, :], mask=dim_ok, other=0.0)
         v = tl.where(row_ok[:, None], v.to(tl.float32), 0.0)
+        if MATCHING:
+            matching -= tl.sum(matching * v, 1)[:, None] * v
         r_row = tl.zeros([BLOCK_M, KP], tl.float32)
         for _ in range(2):
             for j in range(step):
@@ -276,10 +284,10 @@ def _omp_kernel(
 
 
 def omp_encode(
-    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, ridge: float = 1e-6
+    x: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor, k: int, ridge: float = 1e-6, pursuit: str = "omp"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthogonal matching pursuit of ``x [M, d]`` over ``atoms [N, d]`` -> ``(int64 [M, k], signed [M, k])``,
-    indices in selection order like the reference.
+    """Greedy pursuit of ``x [M, d]`` over ``atoms [N, d]`` -> ``(int64 [M, k], signed [M, k])``, indices in
+    selection order like the reference, whose ``pursuit`` ("omp" or "mp") it takes.
 
     One program codes ``BLOCK_M`` rows through all ``k`` steps, so every step's correlation pass (the cost:
     ``k * N * d`` per row) shares each atom tile across the rows via ``tl.dot``. Rows are launched in chunks that
@@ -288,6 +296,8 @@ def omp_encode(
     n = atoms.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of atoms {n}")
+    if pursuit not in PURSUITS:
+        raise ValueError(f"pursuit must be one of {PURSUITS}, got {pursuit!r}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if atoms.stride(-1) != 1:
@@ -306,5 +316,6 @@ def omp_encode(
         _omp_kernel[(triton.cdiv(rows, block_m),)](
             x[r0:], x.stride(0), atoms, atoms.stride(0), b_dec, indices[r0:], coefficients[r0:], q, r,
             rows, n, d, ridge, K=k, KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            MATCHING=pursuit == "mp",
         )
     return indices, coefficients

@@ -13,6 +13,9 @@ from typing import Any, Literal, get_args
 
 KeySpace = Literal["pre_rope", "post_rope"]
 Encoder = Literal["omp", "topk"]
+# How a pursuit ("omp") dictionary's encoder picks atoms: orthogonal matching pursuit, or matching pursuit with the
+# same least-squares coefficients (kernels/reference.py, omp_encode_reference)
+Pursuit = Literal["omp", "mp"]
 AtomInit = Literal["data", "random"]
 BiasInit = Literal["geometric_median", "mean", "zero"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]

@@ -14,6 +14,7 @@ from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_
 from .dictionary import KINDS, LayerDictionary
 from .memory import owned, storage_bytes
 from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
+from .configs import Pursuit
 from .validation import check_cache_arguments
 
 T = TypeVar("T")
@@ -67,13 +68,14 @@ class SparseSemanticLayer(CacheLayerMixin):
         coefficient_dtype: torch.dtype | None = None,
         pack_indices: bool = False,
         backend: str = "auto",
+        value_pursuit: Pursuit = "mp",
     ):
         super().__init__()
         n_atoms = dictionary.key[0].n_atoms
         check_cache_arguments(
             n_atoms=n_atoms, k_key=k_key, k_value=k_value, residual_length=residual_length,
             num_sink_tokens=num_sink_tokens, encode_batch=encode_batch, coefficient_dtype=coefficient_dtype,
-            pack_indices=pack_indices, backend=backend,
+            pack_indices=pack_indices, backend=backend, value_pursuit=value_pursuit,
         )  # fmt: skip
         self.dictionary = dictionary
         self.layer_idx = layer_idx
@@ -81,6 +83,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.key_space, self.encoder, self.rope_scaling = key_space, encoder, rope_scaling
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
         self.encode_batch = encode_batch
+        self.pursuit = {"key": "omp", "value": value_pursuit}
         self.n_atoms, self.head_dim = n_atoms, dictionary.key[0].d
         self.num_dictionary_heads = len(dictionary.key)
         self.requested_coefficient_dtype = coefficient_dtype
@@ -295,16 +298,18 @@ class SparseSemanticLayer(CacheLayerMixin):
                 "activations); refusing to store codes for them"
             )
         batch, heads, n, d = states.shape
-        k, sae = self.k[kind], self.sae[kind]
+        k, sae, pursuit = self.k[kind], self.sae[kind], self.pursuit[kind]
         if self.num_dictionary_heads == 1:
             one = {name: t[0] for name, t in sae.items()}
-            indices, coefficients = dispatch.encode(states.reshape(-1, d).float(), one, k, self.encoder, self.backend)
+            indices, coefficients = dispatch.encode(
+                states.reshape(-1, d).float(), one, k, self.encoder, self.backend, pursuit
+            )
             indices, coefficients = indices.view(batch, heads, n, k), coefficients.view(batch, heads, n, k)
         else:
             per_head = [
                 dispatch.encode(
                     states[:, h].reshape(-1, d).float(), {name: t[h] for name, t in sae.items()}, k, self.encoder,
-                    self.backend,
+                    self.backend, pursuit,
                 )
                 for h in range(heads)
             ]

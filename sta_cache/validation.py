@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .configs import check_choice
+from .configs import Pursuit, check_choice
 from .kernels.dispatch import BACKENDS
 from .packing import index_bits
 
@@ -99,6 +99,7 @@ def check_cache_arguments(
     coefficient_dtype: object,
     pack_indices: object,
     backend: object,
+    value_pursuit: object = "mp",
 ) -> None:
     """The arguments of a :class:`SparseSemanticCache` (and of each of its layers), for a dictionary of
     ``n_atoms`` atoms."""
@@ -116,3 +117,4 @@ def check_cache_arguments(
             "indices): use pack_indices=False"
         )
     check_backend(backend)
+    check_choice("value_pursuit", value_pursuit, Pursuit)

@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache
 from sta_cache.compat import cache_kwargs
+from sta_cache.kernels.reference import omp_encode_reference
 
 
 def chunked_logits(model, ids, cache, chunks=(20, 7, 1, 1, 1, 1), attention_mask=None):
@@ -340,3 +341,31 @@ def test_unpadded_prefill_takes_the_causal_kernel(monkeypatch):
         assert masks and all((mask is None) != padded for mask in masks)
         real = attention_mask.bool()
         assert relative_error(logits[real], expected[real]) < 1e-5
+
+
+@pytest.mark.parametrize("value_pursuit", ["mp", "omp"])
+def test_values_are_coded_with_the_chosen_pursuit_and_keys_with_omp(value_pursuit):
+    """The codes a layer stores are the reference pursuit's: keys always OMP, values ``value_pursuit``; and on a
+    random dictionary the two pursuits really pick differently, so the choice is not silently ignored."""
+    model = tiny_model("llama")
+    dictionary = make_dictionary(model, encoder="omp", n_atoms=96, k_key=6, k_value=12)
+    heads, d = dictionary.config.num_kv_heads, dictionary.config.head_dim
+    cache = SparseSemanticCache(dictionary, residual_length=4, num_sink_tokens=0, backend="torch",
+                                value_pursuit=value_pursuit)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, heads, 40, d, generator=g) for _ in range(2))
+    cache.update(keys, values, 0)
+    cache.flush()
+    layer = cache.layers[0]
+    other = {"mp": "omp", "omp": "mp"}[value_pursuit]
+    for kind, states, pursuit in (("key", keys, "omp"), ("value", values, value_pursuit)):
+        sae = getattr(dictionary[0], kind)[0]
+        coded = states[:, :, :36].reshape(-1, d)
+        indices, coefficients = layer.codes[kind]
+        k = indices.shape[-1]
+        want_indices, want_coefficients = omp_encode_reference(coded, sae.W_dec, sae.b_dec, k, pursuit=pursuit)
+        assert torch.equal(indices.reshape(-1, k).long(), want_indices)
+        torch.testing.assert_close(coefficients.reshape(-1, k), want_coefficients, rtol=1e-4, atol=1e-5)
+        if kind == "value":
+            other_indices, _ = omp_encode_reference(coded, sae.W_dec, sae.b_dec, k, pursuit=other)
+            assert not torch.equal(other_indices, want_indices)

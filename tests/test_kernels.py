@@ -85,15 +85,25 @@ def test_topk_encode_separated_indices(dtype: torch.dtype) -> None:
 
 # The Triton kernel and both C kernels of the "cpu" backend (which take N a multiple of 16, else the reference):
 # "direct" correlates with every atom at every step, "gram" updates the correlations through the Gram matrix.
+# Each in both pursuits: the tests run the reference with the kernel's own ``pursuit``.
 OMP_KERNELS = pytest.mark.parametrize(
     "omp_encode",
     [
-        triton_encode.omp_encode,
-        functools.partial(cpu_kernels.omp_encode, method="direct"),
-        functools.partial(cpu_kernels.omp_encode, method="gram"),
+        functools.partial(kernel, pursuit=pursuit)
+        for pursuit in ("omp", "mp")
+        for kernel in (
+            triton_encode.omp_encode,
+            functools.partial(cpu_kernels.omp_encode, method="direct"),
+            functools.partial(cpu_kernels.omp_encode, method="gram"),
+        )
     ],
-    ids=["triton", "cpu-direct", "cpu-gram"],
+    ids=[f"{kernel}-{pursuit}" for pursuit in ("omp", "mp") for kernel in ("triton", "cpu-direct", "cpu-gram")],
 )
+
+
+def reference_of(omp_encode):
+    """The reference with the pursuit the kernel under test uses."""
+    return functools.partial(reference.omp_encode_reference, pursuit=omp_encode.keywords["pursuit"])
 
 
 @OMP_KERNELS
@@ -108,7 +118,7 @@ def test_omp_recovers_sparse_codes(omp_encode, d: int, n: int, k: int, dtype: to
     magnitude = torch.linspace(3.0, 1.0, k) * torch.where(torch.rand(m, k, generator=g) < 0.5, -1.0, 1.0)
     x = (decode_rows(support, magnitude, atoms.float()) + b_dec.float()).to(dtype)
     indices, coefficients = omp_encode(x, atoms, b_dec, k)
-    ref_indices, ref_coefficients = reference.omp_encode_reference(x, atoms, b_dec, k)
+    ref_indices, ref_coefficients = reference_of(omp_encode)(x, atoms, b_dec, k)
     assert coefficients.dtype == dtype
     assert torch.equal(indices, ref_indices)
     assert torch.equal(indices.sort(-1).values, support.sort(-1).values)
@@ -124,7 +134,7 @@ def test_omp_never_repeats_an_atom(omp_encode) -> None:
     support = torch.stack([torch.randperm(208, generator=g)[:3] for _ in range(5)])
     target = decode_rows(support, randn(g, 5, 3).abs() + 1, atoms)
     indices, coefficients = omp_encode(target + b_dec, atoms, b_dec, 6)
-    ref_indices, _ = reference.omp_encode_reference(target + b_dec, atoms, b_dec, 6)
+    ref_indices, _ = reference_of(omp_encode)(target + b_dec, atoms, b_dec, 6)
     check_indices(indices, 208)
     assert torch.equal(indices[:, :3], ref_indices[:, :3])
     assert rel_err(decode_rows(indices, coefficients, atoms), target) < 1e-4
@@ -151,7 +161,7 @@ def test_omp_encode_random(omp_encode, m: int, d: int, n: int, k: int, dtype: to
     indices, coefficients = omp_encode(x, atoms, b_dec, k)
     # The reference rounds x - b_dec to x's dtype before going to float32; the kernel subtracts in float32. In
     # half precision that rounding alone can flip a greedy pick, so the reference runs on float32 copies.
-    ref_indices, ref_coefficients = reference.omp_encode_reference(x.float(), atoms.float(), b_dec.float(), k)
+    ref_indices, ref_coefficients = reference_of(omp_encode)(x.float(), atoms.float(), b_dec.float(), k)
     assert indices.shape == coefficients.shape == (m, k) and coefficients.dtype == dtype
     check_omp_codes(indices, coefficients, ref_indices, ref_coefficients, x, atoms, b_dec, TOL[dtype])
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sta_cache.kernels import reference
+from sta_cache.kernels.reference import omp_encode_reference
 
 
 def naive_decode(indices, coefficients, atoms, bias):
@@ -88,3 +89,26 @@ def test_apply_and_undo_rope_match_naive_rotation():
 def test_float8_table_read_equals_the_cast(dtype):
     every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).view(4, 64)
     torch.testing.assert_close(reference.as_float32(every_byte), every_byte.float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_matching_pursuit_equals_omp_on_orthonormal_atoms_and_not_on_coherent_ones() -> None:
+    """With orthonormal atoms the matching-pursuit residual is the orthogonal one, so both pursuits give the same
+    codes; with coherent atoms MP picks differently and fits no better (its coefficients are the same least
+    squares, on picks made from a worse residual)."""
+    g = torch.Generator().manual_seed(0)
+    orthonormal = torch.linalg.qr(torch.randn(32, 32, generator=g))[0].T  # rows: an orthonormal basis
+    x, bias = torch.randn(50, 32, generator=g), torch.zeros(32)
+    omp, mp = (omp_encode_reference(x, orthonormal, bias, 8, pursuit=p) for p in ("omp", "mp"))
+    assert torch.equal(omp[0], mp[0])
+    torch.testing.assert_close(omp[1], mp[1])
+    coherent = torch.nn.functional.normalize(torch.randn(256, 4, generator=g) @ torch.randn(4, 32, generator=g)
+                                             + 0.3 * torch.randn(256, 32, generator=g), dim=-1)  # fmt: skip
+    (omp_i, omp_c), (mp_i, mp_c) = (omp_encode_reference(x, coherent, bias, 8, pursuit=p) for p in ("omp", "mp"))
+    assert not torch.equal(omp_i, mp_i)
+    error = [(x - (c.unsqueeze(-1) * coherent[i]).sum(1)).norm(dim=-1).mean() for i, c in ((omp_i, omp_c), (mp_i, mp_c))]
+    assert error[0] <= error[1]
+
+
+def test_pursuit_must_be_known() -> None:
+    with pytest.raises(ValueError, match="pursuit must be one of"):
+        omp_encode_reference(torch.randn(2, 8), torch.eye(8), torch.zeros(8), 2, pursuit="greedy")
