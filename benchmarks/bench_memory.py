@@ -167,9 +167,9 @@ def run_one(run: Run) -> dict:
     """Measure one run in this process (the parent starts a fresh process per run)."""
     from transformers.generation.streamers import BaseStreamer
 
-    from sta_cache.evaluation.bytes import cache_bytes
     from sta_cache.demo import PACKAGED_DICTIONARIES
     from sta_cache.embedded import eval_texts, load_default_model
+    from sta_cache.evaluation.bytes import cache_bytes
 
     label, attn = CACHES[run.cache]
     model, tokenizer = load_default_model("smollm2", attn_implementation=attn)

@@ -10,8 +10,8 @@ import torch
 from transformers import DynamicCache
 
 from .cache import SparseSemanticCache
-from .configs import DemoConfig, TrainConfig
 from .compat import cache_kwargs
+from .configs import DemoConfig, TrainConfig
 from .dictionary import DictionaryFormatError, KVDictionary
 from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
 from .evaluation.perplexity import perplexity

@@ -14,9 +14,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .configs import Encoder, KeySpace, check_choice
 from .memory import storage_bytes
 from .sae import TopKSAE
-from .configs import Encoder, KeySpace, check_choice
 from .validation import check_flag, check_int, check_positive_float
 
 FORMAT_VERSION = 1

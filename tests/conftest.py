@@ -96,7 +96,7 @@ def make_dictionary(model, *, n_atoms=None, kind="random", key_space="post_rope"
     )
     dictionary = KVDictionary(meta)
     generator = torch.Generator().manual_seed(seed)
-    rotary = getattr(model.model, "rotary_emb")
+    rotary = model.model.rotary_emb
     with torch.no_grad():
         for i in layers:
             layer = dictionary[i]

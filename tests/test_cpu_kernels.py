@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
-from sta_cache.kernels import dispatch
-from sta_cache.kernels import cpu_kernels, reference
+from sta_cache.kernels import cpu_kernels, dispatch, reference
 from sta_cache.packing import index_bits, pack_indices
 
 

@@ -13,10 +13,10 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Llam
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.collect import iter_kv, rotary_for_layer, token_windows, verify_rotary
+from sta_cache.compat import cache_kwargs
 from sta_cache.geometry import compressible_layers
 from sta_cache.kernels.reference import apply_rope
 from sta_cache.training import TrainConfig, checkpoint, evaluate_dictionary, train_dictionary
-from sta_cache.compat import cache_kwargs
 
 VOCAB = 97
 WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()

@@ -18,8 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from conftest import COMMON, VOCAB, make_dictionary, tiny_model
-from sta_cache import DictionaryFormatError, KVDictionary, KVDictionaryConfig, SparseSemanticCache
-from sta_cache import UnsupportedModelError
+from sta_cache import (
+    DictionaryFormatError,
+    KVDictionary,
+    KVDictionaryConfig,
+    SparseSemanticCache,
+    UnsupportedModelError,
+)
 from sta_cache.cache import rotary_from_config
 from sta_cache.collect import rotary_for_layer
 from sta_cache.compat import cache_kwargs
