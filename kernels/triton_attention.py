@@ -77,13 +77,13 @@ def _finish_scores(s, r, cols, col_ok, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, col
 
 
 @triton.jit
-def _online_step(m, l, s):
+def _online_step(m, sum_exp, s):
     """One online-softmax step over scores ``s [R, T]``: new max, rescale factor, probabilities, new sum."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
-    return m_new, alpha, p, l * alpha + tl.sum(p, 1)
+    return m_new, alpha, p, sum_exp * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def _dense_chunk(q, r, rows_ok, k_ptr, v_ptr, sd_t, start, length, col0, mask_pt
     dims = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_T)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_R], tl.float32)
+    sum_exp = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for t0 in range(start, tl.minimum(start + CHUNK, length), BLOCK_T):
         tok = t0 + cols
@@ -104,10 +104,10 @@ def _dense_chunk(q, r, rows_ok, k_ptr, v_ptr, sd_t, start, length, col0, mask_pt
         s = tl.dot(q, tl.trans(keys), input_precision="ieee")
         s = _finish_scores(s, r, tok, tok < length, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, col0, scaling, softcap,
                            HAS_MASK, HAS_SOFTCAP)
-        m, alpha, p, l = _online_step(m, l, s)
+        m, alpha, p, sum_exp = _online_step(m, sum_exp, s)
         values = tl.load(v_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-    return m, l, acc
+    return m, sum_exp, acc
 
 
 @triton.jit
@@ -144,7 +144,7 @@ def _scores_kernel(
         codes = tl.arange(0, BLOCK_K)
         code_base = b * sc_b + h * sc_h
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_R], tl.float32)
+        sum_exp = tl.zeros([BLOCK_R], tl.float32)
         if PRE_ROPE:
             half = D // 2
             hcols = tl.arange(0, BLOCK_HALF)
@@ -194,22 +194,22 @@ def _scores_kernel(
                                HAS_MASK, HAS_SOFTCAP)
             tl.store(scores_ptr + (bh * ROWS + r[:, None]) * C + tok[None, :], s,
                      mask=rows_ok[:, None] & tok_ok[None, :])
-            m, _, _, l = _online_step(m, l, s)
+            m, _, _, sum_exp = _online_step(m, sum_exp, s)
         tl.store(m_ptr + stat, m, mask=rows_ok)
-        tl.store(l_ptr + stat, l, mask=rows_ok)
+        tl.store(l_ptr + stat, sum_exp, mask=rows_ok)
     else:
         q = tl.load(q_rows + dims[None, :], mask=rows_ok[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
         if chunk < n_sink_chunks:
-            m, l, acc = _dense_chunk(q, r, rows_ok, sk_ptr + b * ss_b + h * ss_h, sv_ptr + b * ss_b + h * ss_h, ss_t,
+            m, sum_exp, acc = _dense_chunk(q, r, rows_ok, sk_ptr + b * ss_b + h * ss_h, sv_ptr + b * ss_b + h * ss_h, ss_t,
                                      chunk * CHUNK, S, 0, mask_ptr, sm_b, sm_l, b, LQ, scaling, softcap, D, CHUNK,
                                      HAS_MASK, HAS_SOFTCAP, BLOCK_R, BLOCK_T, BLOCK_D)
         else:
-            m, l, acc = _dense_chunk(q, r, rows_ok, wk_ptr + b * sw_b + h * sw_h, wv_ptr + b * sw_b + h * sw_h, sw_t,
+            m, sum_exp, acc = _dense_chunk(q, r, rows_ok, wk_ptr + b * sw_b + h * sw_h, wv_ptr + b * sw_b + h * sw_h, sw_t,
                                      (chunk - n_sink_chunks - n_code_chunks) * CHUNK, WLEN, S + C, mask_ptr, sm_b,
                                      sm_l, b, LQ, scaling, softcap, D, CHUNK, HAS_MASK, HAS_SOFTCAP, BLOCK_R,
                                      BLOCK_T, BLOCK_D)
         tl.store(m_ptr + stat, m, mask=rows_ok)
-        tl.store(l_ptr + stat, l, mask=rows_ok)
+        tl.store(l_ptr + stat, sum_exp, mask=rows_ok)
         tl.store(acc_ptr + stat[:, None] * D + dims[None, :], acc, mask=rows_ok[:, None] & (dims[None, :] < D))
 
 
@@ -240,8 +240,8 @@ def _combine_kernel(
         chunk = c0 + chunks[:, None]
         ok = (chunk < n_chunks) & rows_ok[None, :]
         m = tl.load(m_ptr + base + chunk * ROWS + r[None, :], mask=ok, other=float("-inf"))
-        l = tl.load(l_ptr + base + chunk * ROWS + r[None, :], mask=ok, other=0.0)
-        part = l * tl.exp(m - row_max[None, :])
+        sum_exp = tl.load(l_ptr + base + chunk * ROWS + r[None, :], mask=ok, other=0.0)
+        part = sum_exp * tl.exp(m - row_max[None, :])
         total += tl.sum(part, 0)
         is_code = (chunk >= n_sink_chunks) & (chunk < n_sink_chunks + n_code_chunks)
         code_total += tl.sum(tl.where(is_code, part, 0.0), 0)
