@@ -42,8 +42,9 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
             for path in config.paths:
                 if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
                     continue
+                dtype = DTYPES.get(dtype_name)
 
-                def make(k_key=k_key, k_value=k_value, dtype=DTYPES.get(dtype_name)):
+                def make(k_key=k_key, k_value=k_value, dtype=dtype):  # defaults bind this iteration's values
                     return SparseSemanticCache(dictionary, k_key=k_key, k_value=k_value, config=model.config,
                                                coefficient_dtype=dtype, pack_indices=config.pack_indices,
                                                **window)  # fmt: skip
