@@ -174,17 +174,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     dims = sorted({r["head_dim"] for r in rows})
     fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
-    for ax, d in zip(axes[0], dims):
+    for ax, d in zip(axes[0], dims, strict=True):
         series = sorted({(r["method"], r["batch"]) for r in rows if r["head_dim"] == d and r["kind"] == "attention"})
         for method, b in series:
             pts = sorted((r["context"], r["seconds"]) for r in rows
                          if (r["method"], r["batch"], r["head_dim"]) == (method, b, d))
-            ax.plot(*zip(*pts), marker="o", label=f"{method}, B={b}")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{method}, B={b}")
         floors = sorted({(r["context"], r["batch"], r["floor_seconds"]) for r in rows
                          if r["head_dim"] == d and r["method"].startswith("sta reference")})
         for b in sorted({f[1] for f in floors}):
             pts = [(c, s) for c, bb, s in floors if bb == b]
-            ax.plot(*zip(*pts), linestyle=":", color="gray", label=f"STA byte floor, B={b}")
+            ax.plot(*zip(*pts, strict=True), linestyle=":", color="gray", label=f"STA byte floor, B={b}")
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="median seconds per layer step",
                title=f"decode step, d={d}")
         ax.legend(fontsize=7)

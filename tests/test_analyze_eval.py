@@ -223,7 +223,7 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
         assert row["passkey"]["accuracy"] in (0.0, 1.0) and len(row["passkey"]["trials"]) == 1
         per_text = row["per_text_perplexity"]
         assert len(per_text) == 2 and min(per_text) <= row["perplexity"] <= max(per_text)
-        assert row["per_text_ratio"] == pytest.approx([p / d for p, d in zip(per_text, dense["per_text_perplexity"])])
+        assert row["per_text_ratio"] == pytest.approx([p / d for p, d in zip(per_text, dense["per_text_perplexity"], strict=True)])
     fp32, fp8 = rows["STA 2/4 (sta)"], rows["STA 2/4, fp8 (sta)"]
     assert fp8["params"]["coefficient_dtype"] == "float8_e4m3fn" and fp32["params"]["coefficient_dtype"] == "float32"
     assert fp8["bytes"]["codes"] < fp32["bytes"]["codes"]

@@ -108,7 +108,7 @@ def assert_unchanged(layer, before: dict) -> None:
             torch.testing.assert_close(now, then[1], rtol=0, atol=0, equal_nan=True, msg=where)
         elif isinstance(then, (tuple, list)):
             assert len(now) == len(then), where
-            for i, (a, b) in enumerate(zip(now, then)):
+            for i, (a, b) in enumerate(zip(now, then, strict=True)):
                 same(a, b, f"{where}[{i}]")
         elif isinstance(then, dict):
             assert now.keys() == then.keys(), where

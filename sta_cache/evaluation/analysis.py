@@ -112,7 +112,7 @@ def elbow_curves(dictionary: KVDictionary, vectors, ks: list[int], config: Analy
                disable=not config.progress)  # fmt: skip
     for i in layers:
         curves[i] = {}
-        for kind, x in zip(KINDS, vectors[i]):
+        for kind, x in zip(KINDS, vectors[i], strict=True):
             x = _subset(x, config.max_vectors, generator)
             curves[i][kind] = {"cos": [], "fvu": [], "vectors": int(x.shape[0] * x.shape[1])}
             for k in ks:
@@ -141,7 +141,7 @@ def train_per_k(model, tokenizer, dictionary: KVDictionary, vectors, ks: list[in
         _with_encoder(trained, config.encoder)
         for i in meta.layer_indices:
             entry = out["layers"].setdefault(str(i), {kind: {"cos": [], "fvu": []} for kind in KINDS})
-            for kind, x in zip(KINDS, vectors[i]):
+            for kind, x in zip(KINDS, vectors[i], strict=True):
                 stats = reconstruction_stats(trained[i].saes(kind), _subset(x, config.max_vectors, generator), k)
                 entry[kind]["cos"].append(stats["cos"])
                 entry[kind]["fvu"].append(stats["fvu"])

@@ -58,7 +58,7 @@ def render_report(results: dict) -> str:
     for i in layers:
         data = results["layers"][i]
         for kind in KINDS:
-            cells = " | ".join(f"{c:.3f} ({f:.3f})" for c, f in zip(data[kind]["cos"], data[kind]["fvu"]))
+            cells = " | ".join(f"{c:.3f} ({f:.3f})" for c, f in zip(data[kind]["cos"], data[kind]["fvu"], strict=True))
             lines.append(f"| {i} | {data['group']} | {kind} | {cells} | {data['elbow'][kind]['chord']} "
                          f"| {data['elbow'][kind]['gain']} |")  # fmt: skip
     lines += [

@@ -51,7 +51,7 @@ def atom_analysis(dictionary: KVDictionary, tokenizer, windows, vectors, layer: 
     meta = dictionary.config
     body = windows.shape[1] - config.skip_first
     result = {"layer": layer}
-    for kind, x in zip(KINDS, vectors[layer]):
+    for kind, x in zip(KINDS, vectors[layer], strict=True):
         k = meta.k_key if kind == "key" else meta.k_value
         indices, coefficients, counts = atom_usage(dictionary[layer].saes(kind), x, k)
         summary = usage_summary(counts)

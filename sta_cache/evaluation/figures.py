@@ -116,7 +116,7 @@ def plot_asymmetry(results: dict, path: Path) -> Path:
         ax.axvspan(min(g["layers"]) - 0.5, max(g["layers"]) + 0.5, color=shades[name], zorder=0)
         ax.text((min(g["layers"]) + max(g["layers"])) / 2, 1.0, name, ha="center", va="top", fontsize=8,
                 transform=ax.get_xaxis_transform())  # fmt: skip
-    for kind, color in zip(KINDS, ("tab:blue", "tab:red")):
+    for kind, color in zip(KINDS, ("tab:blue", "tab:red"), strict=True):
         ax.plot(layers, [results["layers"][str(i)][kind]["cos"][r] for i in layers], "o-", color=color,
                 markersize=3, label=f"{kind}s")  # fmt: skip
     ax.set_xlabel("layer")
@@ -138,7 +138,7 @@ def plot_asymmetry(results: dict, path: Path) -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, alpha=0.3)
     ax = axes[2]
-    for kind, color, offset in zip(KINDS, ("tab:blue", "tab:red"), (-0.2, 0.2)):
+    for kind, color, offset in zip(KINDS, ("tab:blue", "tab:red"), (-0.2, 0.2), strict=True):
         ax.bar([i + offset for i in layers], [results["layers"][str(i)]["elbow"][kind]["chord"] for i in layers],
                width=0.4, color=color, label=f"{kind} elbow")  # fmt: skip
     ax.set_yscale("log", base=2)
@@ -159,7 +159,7 @@ def plot_atom_usage(results: dict, path: Path) -> Path:
     plt = pyplot()
     atoms = results["atoms"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for kind, color in zip(KINDS, ("tab:blue", "tab:red")):
+    for kind, color in zip(KINDS, ("tab:blue", "tab:red"), strict=True):
         usage = atoms[kind]["sorted_usage"]
         total = max(sum(usage), 1)
         live = [u / total for u in usage if u > 0]
@@ -185,8 +185,8 @@ def plot_per_k(results: dict, path: Path) -> Path:
     ks, per_k = results["ks"], results["per_k"]
     layers = list(per_k["layers"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric in zip(axes, ("cos", "fvu")):
-        for kind, color in zip(KINDS, ("tab:blue", "tab:red")):
+    for ax, metric in zip(axes, ("cos", "fvu"), strict=True):
+        for kind, color in zip(KINDS, ("tab:blue", "tab:red"), strict=True):
             truncated = [average([results["layers"][i][kind][metric][j] for i in layers]) for j in range(len(ks))]
             trained = [average([per_k["layers"][i][kind][metric][j] for i in layers]) for j in range(len(ks))]
             ax.plot(ks, truncated, "-o", color=color, markersize=3, label=f"{kind}s: trained dictionary, k atoms")

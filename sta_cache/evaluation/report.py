@@ -121,7 +121,7 @@ def per_text_section(rows: list[dict]) -> list[str]:
         cheaper = [r for r in measured if r["family"] == "sta"
                    and r["bytes"]["marginal_per_token"] <= baseline["bytes"]["marginal_per_token"]]  # fmt: skip
         winners = [r["name"] for r in cheaper
-                   if all(s < b for s, b in zip(r["per_text_ratio"], baseline["per_text_ratio"]))]  # fmt: skip
+                   if all(s < b for s, b in zip(r["per_text_ratio"], baseline["per_text_ratio"], strict=True))]  # fmt: skip
         lines += ["", f"{baseline['name']} ({baseline['bytes']['marginal_per_token']:,.0f} marginal B/token): "
                   + (f"beaten on every text by {', '.join(winners)}." if winners else
                      f"no STA row at or below its bytes ({len(cheaper)} measured) beats it on every text.")]

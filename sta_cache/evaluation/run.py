@@ -96,7 +96,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
     for row in rows:
         if dense and row.get("perplexity"):
             row["perplexity_ratio"] = row["perplexity"] / dense["perplexity"]
-            row["per_text_ratio"] = [p / d for p, d in zip(row["per_text_perplexity"], dense["per_text_perplexity"])]
+            row["per_text_ratio"] = [p / d for p, d in zip(row["per_text_perplexity"], dense["per_text_perplexity"], strict=True)]
             row["compression_vs_dynamic"] = dense["bytes"]["per_token"] / row["bytes"]["per_token"]
     results = {
         "config": {k: v for k, v in asdict(config).items() if k != "progress"},

@@ -69,7 +69,7 @@ def evaluate_dictionary(
     out: dict[int, dict[str, dict[str, float]]] = {}
     for layer, pair in vectors.items():
         out[layer] = {}
-        for kind, x in zip(KINDS, pair):
+        for kind, x in zip(KINDS, pair, strict=True):
             stats = []
             for h, sae in enumerate(dictionary[layer].saes(kind)):
                 recon = reconstruct(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, x[h].float(), ks[kind], encoder)

@@ -118,4 +118,4 @@ class TrainingRun:
         _, self.windows_done, vectors_in, self.steps_done, initialized = (int(v) for v in state["counters"])
         self.reservoir.restore(state["buffer"], vectors_in)
         self.initialized = bool(initialized)
-        self.seconds = dict(zip(TIMERS, (float(v) for v in state["seconds"])))
+        self.seconds = dict(zip(TIMERS, (float(v) for v in state["seconds"]), strict=True))
