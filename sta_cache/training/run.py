@@ -60,8 +60,9 @@ class TrainingRun:
             out[str(layer)] = {}
             for kind_idx, kind in enumerate(KINDS):
                 idx = [self.index(p, kind_idx, h) for h in range(self.hd)]
-                out[str(layer)][kind] = {name: round(sum(v[i] for i in idx) / len(idx), 6)
-                                         for name, v in values.items()}  # fmt: skip
+                out[str(layer)][kind] = {
+                    name: round(sum(v[i] for i in idx) / len(idx), 6) for name, v in values.items()
+                }
         return out
 
     # ----------------------------------------------------------------------------- schedule
