@@ -115,11 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
     analyze.add_argument("--out", type=Path, required=True, help="output folder (plots, results.json, report.md)")
     analyze.add_argument("--quick", action="store_true", help="fewer held-out vectors (a few minutes on 2 cores)")
-    analyze.add_argument("--ks", type=_int_list, default=None, help="k grid, e.g. 1,2,4,8,16,32,64")
+    analyze.add_argument("--ks", type=_int_list, default=None, help="k grid (default 1,2,4,8,16,32,64)")
     analyze.add_argument("--layer", type=int, default=None, help="layer for the atom analysis (default: middle)")
     analyze.add_argument("--windows", type=int, default=None, help="held-out windows (default 24, quick 8)")
     analyze.add_argument("--context", type=int, default=None, help="tokens per held-out window (default 256)")
-    analyze.add_argument("--max-vectors", type=int, default=None, help="vectors per layer and kind")
+    analyze.add_argument(
+        "--max-vectors",
+        type=int,
+        default=None,
+        help="held-out vectors per layer and kind, a random subset beyond (default 16384, quick 4096)",
+    )
     analyze.add_argument(
         "--encoder",
         choices=typing.get_args(Encoder),
@@ -129,11 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--reference-k", type=int, default=None, help="k of the asymmetry comparison (default 8)")
     analyze.add_argument("--gain-threshold", type=float, default=None, help="gain rule threshold (default 0.01)")
     analyze.add_argument("--train-per-k", action="store_true", help="also train a small dictionary at each k (slow)")
-    analyze.add_argument("--train-tokens", type=int, default=None, help="training tokens per k with --train-per-k")
+    analyze.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="training tokens per k with --train-per-k (default 30000, quick 8000)",
+    )
     analyze.add_argument(
         "--train-text", default=None, help="training text for --train-per-k (default: Wikipedia train)"
     )
-    analyze.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    analyze.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting)")
 
     evaluate = commands.add_parser(
         "eval",
@@ -154,20 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-texts", type=int, default=None, help="held-out texts (default 4, quick 2)")
     evaluate.add_argument("--prefill", type=int, default=None, help="prefill tokens before the chunks (default 256)")
     evaluate.add_argument("--chunk", type=int, default=None, help="tokens per chunk after the prefill (default 32)")
-    evaluate.add_argument("--window", dest="residual_length", type=int, default=None, help="dense recent window (64)")
-    evaluate.add_argument("--sinks", dest="num_sink_tokens", type=int, default=None, help="dense sink tokens (4)")
-    evaluate.add_argument("--budgets", type=_budget_list, default=None, help="k_key/k_value list, e.g. 4/8,8/16,16/32")
-    evaluate.add_argument("--paths", type=_str_list, default=None, help="attention paths for STA: sta,sdpa")
+    evaluate.add_argument(
+        "--window", dest="residual_length", type=int, default=None, help="dense recent window, tokens (default 64)"
+    )
+    evaluate.add_argument(
+        "--sinks", dest="num_sink_tokens", type=int, default=None, help="dense sink tokens (default 4)"
+    )
+    evaluate.add_argument(
+        "--budgets", type=_budget_list, default=None, help="k_key/k_value list (default 4/8,8/16,16/32)"
+    )
+    evaluate.add_argument(
+        "--paths", type=_str_list, default=None, help="attention paths for STA, among sta,sdpa (default both)"
+    )
     evaluate.add_argument(
         "--baselines",
         type=_str_list,
         default=None,
-        help="QuantizedCache backends: quanto:4,quanto:2,hqq:4,hqq:2,fp8 ('none' for none)",
+        help="QuantizedCache backends (default quanto:4,quanto:2,hqq:4,hqq:2,fp8; 'none' for none)",
     )
     evaluate.add_argument(
         "--encoder", choices=typing.get_args(Encoder), default=None, help="STA encoder (default: the dictionary's)"
     )
-    evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (64)")
+    evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (default 64)")
     evaluate.add_argument(
         "--coefficient-dtypes",
         type=_dtype_list,
@@ -179,18 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack-indices",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="STA: pack indices into ceil(log2 N) bits",
+        help="STA: pack indices into ceil(log2 N) bits (default: off)",
     )
-    evaluate.add_argument("--max-context", type=int, default=None, help="longest passkey prompt (default 4096)")
-    evaluate.add_argument("--passkey-depths", type=_float_list, default=None, help="e.g. 0.1,0.5,0.9")
-    evaluate.add_argument("--passkey-trials", type=int, default=None, help="keys per length and depth")
+    evaluate.add_argument(
+        "--max-context", type=int, default=None, help="longest passkey prompt (default 4096, quick 1024)"
+    )
+    evaluate.add_argument(
+        "--passkey-depths",
+        type=_float_list,
+        default=None,
+        help="where the key sits, as fractions of the filler before it (default 0.1,0.3,0.5,0.7,0.9; quick 0.25,0.75)",
+    )
+    evaluate.add_argument(
+        "--passkey-trials", type=int, default=None, help="keys per length and depth (default 2, quick 1)"
+    )
     evaluate.add_argument(
         "--passkey-feed",
         choices=typing.get_args(PasskeyFeed),
         default=None,
         help="passkey prompt: one prefill as model.generate (default) or chunked like perplexity",
     )
-    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting)")
     return parser
 
 
