@@ -350,6 +350,7 @@ def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:
         "",
         "```python",
         "from sta_cache import SparseSemanticCache",
+        "",
         "cache = SparseSemanticCache.from_pretrained(PATH_OR_REPO_ID, config=model.config)",
         "out = model.generate(**inputs, past_key_values=cache, max_new_tokens=200)",
         "```",
