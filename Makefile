@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FLOOR_VENV ?= .venv-floor
 FLOOR_PINS := $(shell sed -n 's/^ *"\(transformers\|huggingface_hub\)>=\([0-9.]*\)".*/\1==\2/p' pyproject.toml)
 
-.PHONY: setup demo test test-slow test-floor bench clean
+.PHONY: setup demo lint test test-slow test-floor bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ $(FLOOR_VENV)/.installed: pyproject.toml
 
 demo: setup  ## the main job: generate with SparseSemanticCache on SmolLM2, print memory saved and quality
 	$(BIN)/sta-cache demo
+
+lint: setup  ## formatting and lint checks (configured in pyproject.toml); `ruff format .` fixes the first
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 test: setup  ## fast tests (tiny random models, kernels under the Triton interpreter)
 	$(BIN)/python -m pytest -m "not slow" -q

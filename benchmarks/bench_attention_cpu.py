@@ -41,15 +41,22 @@ def make_kv(context: int, pre_rope: bool, compact: bool) -> CompressedKV:
     dense = lambda n: torch.randn(1, KV_HEADS, n, HEAD_DIM)  # noqa: E731
     inv_freq = 1.0 / (100_000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
     return CompressedKV(
-        sink_keys=dense(SINKS), sink_values=dense(SINKS), key_indices=key_indices, key_coefficients=key_coefficients,
-        value_indices=value_indices, value_coefficients=value_coefficients, window_keys=dense(WINDOW),
-        window_values=dense(WINDOW), key_atoms=torch.randn(1, N_ATOMS, HEAD_DIM) * 0.3,
-        key_bias=torch.randn(1, HEAD_DIM) * 0.1, value_atoms=torch.randn(1, N_ATOMS, HEAD_DIM) * 0.3,
+        sink_keys=dense(SINKS),
+        sink_values=dense(SINKS),
+        key_indices=key_indices,
+        key_coefficients=key_coefficients,
+        value_indices=value_indices,
+        value_coefficients=value_coefficients,
+        window_keys=dense(WINDOW),
+        window_values=dense(WINDOW),
+        key_atoms=torch.randn(1, N_ATOMS, HEAD_DIM) * 0.3,
+        key_bias=torch.randn(1, HEAD_DIM) * 0.1,
+        value_atoms=torch.randn(1, N_ATOMS, HEAD_DIM) * 0.3,
         value_bias=torch.randn(1, HEAD_DIM) * 0.1,
         key_positions=torch.arange(SINKS, SINKS + compressed, dtype=torch.int32)[None] if pre_rope else None,
         rope_inv_freq=inv_freq if pre_rope else None,
         packed_index_bits=index_bits(N_ATOMS) if compact else 0,
-    )  # fmt: skip
+    )
 
 
 def unpacked(kv: CompressedKV) -> CompressedKV:
@@ -58,9 +65,14 @@ def unpacked(kv: CompressedKV) -> CompressedKV:
         return kv
     from sta_cache.packing import unpack_indices
 
-    return CompressedKV(**{**vars(kv), "packed_index_bits": 0,
-                           "key_indices": unpack_indices(kv.key_indices, K_KEY, N_ATOMS),
-                           "value_indices": unpack_indices(kv.value_indices, K_VALUE, N_ATOMS)})  # fmt: skip
+    return CompressedKV(
+        **{
+            **vars(kv),
+            "packed_index_bits": 0,
+            "key_indices": unpack_indices(kv.key_indices, K_KEY, N_ATOMS),
+            "value_indices": unpack_indices(kv.value_indices, K_VALUE, N_ATOMS),
+        }
+    )
 
 
 def milliseconds(fn, reps: int) -> float:
@@ -86,6 +98,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     for context in contexts:
         keys, values = torch.randn(1, KV_HEADS, context, HEAD_DIM), torch.randn(1, KV_HEADS, context, HEAD_DIM)
+
         def dense(keys=keys, values=values):
             return F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
 
@@ -99,6 +112,7 @@ def main() -> None:
                 storage = "fp8 + packed" if compact else "int16 + fp32"
                 space = "pre-RoPE" if pre_rope else "post-RoPE"
                 for backend in ("torch", "cpu"):
+
                     def attend(kv=kv, backend=backend):  # the PyTorch path unpacks packed indices on every step
                         view = unpacked(kv) if backend == "torch" else kv
                         return dispatch.sparse_attention(query, view, None, scale, None, backend)

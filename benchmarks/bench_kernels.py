@@ -46,8 +46,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--dtype", choices=DTYPES, default="float16" if cuda else "float32")
-    p.add_argument("--peak-gbps", type=float, default=3350.0 if cuda else None,
-                   help="peak memory bandwidth for the byte floor (default: H100 on GPU, measured copy on CPU)")
+    p.add_argument(
+        "--peak-gbps",
+        type=float,
+        default=3350.0 if cuda else None,
+        help="peak memory bandwidth for the byte floor (default: H100 on GPU, measured copy on CPU)",
+    )
     p.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (median)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args()
@@ -91,18 +95,36 @@ def make_cache(b, hkv, d, context, args, dtype, device) -> tuple[CompressedKV, t
 
     (ki, kc), (vi, vc) = codes(args.k_key), codes(args.k_value)
     kv = CompressedKV(
-        sink_keys=randn(b, hkv, s, d), sink_values=randn(b, hkv, s, d), key_indices=ki, key_coefficients=kc,
-        value_indices=vi, value_coefficients=vc, window_keys=randn(b, hkv, w, d), window_values=randn(b, hkv, w, d),
-        key_atoms=randn(1, n, d, scale=d**-0.5), key_bias=randn(1, d, scale=0.1),
-        value_atoms=randn(1, n, d, scale=d**-0.5), value_bias=randn(1, d, scale=0.1),
+        sink_keys=randn(b, hkv, s, d),
+        sink_values=randn(b, hkv, s, d),
+        key_indices=ki,
+        key_coefficients=kc,
+        value_indices=vi,
+        value_coefficients=vc,
+        window_keys=randn(b, hkv, w, d),
+        window_values=randn(b, hkv, w, d),
+        key_atoms=randn(1, n, d, scale=d**-0.5),
+        key_bias=randn(1, d, scale=0.1),
+        value_atoms=randn(1, n, d, scale=d**-0.5),
+        value_bias=randn(1, d, scale=0.1),
     )
     return kv, randn(b, hkv, context, d), randn(b, hkv, context, d)
 
 
 def sta_bytes(kv: CompressedKV) -> int:
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
-    parts = (kv.sink_keys, kv.sink_values, kv.window_keys, kv.window_values, kv.key_indices, kv.key_coefficients,
-             kv.value_indices, kv.value_coefficients, kv.key_atoms, kv.value_atoms)
+    parts = (
+        kv.sink_keys,
+        kv.sink_values,
+        kv.window_keys,
+        kv.window_values,
+        kv.key_indices,
+        kv.key_coefficients,
+        kv.value_indices,
+        kv.value_coefficients,
+        kv.key_atoms,
+        kv.value_atoms,
+    )
     return sum(size(t) for t in parts)
 
 
@@ -111,8 +133,12 @@ def methods(query, kv, keys, values, args, device):
     b, hq, _, d = query.shape
     scale = d**-0.5
     dense_bytes = keys.numel() * keys.element_size() * 2
-    yield "dense sdpa", "attention", lambda: F.scaled_dot_product_attention(
-        query, keys, values, scale=scale, enable_gqa=True), dense_bytes
+    yield (
+        "dense sdpa",
+        "attention",
+        lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True),
+        dense_bytes,
+    )
     if device.type == "cuda":
         try:
             from flash_attn import flash_attn_with_kvcache
@@ -120,8 +146,12 @@ def methods(query, kv, keys, values, args, device):
             pass
         else:
             q, k, v = query.transpose(1, 2), keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
-            yield "dense flash-attn", "attention", lambda: flash_attn_with_kvcache(
-                q, k, v, softmax_scale=scale), dense_bytes
+            yield (
+                "dense flash-attn",
+                "attention",
+                lambda: flash_attn_with_kvcache(q, k, v, softmax_scale=scale),
+                dense_bytes,
+            )
     nbytes = sta_bytes(kv)
     yield "sta reference", "attention", lambda: reference.sparse_attention_reference(query, kv, None, scale), nbytes
     rows = b * kv.window_keys.shape[1]
@@ -133,8 +163,11 @@ def methods(query, kv, keys, values, args, device):
     enc_bytes = W_enc.numel() * W_enc.element_size() + x.numel() * x.element_size()
     omp_bytes = atoms.numel() * atoms.element_size() + x.numel() * x.element_size()
     encoders = [
-        ("topk encode reference", lambda: reference.topk_encode_reference(x, W_enc, b_enc, b_dec, args.k_value),
-         enc_bytes),
+        (
+            "topk encode reference",
+            lambda: reference.topk_encode_reference(x, W_enc, b_enc, b_dec, args.k_value),
+            enc_bytes,
+        ),
         ("omp encode reference", lambda: reference.omp_encode_reference(x, atoms, b_dec, args.k_value), omp_bytes),
     ]
     if device.type == "cuda":
@@ -150,9 +183,11 @@ def methods(query, kv, keys, values, args, device):
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = (f"device: {meta['device']} | dtype {meta['dtype']} | Hq/Hkv {meta['q_heads']}/{meta['kv_heads']} | "
-            f"N {meta['atoms']} | k key/value {meta['k_key']}/{meta['k_value']} | sinks {meta['sinks']} | window "
-            f"{meta['window']} | peak {meta['peak_gbps']:.0f} GB/s\n\n")
+    head = (
+        f"device: {meta['device']} | dtype {meta['dtype']} | Hq/Hkv {meta['q_heads']}/{meta['kv_heads']} | "
+        f"N {meta['atoms']} | k key/value {meta['k_key']}/{meta['k_value']} | sinks {meta['sinks']} | window "
+        f"{meta['window']} | peak {meta['peak_gbps']:.0f} GB/s\n\n"
+    )
     cols = "| method | B | ctx | d | median ms | MB | GB/s | floor ms | x floor | vs dense | % of step |"
     lines = [cols, "|" + "---|" * (cols.count("|") - 1)]
     for r in rows:
@@ -174,19 +209,30 @@ def plot(rows: list[dict], path: Path) -> None:
 
     dims = sorted({r["head_dim"] for r in rows})
     fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
-    for ax, d in zip(axes[0], dims):
+    for ax, d in zip(axes[0], dims, strict=True):
         series = sorted({(r["method"], r["batch"]) for r in rows if r["head_dim"] == d and r["kind"] == "attention"})
         for method, b in series:
-            pts = sorted((r["context"], r["seconds"]) for r in rows
-                         if (r["method"], r["batch"], r["head_dim"]) == (method, b, d))
-            ax.plot(*zip(*pts), marker="o", label=f"{method}, B={b}")
-        floors = sorted({(r["context"], r["batch"], r["floor_seconds"]) for r in rows
-                         if r["head_dim"] == d and r["method"].startswith("sta reference")})
+            pts = sorted(
+                (r["context"], r["seconds"]) for r in rows if (r["method"], r["batch"], r["head_dim"]) == (method, b, d)
+            )
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{method}, B={b}")
+        floors = sorted(
+            {
+                (r["context"], r["batch"], r["floor_seconds"])
+                for r in rows
+                if r["head_dim"] == d and r["method"].startswith("sta reference")
+            }
+        )
         for b in sorted({f[1] for f in floors}):
             pts = [(c, s) for c, bb, s in floors if bb == b]
-            ax.plot(*zip(*pts), linestyle=":", color="gray", label=f"STA byte floor, B={b}")
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="median seconds per layer step",
-               title=f"decode step, d={d}")
+            ax.plot(*zip(*pts, strict=True), linestyle=":", color="gray", label=f"STA byte floor, B={b}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="context (tokens)",
+            ylabel="median seconds per layer step",
+            title=f"decode step, d={d}",
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -208,8 +254,19 @@ def main() -> None:
                 block = []
                 for name, kind, fn, nbytes in methods(query, kv, keys, values, args, device):
                     seconds = median_seconds(fn, device, args.reps)
-                    block.append(dict(method=name, kind=kind, batch=b, context=context, head_dim=d, seconds=seconds,
-                                      bytes=nbytes, gbps=nbytes / seconds / 1e9, floor_seconds=nbytes / (peak * 1e9)))
+                    block.append(
+                        dict(
+                            method=name,
+                            kind=kind,
+                            batch=b,
+                            context=context,
+                            head_dim=d,
+                            seconds=seconds,
+                            bytes=nbytes,
+                            gbps=nbytes / seconds / 1e9,
+                            floor_seconds=nbytes / (peak * 1e9),
+                        )
+                    )
                 dense = min(r["seconds"] for r in block if r["method"].startswith("dense"))
                 step = min(r["seconds"] for r in block if r["method"].startswith("sta"))
                 for r in block:
@@ -218,10 +275,18 @@ def main() -> None:
                     else:  # one key and one value encode per layer step, against that step's attention
                         r["fraction_of_step"] = 2 * r["seconds"] / step
                 rows += block
-                print(f"d={d} B={b} ctx={context}: " + ", ".join(f"{r['method']} {1e3 * r['seconds']:.3f} ms"
-                                                               for r in block), flush=True)
-    meta = dict(vars(args), out=str(args.out), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                peak_gbps=peak, torch=torch.__version__)
+                print(
+                    f"d={d} B={b} ctx={context}: "
+                    + ", ".join(f"{r['method']} {1e3 * r['seconds']:.3f} ms" for r in block),
+                    flush=True,
+                )
+    meta = dict(
+        vars(args),
+        out=str(args.out),
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        peak_gbps=peak,
+        torch=torch.__version__,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     table = markdown(rows, meta)

@@ -82,7 +82,9 @@ def fill_sparse(cache: SparseSemanticCache, heads: int, d: int, length: int, dty
         for kind in ("key", "value"):
             k = layer.k[kind]
             indices = torch.randint(0, layer.n_atoms, (1, heads, compressed, k))
-            stored = pack_indices(indices, layer.n_atoms) if layer.pack_indices else indices.to(index_dtype(layer.n_atoms))
+            stored = (
+                pack_indices(indices, layer.n_atoms) if layer.pack_indices else indices.to(index_dtype(layer.n_atoms))
+            )
             layer.codes[kind] = (stored, torch.randn(1, heads, compressed, k).to(layer.coefficient_dtype))
         if layer.key_positions is not None:
             layer.key_positions = torch.arange(sinks, sinks + compressed, dtype=torch.int32).unsqueeze(0)
@@ -94,21 +96,34 @@ def fill_sparse(cache: SparseSemanticCache, heads: int, d: int, length: int, dty
 
 def layout_report(args: argparse.Namespace) -> None:
     print(f"context {args.context}, k {args.k_key}/{args.k_value}, N {args.n_atoms}, window 64 + 4 sinks, batch 1\n")
-    print("| model geometry | storage | codes + dense bytes | fp16 DynamicCache bytes | x smaller | dictionaries | break-even tokens |")
+    print(
+        "| model geometry | storage | codes + dense bytes | fp16 DynamicCache bytes | x smaller | dictionaries "
+        "| break-even tokens |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (layers, heads, d) in GEOMETRIES.items():
-        meta = KVDictionaryConfig(base_model=name, num_layers=layers, layer_indices=list(range(layers)),
-                                  num_kv_heads=heads, head_dim=d, n_atoms=args.n_atoms, k_key=args.k_key,
-                                  k_value=args.k_value, encoder="omp")  # fmt: skip
+        meta = KVDictionaryConfig(
+            base_model=name,
+            num_layers=layers,
+            layer_indices=list(range(layers)),
+            num_kv_heads=heads,
+            head_dim=d,
+            n_atoms=args.n_atoms,
+            k_key=args.k_key,
+            k_value=args.k_value,
+            encoder="omp",
+        )
         dictionary = KVDictionary(meta)
         for label, options in STORAGE.items():
             cache = SparseSemanticCache(dictionary, backend="torch", **options)
             fill_sparse(cache, heads, d, args.context, dtype=torch.float16)
             memory = cache.memory_footprint()
             stored = memory["code_bytes"] + memory["dense_bytes"]
-            print(f"| {name} | {label} | {stored:,} | {memory['dynamic_cache_bytes']:,} | "
-                  f"{memory['compression_ratio']:.2f} | {memory['dictionary_bytes'] / 2**20:.1f} MiB (fp32) | "
-                  f"{memory['break_even_tokens']} |")
+            print(
+                f"| {name} | {label} | {stored:,} | {memory['dynamic_cache_bytes']:,} | "
+                f"{memory['compression_ratio']:.2f} | {memory['dictionary_bytes'] / 2**20:.1f} MiB (fp32) | "
+                f"{memory['break_even_tokens']} |"
+            )
 
 
 # ========================================================================================== generate mode
@@ -167,9 +182,9 @@ def run_one(run: Run) -> dict:
     """Measure one run in this process (the parent starts a fresh process per run)."""
     from transformers.generation.streamers import BaseStreamer
 
-    from sta_cache.evaluation.bytes import cache_bytes
     from sta_cache.demo import PACKAGED_DICTIONARIES
     from sta_cache.embedded import eval_texts, load_default_model
+    from sta_cache.evaluation.bytes import cache_bytes
 
     label, attn = CACHES[run.cache]
     model, tokenizer = load_default_model("smollm2", attn_implementation=attn)
@@ -192,19 +207,26 @@ def run_one(run: Run) -> dict:
             pass
 
     with torch.no_grad():  # warm-up: imports, kernel loading, allocator pools
-        model.generate(prompt[:, :256], **cache_kwargs(model, make_cache(run.cache, model, dictionary)),
-                       max_new_tokens=2, **options)  # fmt: skip
+        model.generate(
+            prompt[:, :256],
+            **cache_kwargs(model, make_cache(run.cache, model, dictionary)),
+            max_new_tokens=2,
+            **options,
+        )
         cache = make_cache(run.cache, model, dictionary)
         _release_freed_memory()
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         streamer = FirstToken()
         start = time.perf_counter()
-        model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=run.new_tokens, streamer=streamer,
-                       **options)  # fmt: skip
+        model.generate(
+            prompt, **cache_kwargs(model, cache), max_new_tokens=run.new_tokens, streamer=streamer, **options
+        )
         seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
-    dictionary_tensors = [t for layer in cache.layers for t in (getattr(layer, "sae", None), getattr(layer, "rope_inv_freq", None))]
+    dictionary_tensors = [
+        t for layer in cache.layers for t in (getattr(layer, "sae", None), getattr(layer, "rope_inv_freq", None))
+    ]
     held = held_bytes(cache, dictionary_tensors)
     reported = cache_bytes(cache)
     return {
@@ -224,8 +246,12 @@ def run_one(run: Run) -> dict:
 def generate_report(args: argparse.Namespace) -> None:
     import transformers
 
-    runs = [Run(cache, prompt, chunk, args.new_tokens) for prompt in args.prompts for chunk in args.chunks
-            for cache in args.caches]  # fmt: skip
+    runs = [
+        Run(cache, prompt, chunk, args.new_tokens)
+        for prompt in args.prompts
+        for chunk in args.chunks
+        for cache in args.caches
+    ]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     results = []
     for run in runs:
@@ -239,10 +265,15 @@ def generate_report(args: argparse.Namespace) -> None:
         if args.json:  # after every run: a long sweep that is stopped keeps what it measured
             Path(args.json).write_text(json.dumps({"versions": versions, "runs": results}, indent=1) + "\n")
         r = results[-1]
-        print(f"{run.cache:>15} prompt {run.prompt:>6} chunk {run.chunk:>4}: held {r['held_bytes'] / 2**20:8.1f} MiB, "
-              f"peak +{r['peak_growth_bytes'] / 2**20:8.1f} MiB, TTFT {r['ttft_seconds']:6.1f} s", flush=True)
-    print(f"\nSmolLM2-135M fp32, {args.new_tokens} new tokens, batch 1, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, torch {versions['torch']}, transformers {versions['transformers']}\n")
+        print(
+            f"{run.cache:>15} prompt {run.prompt:>6} chunk {run.chunk:>4}: held {r['held_bytes'] / 2**20:8.1f} MiB, "
+            f"peak +{r['peak_growth_bytes'] / 2**20:8.1f} MiB, TTFT {r['ttft_seconds']:6.1f} s",
+            flush=True,
+        )
+    print(
+        f"\nSmolLM2-135M fp32, {args.new_tokens} new tokens, batch 1, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs, torch {versions['torch']}, transformers {versions['transformers']}\n"
+    )
     print(render_generate_table(results))
 
 
@@ -278,16 +309,32 @@ def main() -> None:
     parser.add_argument("--k-key", type=int, default=8, help="layout mode: atoms per key")
     parser.add_argument("--k-value", type=int, default=16, help="layout mode: atoms per value")
     parser.add_argument("--generate", action="store_true", help="run model.generate in fresh processes instead")
-    parser.add_argument("--prompts", type=_ints, default=[4096, 16384, 32768],
-                        help="generate mode: prompt lengths in tokens, comma-separated")
-    parser.add_argument("--chunks", type=_ints, default=[0, 512],
-                        help="generate mode: prefill_chunk_size values, comma-separated (0 = no chunking)")
-    parser.add_argument("--caches", type=lambda s: s.split(","), default=list(CACHES),
-                        help=f"generate mode: caches to run, comma-separated, of {', '.join(CACHES)}")
+    parser.add_argument(
+        "--prompts",
+        type=_ints,
+        default=[4096, 16384, 32768],
+        help="generate mode: prompt lengths in tokens, comma-separated",
+    )
+    parser.add_argument(
+        "--chunks",
+        type=_ints,
+        default=[0, 512],
+        help="generate mode: prefill_chunk_size values, comma-separated (0 = no chunking)",
+    )
+    parser.add_argument(
+        "--caches",
+        type=lambda s: s.split(","),
+        default=list(CACHES),
+        help=f"generate mode: caches to run, comma-separated, of {', '.join(CACHES)}",
+    )
     parser.add_argument("--new-tokens", type=int, default=8, help="generate mode: tokens to generate")
     parser.add_argument("--json", help="generate mode: also write every run's numbers to this file")
-    parser.add_argument("--render", nargs="+", metavar="JSON",
-                        help="print the table of runs saved by earlier --generate --json sweeps, and exit")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        metavar="JSON",
+        help="print the table of runs saved by earlier --generate --json sweeps, and exit",
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.render:

@@ -44,6 +44,10 @@ import triton.language as tl
 
 from .reference import CompressedKV, sparse_attention_reference
 
+# The kernels' signatures and launches group their arguments a line each (a tensor's pointers with its strides,
+# the sizes, the compile-time constants), so a launch reads against its signature. The formatter would put one
+# argument a line (60 lines for _scores_kernel): they are left as written (fmt: skip on the signatures, fmt: off
+# and on around the launches).
 MAX_ROWS = 64  # query rows per KV head (G * Lq) handled by the kernels; above it, the reference
 _PROGRAMS_PER_SM = 4
 
@@ -63,8 +67,23 @@ def _target_programs(device: torch.device) -> int:
 
 
 @triton.jit
-def _finish_scores(s, r, cols, col_ok, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, col0, scaling, softcap,
-                   HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def _finish_scores(
+    s,
+    r,
+    cols,
+    col_ok,
+    rows_ok,
+    mask_ptr,
+    sm_b,
+    sm_l,
+    b,
+    LQ,
+    col0,
+    scaling,
+    softcap,
+    HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
     """Scale, soft-cap and mask raw scores ``s [R, T]`` of slots ``col0 + cols``; invalid entries -> -inf."""
     s = s * scaling
     if HAS_SOFTCAP:
@@ -77,24 +96,46 @@ def _finish_scores(s, r, cols, col_ok, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, col
 
 
 @triton.jit
-def _online_step(m, l, s):
+def _online_step(m, sum_exp, s):
     """One online-softmax step over scores ``s [R, T]``: new max, rescale factor, probabilities, new sum."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
-    return m_new, alpha, p, l * alpha + tl.sum(p, 1)
+    return m_new, alpha, p, sum_exp * alpha + tl.sum(p, 1)
 
 
 @triton.jit
-def _dense_chunk(q, r, rows_ok, k_ptr, v_ptr, sd_t, start, length, col0, mask_ptr, sm_b, sm_l, b, LQ,
-                 scaling, softcap, D, CHUNK, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dense_chunk(
+    q,
+    r,
+    rows_ok,
+    k_ptr,
+    v_ptr,
+    sd_t,
+    start,
+    length,
+    col0,
+    mask_ptr,
+    sm_b,
+    sm_l,
+    b,
+    LQ,
+    scaling,
+    softcap,
+    D,
+    CHUNK,
+    HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Online softmax of the rows over dense tokens ``[start, start + CHUNK)`` of one region (sinks or window)."""
     dims = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_T)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_R], tl.float32)
+    sum_exp = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for t0 in range(start, tl.minimum(start + CHUNK, length), BLOCK_T):
         tok = t0 + cols
@@ -102,12 +143,13 @@ def _dense_chunk(q, r, rows_ok, k_ptr, v_ptr, sd_t, start, length, col0, mask_pt
         offsets = tok[:, None].to(tl.int64) * sd_t + dims[None, :]
         keys = tl.load(k_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(keys), input_precision="ieee")
-        s = _finish_scores(s, r, tok, tok < length, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, col0, scaling, softcap,
-                           HAS_MASK, HAS_SOFTCAP)
-        m, alpha, p, l = _online_step(m, l, s)
+        s = _finish_scores(
+            s, r, tok, tok < length, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, col0, scaling, softcap, HAS_MASK, HAS_SOFTCAP
+        )
+        m, alpha, p, sum_exp = _online_step(m, sum_exp, s)
         values = tl.load(v_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-    return m, l, acc
+    return m, sum_exp, acc
 
 
 @triton.jit
@@ -124,7 +166,7 @@ def _scores_kernel(
     HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRE_ROPE: tl.constexpr, SHARED_DICT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-):
+):  # fmt: skip
     """Pass 1, one program per ``(batch * KV head, chunk)``: chunk max and sum-exp of every row; dense chunks also
     their un-normalised output ``[R, d]``, code chunks their final scores (``scores [B, Hkv, R, C]``)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -144,14 +186,15 @@ def _scores_kernel(
         codes = tl.arange(0, BLOCK_K)
         code_base = b * sc_b + h * sc_h
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_R], tl.float32)
+        sum_exp = tl.zeros([BLOCK_R], tl.float32)
         if PRE_ROPE:
             half = D // 2
             hcols = tl.arange(0, BLOCK_HALF)
             h_ok = hcols < half
             q_lo = tl.load(q_rows + hcols[None, :], mask=rows_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-            q_hi = tl.load(q_rows + half + hcols[None, :], mask=rows_ok[:, None] & h_ok[None, :],
-                           other=0.0).to(tl.float32)
+            q_hi = tl.load(q_rows + half + hcols[None, :], mask=rows_ok[:, None] & h_ok[None, :], other=0.0).to(
+                tl.float32
+            )
             bias_lo = tl.load(kbias_ptr + hd * D + hcols, mask=h_ok, other=0.0).to(tl.float32)
             bias_hi = tl.load(kbias_ptr + hd * D + half + hcols, mask=h_ok, other=0.0).to(tl.float32)
             inv_freq = tl.load(invf_ptr + hcols, mask=h_ok, other=0.0).to(tl.float32)
@@ -187,29 +230,77 @@ def _scores_kernel(
                 code_offsets = code_base + tok[:, None].to(tl.int64) * sc_t + codes[None, :]
                 index = tl.load(ki_ptr + code_offsets, mask=code_ok, other=0).to(tl.int64)
                 coef = tl.load(kc_ptr + code_offsets, mask=code_ok, other=0.0).to(tl.float32)
-                gathered = tl.load(table_rows[:, None, None] + index[None, :, :] * ROWS,
-                                   mask=rows_ok[:, None, None] & code_ok[None, :, :], other=0.0)
+                gathered = tl.load(
+                    table_rows[:, None, None] + index[None, :, :] * ROWS,
+                    mask=rows_ok[:, None, None] & code_ok[None, :, :],
+                    other=0.0,
+                )
                 s = tl.sum(gathered * coef[None, :, :], 2) + q_bias[:, None]
-            s = _finish_scores(s, r, tok, tok_ok, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, S, scaling, softcap,
-                               HAS_MASK, HAS_SOFTCAP)
-            tl.store(scores_ptr + (bh * ROWS + r[:, None]) * C + tok[None, :], s,
-                     mask=rows_ok[:, None] & tok_ok[None, :])
-            m, _, _, l = _online_step(m, l, s)
+            s = _finish_scores(
+                s, r, tok, tok_ok, rows_ok, mask_ptr, sm_b, sm_l, b, LQ, S, scaling, softcap, HAS_MASK, HAS_SOFTCAP
+            )
+            tl.store(
+                scores_ptr + (bh * ROWS + r[:, None]) * C + tok[None, :], s, mask=rows_ok[:, None] & tok_ok[None, :]
+            )
+            m, _, _, sum_exp = _online_step(m, sum_exp, s)
         tl.store(m_ptr + stat, m, mask=rows_ok)
-        tl.store(l_ptr + stat, l, mask=rows_ok)
+        tl.store(l_ptr + stat, sum_exp, mask=rows_ok)
     else:
         q = tl.load(q_rows + dims[None, :], mask=rows_ok[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
         if chunk < n_sink_chunks:
-            m, l, acc = _dense_chunk(q, r, rows_ok, sk_ptr + b * ss_b + h * ss_h, sv_ptr + b * ss_b + h * ss_h, ss_t,
-                                     chunk * CHUNK, S, 0, mask_ptr, sm_b, sm_l, b, LQ, scaling, softcap, D, CHUNK,
-                                     HAS_MASK, HAS_SOFTCAP, BLOCK_R, BLOCK_T, BLOCK_D)
+            m, sum_exp, acc = _dense_chunk(
+                q,
+                r,
+                rows_ok,
+                sk_ptr + b * ss_b + h * ss_h,
+                sv_ptr + b * ss_b + h * ss_h,
+                ss_t,
+                chunk * CHUNK,
+                S,
+                0,
+                mask_ptr,
+                sm_b,
+                sm_l,
+                b,
+                LQ,
+                scaling,
+                softcap,
+                D,
+                CHUNK,
+                HAS_MASK,
+                HAS_SOFTCAP,
+                BLOCK_R,
+                BLOCK_T,
+                BLOCK_D,
+            )
         else:
-            m, l, acc = _dense_chunk(q, r, rows_ok, wk_ptr + b * sw_b + h * sw_h, wv_ptr + b * sw_b + h * sw_h, sw_t,
-                                     (chunk - n_sink_chunks - n_code_chunks) * CHUNK, WLEN, S + C, mask_ptr, sm_b,
-                                     sm_l, b, LQ, scaling, softcap, D, CHUNK, HAS_MASK, HAS_SOFTCAP, BLOCK_R,
-                                     BLOCK_T, BLOCK_D)
+            m, sum_exp, acc = _dense_chunk(
+                q,
+                r,
+                rows_ok,
+                wk_ptr + b * sw_b + h * sw_h,
+                wv_ptr + b * sw_b + h * sw_h,
+                sw_t,
+                (chunk - n_sink_chunks - n_code_chunks) * CHUNK,
+                WLEN,
+                S + C,
+                mask_ptr,
+                sm_b,
+                sm_l,
+                b,
+                LQ,
+                scaling,
+                softcap,
+                D,
+                CHUNK,
+                HAS_MASK,
+                HAS_SOFTCAP,
+                BLOCK_R,
+                BLOCK_T,
+                BLOCK_D,
+            )
         tl.store(m_ptr + stat, m, mask=rows_ok)
-        tl.store(l_ptr + stat, l, mask=rows_ok)
+        tl.store(l_ptr + stat, sum_exp, mask=rows_ok)
         tl.store(acc_ptr + stat[:, None] * D + dims[None, :], acc, mask=rows_ok[:, None] & (dims[None, :] < D))
 
 
@@ -218,7 +309,7 @@ def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, vbias_ptr, out_ptr, row_max_ptr, row_inv_ptr,
     H, ROWS, D, n_chunks, n_sink_chunks, n_code_chunks,
     SHARED_DICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+):  # fmt: skip
     """Flash-decoding reduction for one ``(batch, KV head)``: combines the chunks' max / sum-exp, writes the dense
     chunks' normalised output plus the value-bias share ``(sum of code probabilities) * b_value`` to ``out``, and
     ``(row max, 1 / row sum)`` for the scatter pass. A row with no visible slot gets zeros."""
@@ -240,8 +331,8 @@ def _combine_kernel(
         chunk = c0 + chunks[:, None]
         ok = (chunk < n_chunks) & rows_ok[None, :]
         m = tl.load(m_ptr + base + chunk * ROWS + r[None, :], mask=ok, other=float("-inf"))
-        l = tl.load(l_ptr + base + chunk * ROWS + r[None, :], mask=ok, other=0.0)
-        part = l * tl.exp(m - row_max[None, :])
+        sum_exp = tl.load(l_ptr + base + chunk * ROWS + r[None, :], mask=ok, other=0.0)
+        part = sum_exp * tl.exp(m - row_max[None, :])
         total += tl.sum(part, 0)
         is_code = (chunk >= n_sink_chunks) & (chunk < n_sink_chunks + n_code_chunks)
         code_total += tl.sum(tl.where(is_code, part, 0.0), 0)
@@ -251,8 +342,9 @@ def _combine_kernel(
         if (chunk < n_sink_chunks) | (chunk >= n_sink_chunks + n_code_chunks):
             stat = base + chunk * ROWS + r
             scale = tl.exp(tl.load(m_ptr + stat, mask=rows_ok, other=float("-inf")) - row_max)
-            acc = tl.load(acc_ptr + stat[:, None] * D + dims[None, :], mask=rows_ok[:, None] & (dims[None, :] < D),
-                          other=0.0)
+            acc = tl.load(
+                acc_ptr + stat[:, None] * D + dims[None, :], mask=rows_ok[:, None] & (dims[None, :] < D), other=0.0
+            )
             out += scale[:, None] * acc
     hd = 0 if SHARED_DICT else bh % H
     vbias = tl.load(vbias_ptr + hd * D + dims, mask=dims < D, other=0.0).to(tl.float32)
@@ -268,7 +360,7 @@ def _scatter_values_kernel(
     scores_ptr, row_max_ptr, row_inv_ptr, vi_ptr, vc_ptr, sc_b, sc_h, sc_t, weights_ptr,
     H, ROWS, C, N, KV, CHUNK,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+):  # fmt: skip
     """Pass 2, one program per ``(batch * KV head, code chunk)``: ``W[b, h, i_tj, :] += p_t * c_tj`` with the
     final probabilities ``p = exp(score - row max) / row sum``; masked slots (p = 0) issue no atomics."""
     bh = tl.program_id(0).to(tl.int64)
@@ -286,15 +378,20 @@ def _scatter_values_kernel(
     for t0 in range(start, tl.minimum(start + CHUNK, C), BLOCK_T):
         tok = t0 + cols
         tok_ok = tok < C
-        s = tl.load(scores_ptr + rows[:, None] * C + tok[None, :], mask=rows_ok[:, None] & tok_ok[None, :],
-                    other=float("-inf"))
+        s = tl.load(
+            scores_ptr + rows[:, None] * C + tok[None, :], mask=rows_ok[:, None] & tok_ok[None, :], other=float("-inf")
+        )
         p = tl.exp(s - row_max[:, None]) * row_inv[:, None]
         code_ok = tok_ok[:, None] & (codes[None, :] < KV)
         code_offsets = b * sc_b + h * sc_h + tok[:, None].to(tl.int64) * sc_t + codes[None, :]
         index = tl.load(vi_ptr + code_offsets, mask=code_ok, other=0).to(tl.int64)
         coef = tl.load(vc_ptr + code_offsets, mask=code_ok, other=0.0).to(tl.float32)
-        tl.atomic_add(weight_rows[:, None, None] + index[None, :, :] * ROWS, p[:, :, None] * coef[None, :, :],
-                      mask=(p[:, :, None] > 0) & code_ok[None, :, :], sem="relaxed")
+        tl.atomic_add(
+            weight_rows[:, None, None] + index[None, :, :] * ROWS,
+            p[:, :, None] * coef[None, :, :],
+            mask=(p[:, :, None] > 0) & code_ok[None, :, :],
+            sem="relaxed",
+        )
 
 
 @triton.jit
@@ -302,7 +399,7 @@ def _query_table_kernel(
     q_ptr, sq_b, sq_h, sq_l, atoms_ptr, sa_h, sa_n, table_ptr,
     H, G, LQ, ROWS, N, D, atoms_per_program,
     SHARED_DICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+):  # fmt: skip
     """``P[b, h, n, r] = D_key[h][n] . q[b, h, r]`` for one ``(batch * KV head, atom range)``."""
     bh = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * atoms_per_program
@@ -313,23 +410,32 @@ def _query_table_kernel(
     rows_ok = r < ROWS
     dims = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + b * sq_b + (h * G + r // LQ)[:, None] * sq_h + (r % LQ)[:, None] * sq_l + dims[None, :],
-                mask=rows_ok[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + b * sq_b + (h * G + r // LQ)[:, None] * sq_h + (r % LQ)[:, None] * sq_l + dims[None, :],
+        mask=rows_ok[:, None] & (dims[None, :] < D),
+        other=0.0,
+    ).to(tl.float32)
     atoms_head = atoms_ptr + (0 if SHARED_DICT else h) * sa_h
     for n0 in range(start, stop, BLOCK_N):
         atoms = n0 + cols
-        tile = tl.load(atoms_head + atoms[:, None].to(tl.int64) * sa_n + dims[None, :],
-                       mask=(atoms[:, None] < stop) & (dims[None, :] < D), other=0.0).to(tl.float32)
+        tile = tl.load(
+            atoms_head + atoms[:, None].to(tl.int64) * sa_n + dims[None, :],
+            mask=(atoms[:, None] < stop) & (dims[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         p = tl.dot(tile, tl.trans(q), input_precision="ieee")
-        tl.store(table_ptr + (bh * N + atoms[:, None]) * ROWS + r[None, :], p,
-                 mask=(atoms[:, None] < stop) & rows_ok[None, :])
+        tl.store(
+            table_ptr + (bh * N + atoms[:, None]) * ROWS + r[None, :],
+            p,
+            mask=(atoms[:, None] < stop) & rows_ok[None, :],
+        )
 
 
 @triton.jit
 def _atoms_to_output_kernel(
     weights_ptr, atoms_ptr, sa_h, sa_n, out_ptr, H, ROWS, N, D, atoms_per_program,
     SHARED_DICT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+):  # fmt: skip
     """``out[b, h] += W[b, h]^T D_value[h]`` over one atom range (atomic adds: several ranges share an output)."""
     bh = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * atoms_per_program
@@ -343,14 +449,21 @@ def _atoms_to_output_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for n0 in range(start, stop, BLOCK_N):
         atoms = n0 + cols
-        w = tl.load(weights_ptr + (bh * N + atoms[None, :]) * ROWS + r[:, None],
-                    mask=rows_ok[:, None] & (atoms[None, :] < stop), other=0.0)
-        tile = tl.load(atoms_head + atoms[:, None].to(tl.int64) * sa_n + dims[None, :],
-                       mask=(atoms[:, None] < stop) & (dims[None, :] < D), other=0.0).to(tl.float32)
+        w = tl.load(
+            weights_ptr + (bh * N + atoms[None, :]) * ROWS + r[:, None],
+            mask=rows_ok[:, None] & (atoms[None, :] < stop),
+            other=0.0,
+        )
+        tile = tl.load(
+            atoms_head + atoms[:, None].to(tl.int64) * sa_n + dims[None, :],
+            mask=(atoms[:, None] < stop) & (dims[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.dot(w, tile, input_precision="ieee")
     rows = bh * ROWS + r
-    tl.atomic_add(out_ptr + rows[:, None] * D + dims[None, :], acc, mask=rows_ok[:, None] & (dims[None, :] < D),
-                  sem="relaxed")
+    tl.atomic_add(
+        out_ptr + rows[:, None] * D + dims[None, :], acc, mask=rows_ok[:, None] & (dims[None, :] < D), sem="relaxed"
+    )
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -423,16 +536,19 @@ def sparse_attention(
         if not pre_rope:
             table = _scratch((b, h, n, rows), device)
             atom_splits, atoms_per_program = atom_split(n)
+            # fmt: off
             _query_table_kernel[(b * h, atom_splits)](
                 query, *q_strides, key_atoms, key_atoms.stride(0), key_atoms.stride(1), table,
                 h, g, lq, rows, n, d, atoms_per_program,
                 SHARED_DICT=shared, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
             )
+            # fmt: on
     chunk_max = _scratch((b, h, n_chunks, rows), device)
     chunk_sum = _scratch((b, h, n_chunks, rows), device)
     chunk_out = _scratch((b, h, n_chunks, rows, d), device)
     positions = kv.key_positions.contiguous() if pre_rope else key_indices
     inv_freq = kv.rope_inv_freq.to(device=device, dtype=torch.float32).contiguous() if pre_rope else query
+    # fmt: off
     _scores_kernel[(b * h, n_chunks)](
         query, *q_strides,
         sink_keys, sink_values, sink_keys.stride(0), sink_keys.stride(1), sink_keys.stride(2),
@@ -449,27 +565,34 @@ def sparse_attention(
         BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d,
         BLOCK_K=triton.next_power_of_2(key_indices.shape[-1]), BLOCK_HALF=max(16, triton.next_power_of_2(d // 2)),
     )
+    # fmt: on
     row_max = _scratch((b, h, rows), device)
     row_inv = _scratch((b, h, rows), device)
+    # fmt: off
     _combine_kernel[(b * h,)](
         chunk_max, chunk_sum, chunk_out, value_bias, out, row_max, row_inv,
         h, rows, d, n_chunks, n_sink, n_code,
         SHARED_DICT=value_atoms.shape[0] == 1, BLOCK_R=block_r, BLOCK_C=min(64, triton.next_power_of_2(n_chunks)),
         BLOCK_D=block_d,
     )
+    # fmt: on
     if c:
         n_value = value_atoms.shape[1]
         weights = torch.zeros((b, h, n_value, rows), device=device, dtype=torch.float32)
+        # fmt: off
         _scatter_values_kernel[(b * h, n_code)](
             scores, row_max, row_inv, value_indices, value_coefficients,
             value_indices.stride(0), value_indices.stride(1), value_indices.stride(2), weights,
             h, rows, c, n_value, value_indices.shape[-1], chunk,
             BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_K=triton.next_power_of_2(value_indices.shape[-1]),
         )
+        # fmt: on
         atom_splits, atoms_per_program = atom_split(n_value)
+        # fmt: off
         _atoms_to_output_kernel[(b * h, atom_splits)](
             weights, value_atoms, value_atoms.stride(0), value_atoms.stride(1), out,
             h, rows, n_value, d, atoms_per_program,
             SHARED_DICT=value_atoms.shape[0] == 1, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
         )
+        # fmt: on
     return out.view(b, hq, lq, d).to(query.dtype)

@@ -36,7 +36,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, default=default, choices=typing.get_args(kind), help=f"{help} (default: {default})")
+            parser.add_argument(
+                flag, default=default, choices=typing.get_args(kind), help=f"{help} (default: {default})"
+            )
         elif default is None:
             value_type = next(t for t in typing.get_args(kind) if t is not type(None))
             parser.add_argument(flag, default=None, type=value_type, help=help)
@@ -47,7 +49,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
 def _add_training_inputs(parser: argparse.ArgumentParser, out_help: str) -> None:
     """The model, text and output folder that both training commands take."""
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
-    parser.add_argument("--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)")
+    parser.add_argument(
+        "--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)"
+    )
     parser.add_argument("--out", type=Path, required=True, help=out_help)
 
 
@@ -78,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="generate with and without compression on the embedded default model",
-                               description=_doc(DemoConfig))
+    demo = commands.add_parser(
+        "demo", help="generate with and without compression on the embedded default model", description=_doc(DemoConfig)
+    )
     _add_dataclass_options(demo, DemoConfig)
 
     train = commands.add_parser(
-        "train", help="train per-layer key/value dictionaries for a model (Top-K SAE recipe)",
+        "train",
+        help="train per-layer key/value dictionaries for a model (Top-K SAE recipe)",
         description=_doc(TrainConfig) + " For the recipe of the shipped dictionaries (better codes at the same "
         "budget: pre-RoPE keys, atoms learned for matching pursuit) use train-pursuit.",
     )
@@ -91,14 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_options(train, TrainConfig)
 
     pursuit = commands.add_parser(
-        "train-pursuit", help="learn dictionaries for matching-pursuit codes (MOD): how the shipped ones were made",
+        "train-pursuit",
+        help="learn dictionaries for matching-pursuit codes (MOD): how the shipped ones were made",
         description=_doc(PursuitConfig),
     )
     _add_training_inputs(pursuit, out_help="output folder")
     _add_dataclass_options(pursuit, PursuitConfig)
 
     analyze = commands.add_parser(
-        "analyze", help="semantic elbow, K/V asymmetry and semantic atoms of a dictionary",
+        "analyze",
+        help="semantic elbow, K/V asymmetry and semantic atoms of a dictionary",
         description="Reproduce the paper's analyses for a dictionary on held-out text: reconstruction quality "
         "against k (the Semantic Elbow) with the elbow and a suggested budget per layer, the key-value asymmetry "
         "across depth, and the atoms of one layer. Writes plots, results.json and report.md to --out.",
@@ -107,22 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
     analyze.add_argument("--out", type=Path, required=True, help="output folder (plots, results.json, report.md)")
     analyze.add_argument("--quick", action="store_true", help="fewer held-out vectors (a few minutes on 2 cores)")
-    analyze.add_argument("--ks", type=_int_list, default=None, help="k grid, e.g. 1,2,4,8,16,32,64")
+    analyze.add_argument("--ks", type=_int_list, default=None, help="k grid (default 1,2,4,8,16,32,64)")
     analyze.add_argument("--layer", type=int, default=None, help="layer for the atom analysis (default: middle)")
     analyze.add_argument("--windows", type=int, default=None, help="held-out windows (default 24, quick 8)")
     analyze.add_argument("--context", type=int, default=None, help="tokens per held-out window (default 256)")
-    analyze.add_argument("--max-vectors", type=int, default=None, help="vectors per layer and kind")
-    analyze.add_argument("--encoder", choices=typing.get_args(Encoder), default=None,
-                         help="encoder to code with (default: the dictionary's)")
+    analyze.add_argument(
+        "--max-vectors",
+        type=int,
+        default=None,
+        help="held-out vectors per layer and kind, a random subset beyond (default 16384, quick 4096)",
+    )
+    analyze.add_argument(
+        "--encoder",
+        choices=typing.get_args(Encoder),
+        default=None,
+        help="encoder to code with (default: the dictionary's)",
+    )
     analyze.add_argument("--reference-k", type=int, default=None, help="k of the asymmetry comparison (default 8)")
     analyze.add_argument("--gain-threshold", type=float, default=None, help="gain rule threshold (default 0.01)")
     analyze.add_argument("--train-per-k", action="store_true", help="also train a small dictionary at each k (slow)")
-    analyze.add_argument("--train-tokens", type=int, default=None, help="training tokens per k with --train-per-k")
-    analyze.add_argument("--train-text", default=None, help="training text for --train-per-k (default: Wikipedia train)")
-    analyze.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    analyze.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="training tokens per k with --train-per-k (default 30000, quick 8000)",
+    )
+    analyze.add_argument(
+        "--train-text", default=None, help="training text for --train-per-k (default: Wikipedia train)"
+    )
+    analyze.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting)")
 
     evaluate = commands.add_parser(
-        "eval", help="quality vs bytes against DynamicCache and QuantizedCache",
+        "eval",
+        help="quality vs bytes against DynamicCache and QuantizedCache",
         description="Held-out perplexity, next-token accuracy and passkey retrieval against the bytes each cache "
         "really stores, for DynamicCache, SparseSemanticCache budgets and transformers' QuantizedCache backends. "
         "Writes report.md, results.json and a Pareto plot to --out.",
@@ -130,31 +155,69 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
     evaluate.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
     evaluate.add_argument("--out", type=Path, required=True, help="output folder (report.md, results.json, pareto.png)")
-    evaluate.add_argument("--quick", action="store_true", help="2 texts x 1k tokens, fewer configs, passkey at 2 depths")
-    evaluate.add_argument("--context", type=int, default=None, help="tokens per held-out text (default 2048, quick 1024)")
+    evaluate.add_argument(
+        "--quick", action="store_true", help="2 texts x 1k tokens, fewer configs, passkey at 2 depths"
+    )
+    evaluate.add_argument(
+        "--context", type=int, default=None, help="tokens per held-out text (default 2048, quick 1024)"
+    )
     evaluate.add_argument("--n-texts", type=int, default=None, help="held-out texts (default 4, quick 2)")
     evaluate.add_argument("--prefill", type=int, default=None, help="prefill tokens before the chunks (default 256)")
     evaluate.add_argument("--chunk", type=int, default=None, help="tokens per chunk after the prefill (default 32)")
-    evaluate.add_argument("--window", dest="residual_length", type=int, default=None, help="dense recent window (64)")
-    evaluate.add_argument("--sinks", dest="num_sink_tokens", type=int, default=None, help="dense sink tokens (4)")
-    evaluate.add_argument("--budgets", type=_budget_list, default=None, help="k_key/k_value list, e.g. 4/8,8/16,16/32")
-    evaluate.add_argument("--paths", type=_str_list, default=None, help="attention paths for STA: sta,sdpa")
-    evaluate.add_argument("--baselines", type=_str_list, default=None,
-                          help="QuantizedCache backends: quanto:4,quanto:2,hqq:4,hqq:2,fp8 ('none' for none)")
-    evaluate.add_argument("--encoder", choices=typing.get_args(Encoder), default=None,
-                          help="STA encoder (default: the dictionary's)")
-    evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (64)")
-    evaluate.add_argument("--coefficient-dtypes", type=_dtype_list, default=None,
-                          help="STA coefficient storage, one row each: float32,float16,bfloat16,float8_e4m3fn "
-                          "(default: the model's dtype)")
-    evaluate.add_argument("--pack-indices", action=argparse.BooleanOptionalAction, default=None,
-                          help="STA: pack indices into ceil(log2 N) bits")
-    evaluate.add_argument("--max-context", type=int, default=None, help="longest passkey prompt (default 4096)")
-    evaluate.add_argument("--passkey-depths", type=_float_list, default=None, help="e.g. 0.1,0.5,0.9")
-    evaluate.add_argument("--passkey-trials", type=int, default=None, help="keys per length and depth")
-    evaluate.add_argument("--passkey-feed", choices=typing.get_args(PasskeyFeed), default=None,
-                          help="passkey prompt: one prefill as model.generate (default) or chunked like perplexity")
-    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    evaluate.add_argument(
+        "--window", dest="residual_length", type=int, default=None, help="dense recent window, tokens (default 64)"
+    )
+    evaluate.add_argument(
+        "--sinks", dest="num_sink_tokens", type=int, default=None, help="dense sink tokens (default 4)"
+    )
+    evaluate.add_argument(
+        "--budgets", type=_budget_list, default=None, help="k_key/k_value list (default 4/8,8/16,16/32)"
+    )
+    evaluate.add_argument(
+        "--paths", type=_str_list, default=None, help="attention paths for STA, among sta,sdpa (default both)"
+    )
+    evaluate.add_argument(
+        "--baselines",
+        type=_str_list,
+        default=None,
+        help="QuantizedCache backends (default quanto:4,quanto:2,hqq:4,hqq:2,fp8; 'none' for none)",
+    )
+    evaluate.add_argument(
+        "--encoder", choices=typing.get_args(Encoder), default=None, help="STA encoder (default: the dictionary's)"
+    )
+    evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (default 64)")
+    evaluate.add_argument(
+        "--coefficient-dtypes",
+        type=_dtype_list,
+        default=None,
+        help="STA coefficient storage, one row each: float32,float16,bfloat16,float8_e4m3fn "
+        "(default: the model's dtype)",
+    )
+    evaluate.add_argument(
+        "--pack-indices",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="STA: pack indices into ceil(log2 N) bits (default: off)",
+    )
+    evaluate.add_argument(
+        "--max-context", type=int, default=None, help="longest passkey prompt (default 4096, quick 1024)"
+    )
+    evaluate.add_argument(
+        "--passkey-depths",
+        type=_float_list,
+        default=None,
+        help="where the key sits, as fractions of the filler before it (default 0.1,0.3,0.5,0.7,0.9; quick 0.25,0.75)",
+    )
+    evaluate.add_argument(
+        "--passkey-trials", type=int, default=None, help="keys per length and depth (default 2, quick 1)"
+    )
+    evaluate.add_argument(
+        "--passkey-feed",
+        choices=typing.get_args(PasskeyFeed),
+        default=None,
+        help="passkey prompt: one prefill as model.generate (default) or chunked like perplexity",
+    )
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting)")
     return parser
 
 
@@ -209,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation import run_analysis
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "quick", "train_per_k")}
-        config = AnalyzeConfig.preset(args.quick, **{**options, "out": str(args.out)},
-                                      train_per_k=args.train_per_k or None)
+        config = AnalyzeConfig.preset(
+            args.quick, **{**options, "out": str(args.out)}, train_per_k=args.train_per_k or None
+        )
         results = run_analysis(config)
         budget = results["suggested_budget"]
         print(f"suggested budget k_key={budget['k_key']} k_value={budget['k_value']}; report: {args.out / 'report.md'}")

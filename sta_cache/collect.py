@@ -73,8 +73,11 @@ def rotary_for_layer(model: torch.nn.Module, layer_idx: int) -> tuple[torch.Tens
         candidates += [m for name, m in named if name.endswith("rotary_emb_local")]
     candidates += [m for name, m in named if name.endswith("rotary_emb")]
     candidates += [m for name, m in named if "rotary" in name.rsplit(".", 1)[-1]]
-    candidates += [m for _, m in named if hasattr(m, "inv_freq") or any(n.endswith("_inv_freq") for n, _ in
-                                                                         m.named_buffers(recurse=False))]
+    candidates += [
+        m
+        for _, m in named
+        if hasattr(m, "inv_freq") or any(n.endswith("_inv_freq") for n, _ in m.named_buffers(recurse=False))
+    ]
     for module in candidates:
         if layer_type is not None and isinstance(getattr(module, f"{layer_type}_inv_freq", None), torch.Tensor):
             inv_freq = getattr(module, f"{layer_type}_inv_freq")

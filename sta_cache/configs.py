@@ -50,10 +50,15 @@ class DemoConfig:
     """Generate from a held-out prompt with DynamicCache and with SparseSemanticCache, print both continuations,
     the bytes each cache holds and held-out perplexity."""
 
-    model: str = option("smollm2", "model: 'smollm2' or 'gemma3' (embedded, converted once from PyPI wheels), a "
-                        "local folder or a Hub id")  # fmt: skip
-    dictionary: str | None = option(None, "dictionary folder or Hub id (default: the one shipped for the model; "
-                                    "for other models small ones are trained once)")  # fmt: skip
+    model: str = option(
+        "smollm2",
+        "model: 'smollm2' or 'gemma3' (embedded, converted once from PyPI wheels), a local folder or a Hub id",
+    )
+    dictionary: str | None = option(
+        None,
+        "dictionary folder or Hub id (default: the one shipped for the model; "
+        "for other models small ones are trained once)",
+    )
     prompt: str | None = option(None, "prompt text (default: the start of a held-out Wikipedia article)")
     prompt_tokens: int = option(512, "tokens of the default prompt")
     max_new_tokens: int = option(60, "tokens to generate (greedy)")
@@ -79,16 +84,21 @@ class TrainConfig:
     n_atoms: int = option(1024, "atoms per dictionary (N)")
     k_key: int = option(8, "atoms per key the dictionary is trained and saved for")
     k_value: int = option(16, "atoms per value the dictionary is trained and saved for")
-    key_space: KeySpace = option("post_rope", "code keys as cached, after RoPE (post_rope, the paper's and this "
-                                 "recipe's setting), or un-rotated first (pre_rope, what train-pursuit uses)")  # fmt: skip
-    encoder: Encoder = option("topk", "encoder the cache codes with: the SAE's one-shot Top-K (topk, what is "
-                              "trained) or orthogonal matching pursuit over the same atoms (omp)")  # fmt: skip
+    key_space: KeySpace = option(
+        "post_rope",
+        "code keys as cached, after RoPE (post_rope, the paper's and this "
+        "recipe's setting), or un-rotated first (pre_rope, what train-pursuit uses)",
+    )
+    encoder: Encoder = option(
+        "topk",
+        "encoder the cache codes with: the SAE's one-shot Top-K (topk, what is "
+        "trained) or orthogonal matching pursuit over the same atoms (omp)",
+    )
     per_head: bool = option(False, "one dictionary per KV head instead of one shared by the layer's heads")
     context: int = option(256, "tokens per window fed to the model")
     max_tokens: int = option(60_000, "training tokens read from the text")
     eval_tokens: int = option(2048, "held-out tokens (after the training tokens) for the final evaluation")
-    skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks "
-                             "dense)")  # fmt: skip
+    skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks dense)")
     batch_windows: int = option(4, "windows per model forward while collecting")
     epochs: float = option(2.0, "average times each collected vector is trained on")
     steps: int | None = option(None, "optimiser steps (default: derived from --epochs)")
@@ -102,8 +112,9 @@ class TrainConfig:
     buffer_size: int = option(32768, "reservoir vectors per dictionary")
     buffer_mb: float = option(512.0, "MiB all reservoirs may hold together")
     init: AtomInit = option("data", "atoms start at random centred training vectors (data) or random directions")
-    b_dec_init: BiasInit = option("geometric_median", "decoder bias starts at the data's geometric median, mean, "
-                                  "or zero")  # fmt: skip
+    b_dec_init: BiasInit = option(
+        "geometric_median", "decoder bias starts at the data's geometric median, mean, or zero"
+    )
     seed: int = option(0, "random seed (a run resumed from its checkpoint gives the same weights)")
     dtype: WeightDtype = option("float32", "dtype of the saved weights")
     eval_vectors: int = option(4096, "held-out vectors per dictionary for the Top-K evaluation")
@@ -141,13 +152,15 @@ class PursuitConfig:
     n_atoms: int = option(1024, "atoms per dictionary (N)")
     k_key: int = option(8, "atoms per key the atoms are learned for")
     k_value: int = option(16, "atoms per value the atoms are learned for")
-    key_space: KeySpace = option("pre_rope", "code keys un-rotated by their position (pre_rope: ×1.008 against "
-                                 "×1.031 post_rope at 8/16 fp8 on held-out text, LAB_NOTES.md) or as cached "
-                                 "(post_rope: faster decode)")  # fmt: skip
+    key_space: KeySpace = option(
+        "pre_rope",
+        "code keys un-rotated by their position (pre_rope: ×1.008 against "
+        "×1.031 post_rope at 8/16 fp8 on held-out text, LAB_NOTES.md) or as cached "
+        "(post_rope: faster decode)",
+    )
     context: int = option(256, "tokens per window fed to the model")
     windows: int = option(48, "windows read from the text")
-    skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks "
-                             "dense)")  # fmt: skip
+    skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks dense)")
     vectors: int = option(16000, "training vectors per dictionary")
     iterations: int = option(6, "MOD iterations (OMP codes, then a least-squares refit of all atoms)")
     seed: int = option(0, "random seed")
@@ -242,8 +255,16 @@ class EvalConfig:
         ignored."""
         base = {}
         if quick:
-            base = dict(context=1024, n_texts=2, paths=["sta", "sdpa"], sdpa_budgets=[(8, 16)], max_context=1024,
-                        passkey_lengths=[1024], passkey_depths=[0.25, 0.75], passkey_trials=1)  # fmt: skip
+            base = dict(
+                context=1024,
+                n_texts=2,
+                paths=["sta", "sdpa"],
+                sdpa_budgets=[(8, 16)],
+                max_context=1024,
+                passkey_lengths=[1024],
+                passkey_depths=[0.25, 0.75],
+                passkey_trials=1,
+            )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 

@@ -10,8 +10,8 @@ import torch
 from transformers import DynamicCache
 
 from .cache import SparseSemanticCache
-from .configs import DemoConfig, TrainConfig
 from .compat import cache_kwargs
+from .configs import DemoConfig, TrainConfig
 from .dictionary import DictionaryFormatError, KVDictionary
 from .embedded import default_cache_dir, eval_texts, load_model, wikipedia_text
 from .evaluation.perplexity import perplexity
@@ -52,9 +52,13 @@ def run_demo(config: DemoConfig) -> dict:
 
     def sparse_cache() -> SparseSemanticCache:
         return SparseSemanticCache(
-            dictionary, k_key=config.k_key, k_value=config.k_value, residual_length=config.residual_length,
-            num_sink_tokens=config.num_sink_tokens, config=model.config,
-        )  # fmt: skip
+            dictionary,
+            k_key=config.k_key,
+            k_value=config.k_value,
+            residual_length=config.residual_length,
+            num_sink_tokens=config.num_sink_tokens,
+            config=model.config,
+        )
 
     def dynamic_cache() -> DynamicCache:
         return DynamicCache(config=model.config)
@@ -71,13 +75,16 @@ def run_demo(config: DemoConfig) -> dict:
     for name, make in (("DynamicCache", dynamic_cache), ("SparseSemanticCache", sparse_cache)):
         caches[name] = make()
         start = time.perf_counter()
-        out = model.generate(**inputs, **cache_kwargs(model, caches[name]), max_new_tokens=config.max_new_tokens,
-                             do_sample=False)  # fmt: skip
+        out = model.generate(
+            **inputs, **cache_kwargs(model, caches[name]), max_new_tokens=config.max_new_tokens, do_sample=False
+        )
         elapsed = time.perf_counter() - start
         texts[name] = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
         print(f"\n=== {name} continuation ({elapsed:.1f} s) ===\n{texts[name]}")
     compressed = caches["SparseSemanticCache"].sparse_layers[0].num_compressed
-    print(f"\n(SparseSemanticCache held {compressed} of {caches['SparseSemanticCache'].get_seq_length()} tokens as codes)")
+    print(
+        f"\n(SparseSemanticCache held {compressed} of {caches['SparseSemanticCache'].get_seq_length()} tokens as codes)"
+    )
     held_out = [ids[: config.eval_tokens] for ids in held_out]
     quality = {
         name: perplexity(model, held_out, make, prefill=config.prefill, chunk=config.chunk, desc=name)
@@ -93,16 +100,26 @@ def run_demo(config: DemoConfig) -> dict:
     )
     print(f"\nMemory at {config.eval_tokens} tokens of context (real bytes of the stored tensors):")
     print(f"  DynamicCache          {_format_bytes(memory['dynamic_cache_bytes'])}")
-    print(f"  SparseSemanticCache   {_format_bytes(memory['code_bytes'] + memory['dense_bytes'])}"
-          f"  (codes {_format_bytes(memory['code_bytes'])}, dense sinks+window {_format_bytes(memory['dense_bytes'])})")
-    print(f"  compression ratio     {memory['compression_ratio']:.2f}x   memory saved "
-          f"{_format_bytes(memory['dynamic_cache_bytes'] - memory['code_bytes'] - memory['dense_bytes'])}")
-    print(f"  dictionaries          {_format_bytes(memory['dictionary_bytes'])}, paid back from "
-          f"{memory['break_even_tokens']} tokens of context")
+    print(
+        f"  SparseSemanticCache   {_format_bytes(memory['code_bytes'] + memory['dense_bytes'])}"
+        f"  (codes {_format_bytes(memory['code_bytes'])}, dense sinks+window {_format_bytes(memory['dense_bytes'])})"
+    )
+    print(
+        f"  compression ratio     {memory['compression_ratio']:.2f}x   memory saved "
+        f"{_format_bytes(memory['dynamic_cache_bytes'] - memory['code_bytes'] - memory['dense_bytes'])}"
+    )
+    print(
+        f"  dictionaries          {_format_bytes(memory['dictionary_bytes'])}, paid back from "
+        f"{memory['break_even_tokens']} tokens of context"
+    )
     dense_ppl = quality["DynamicCache"].perplexity
-    print(f"\nHeld-out Wikipedia perplexity ({config.eval_texts} texts x {config.eval_tokens} tokens, prefill "
-          f"{config.prefill}, then chunks of {config.chunk}; {quality['DynamicCache'].tokens} scored tokens):")
+    print(
+        f"\nHeld-out Wikipedia perplexity ({config.eval_texts} texts x {config.eval_tokens} tokens, prefill "
+        f"{config.prefill}, then chunks of {config.chunk}; {quality['DynamicCache'].tokens} scored tokens):"
+    )
     for name, result in quality.items():
-        print(f"  {name:<21} {result.perplexity:8.2f}  (x{result.perplexity / dense_ppl:.3f})  "
-              f"next-token accuracy {result.accuracy:.3f}")
+        print(
+            f"  {name:<21} {result.perplexity:8.2f}  (x{result.perplexity / dense_ppl:.3f})  "
+            f"next-token accuracy {result.accuracy:.3f}"
+        )
     return {"texts": texts, "memory": memory, "perplexity": {n: r.perplexity for n, r in quality.items()}}

@@ -14,9 +14,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .configs import Encoder, KeySpace, check_choice
 from .memory import storage_bytes
 from .sae import TopKSAE
-from .configs import Encoder, KeySpace, check_choice
 from .validation import check_flag, check_int, check_positive_float
 
 FORMAT_VERSION = 1
@@ -77,8 +77,13 @@ class KVDictionaryConfig:
         if not isinstance(self.layer_indices, list):
             raise TypeError(f"layer_indices must be a list of ints, got {self.layer_indices!r}")
         for i in self.layer_indices:
-            check_int("each of layer_indices", i, maximum=self.num_layers - 1, minimum=0,
-                      bound=f" (a layer of the {self.num_layers}-layer model)")  # fmt: skip
+            check_int(
+                "each of layer_indices",
+                i,
+                maximum=self.num_layers - 1,
+                minimum=0,
+                bound=f" (a layer of the {self.num_layers}-layer model)",
+            )
         if len(set(self.layer_indices)) != len(self.layer_indices):
             raise ValueError(f"layer_indices {self.layer_indices} name a layer twice")
         for name in ("k_key", "k_value"):
@@ -130,10 +135,10 @@ class LayerDictionary(nn.Module):
 
     def on_device(self, kind: str, device: torch.device, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The ``names`` SAE tensors of ``kind`` stacked over dictionary heads (``W_dec [Hd, N, d]``, ``b_dec
-        [Hd, d]``, ``W_enc [Hd, d, N]``, ``b_enc [Hd, N]``) in float32 on ``device``, made once and shared by every cache
-        that uses this dictionary there (ten caches on one device hold one copy). A float32 dictionary shared by
-        all KV heads is not copied at all on its own device: these are views of its weights. Changing the weights
-        in place makes a fresh copy on the next call."""
+        [Hd, d]``, ``W_enc [Hd, d, N]``, ``b_enc [Hd, N]``) in float32 on ``device``, made once and shared by every
+        cache that uses this dictionary there (ten caches on one device hold one copy). A float32 dictionary shared
+        by all KV heads is not copied at all on its own device: these are views of its weights. Changing the
+        weights in place makes a fresh copy on the next call."""
         weights = [getattr(sae, name) for sae in self.saes(kind) for name in names]
         key = (kind, str(device), names, tuple((w.data_ptr(), w._version) for w in weights))
         if key not in self._device_copies:
@@ -315,6 +320,7 @@ def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:
     size_mb = weights_path.stat().st_size / 2**20 if weights_path.exists() else float("nan")
     training = config.training or {}
     evaluation = config.evaluation or {}
+    sharing = "one per KV head" if config.per_head else "shared by KV heads"
     lines = [
         "---",
         "library_name: sta_cache",
@@ -331,7 +337,7 @@ def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:
         f"| base model | `{config.base_model}` |",
         f"| layers with dictionaries | {len(config.layer_indices)} of {config.num_layers} |",
         f"| KV heads / head_dim | {config.num_kv_heads} / {config.head_dim} |",
-        f"| atoms per dictionary (N) | {config.n_atoms} ({'one per KV head' if config.per_head else 'shared by KV heads'}) |",
+        f"| atoms per dictionary (N) | {config.n_atoms} ({sharing}) |",
         f"| default budget k_key / k_value | {config.k_key} / {config.k_value} |",
         f"| key space / encoder | {config.key_space} / {config.encoder} |",
         f"| file size | {size_mb:.2f} MiB |",
@@ -344,10 +350,10 @@ def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:
         "",
         "```python",
         "from sta_cache import SparseSemanticCache",
+        "",
         "cache = SparseSemanticCache.from_pretrained(PATH_OR_REPO_ID, config=model.config)",
         "out = model.generate(**inputs, past_key_values=cache, max_new_tokens=200)",
         "```",
         "",
     ]
     return "\n".join(lines)
-

@@ -106,7 +106,9 @@ def packaged_repo_ids() -> list[str]:
     )
 
 
-def place_in_hf_cache(folder: str | os.PathLike, cache_dir: str | os.PathLike, repo_id: str, revision: str = "main") -> str:
+def place_in_hf_cache(
+    folder: str | os.PathLike, cache_dir: str | os.PathLike, repo_id: str, revision: str = "main"
+) -> str:
     """Lay a dictionary folder out as a Hugging Face cache snapshot (``models--org--name/refs/<revision>`` and
     ``snapshots/<commit>/``), so that ``from_pretrained(repo_id, cache_dir=...)`` finds it offline. This is how the
     pretrained dictionaries ship in the wheel. Returns the (content-derived) commit hash."""

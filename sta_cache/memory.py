@@ -18,8 +18,10 @@ def storage_bytes(obj, seen: set | None = None) -> int:
     """
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter) and hasattr(
-            obj, "__tensor_flatten__"
+        if (
+            type(obj) is not torch.Tensor
+            and not isinstance(obj, torch.nn.Parameter)
+            and hasattr(obj, "__tensor_flatten__")
         ):
             names, _ = obj.__tensor_flatten__()
             return sum(storage_bytes(getattr(obj, name), seen) for name in names)

@@ -21,8 +21,13 @@ from .packing import index_bits
 
 # Coefficients are signed reals: floats that have a sign bit. None (the default) keeps the model's dtype.
 COEFFICIENT_DTYPES = (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-)  # fmt: skip
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+)
 # unpack_indices reads three bytes per index, so a packed index holds at most 16 bits (N <= 65536 atoms).
 MAX_PACKED_INDEX_BITS = 16
 
@@ -54,10 +59,12 @@ def check_backend(backend: object) -> None:
     """``backend`` must name kernels this machine can run. The device is the model's and is known only at the
     first forward; what is known now is checked now (Triton without CUDA or its interpreter)."""
     check_choice(
-        "backend", backend, BACKENDS,
+        "backend",
+        backend,
+        BACKENDS,
         hint=" (it names the kernels, not the device: the cache follows the model's device, and 'auto' takes Triton "
         "on CUDA and the C kernels, or PyTorch, on the CPU)",
-    )  # fmt: skip
+    )
     if backend != "triton":
         return
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

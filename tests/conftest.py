@@ -74,8 +74,18 @@ def model_geometry(config) -> tuple[int, int, list[int]]:
     return heads, head_dim, [i for i, t in enumerate(types) if t not in SLIDING_LAYER_TYPES]
 
 
-def make_dictionary(model, *, n_atoms=None, kind="random", key_space="post_rope", encoder="topk", per_head=False,
-                    seed=0, k_key=None, k_value=None) -> KVDictionary:
+def make_dictionary(
+    model,
+    *,
+    n_atoms=None,
+    kind="random",
+    key_space="post_rope",
+    encoder="topk",
+    per_head=False,
+    seed=0,
+    k_key=None,
+    k_value=None,
+) -> KVDictionary:
     """``kind="exact"``: the complete signed basis (N = 2d atoms ±e_i), which Top-K with k = d reproduces exactly.
     ``kind="random"``: random unit atoms (lossy codes, for parity tests between two paths)."""
     config = model.config
@@ -96,7 +106,7 @@ def make_dictionary(model, *, n_atoms=None, kind="random", key_space="post_rope"
     )
     dictionary = KVDictionary(meta)
     generator = torch.Generator().manual_seed(seed)
-    rotary = getattr(model.model, "rotary_emb")
+    rotary = model.model.rotary_emb
     with torch.no_grad():
         for i in layers:
             layer = dictionary[i]

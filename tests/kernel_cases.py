@@ -32,7 +32,6 @@ def unit_atoms(g: torch.Generator, n: int, d: int, dtype: torch.dtype = F32) -> 
     return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1).to(dtype)
 
 
-
 def check_indices(indices: torch.Tensor, n: int) -> None:
     assert ((indices >= 0) & (indices < n)).all(), "index out of range (unwritten output?)"
     ordered = indices.sort(dim=-1).values
@@ -69,8 +68,19 @@ def check_omp_codes(indices, coefficients, ref_indices, ref_coefficients, x, ato
 
 
 def make_cache(
-    g: torch.Generator, b: int, hkv: int, d: int, s: int, c: int, w: int, n: int, k_key: int, k_value: int,
-    hd: int, dtype: torch.dtype, pre_rope: bool,
+    g: torch.Generator,
+    b: int,
+    hkv: int,
+    d: int,
+    s: int,
+    c: int,
+    w: int,
+    n: int,
+    k_key: int,
+    k_value: int,
+    hd: int,
+    dtype: torch.dtype,
+    pre_rope: bool,
 ) -> reference.CompressedKV:
     index_dtype = torch.uint8 if n <= 256 else torch.int16 if n <= 2**15 else torch.int32
 
@@ -86,13 +96,21 @@ def make_cache(
         positions = (torch.randperm(40_000, generator=g)[:c].sort().values + 7).to(torch.int32).expand(b, c)
         inv_freq = 1.0 / (10_000 ** (torch.arange(0, d, 2).float() / d))
     return reference.CompressedKV(
-        sink_keys=randn(g, b, hkv, s, d, dtype=dtype), sink_values=randn(g, b, hkv, s, d, dtype=dtype),
-        key_indices=key_indices, key_coefficients=key_coefficients,
-        value_indices=value_indices, value_coefficients=value_coefficients,
-        window_keys=randn(g, b, hkv, w, d, dtype=dtype), window_values=randn(g, b, hkv, w, d, dtype=dtype),
-        key_atoms=randn(g, hd, n, d, scale=0.3, dtype=dtype), key_bias=randn(g, hd, d, scale=0.1, dtype=dtype),
-        value_atoms=randn(g, hd, n, d, scale=0.3, dtype=dtype), value_bias=randn(g, hd, d, scale=0.1, dtype=dtype),
-        key_positions=positions, rope_inv_freq=inv_freq, rope_scaling=1.25 if pre_rope else 1.0,
+        sink_keys=randn(g, b, hkv, s, d, dtype=dtype),
+        sink_values=randn(g, b, hkv, s, d, dtype=dtype),
+        key_indices=key_indices,
+        key_coefficients=key_coefficients,
+        value_indices=value_indices,
+        value_coefficients=value_coefficients,
+        window_keys=randn(g, b, hkv, w, d, dtype=dtype),
+        window_values=randn(g, b, hkv, w, d, dtype=dtype),
+        key_atoms=randn(g, hd, n, d, scale=0.3, dtype=dtype),
+        key_bias=randn(g, hd, d, scale=0.1, dtype=dtype),
+        value_atoms=randn(g, hd, n, d, scale=0.3, dtype=dtype),
+        value_bias=randn(g, hd, d, scale=0.1, dtype=dtype),
+        key_positions=positions,
+        rope_inv_freq=inv_freq,
+        rope_scaling=1.25 if pre_rope else 1.0,
     )
 
 

@@ -79,8 +79,14 @@ def test_suggested_budget_and_depth_groups():
     layers = list(range(6))
     groups = depth_groups(layers)
     assert groups == {"shallow": [0, 1], "middle": [2, 3], "deep": [4, 5]}
-    per_layer = {0: {"key": 4, "value": 8}, 1: {"key": 4, "value": 8}, 2: {"key": 8, "value": 16},
-                 3: {"key": 8, "value": 16}, 4: {"key": 8, "value": 32}, 5: {"key": 16, "value": 32}}  # fmt: skip
+    per_layer = {
+        0: {"key": 4, "value": 8},
+        1: {"key": 4, "value": 8},
+        2: {"key": 8, "value": 16},
+        3: {"key": 8, "value": 16},
+        4: {"key": 8, "value": 32},
+        5: {"key": 16, "value": 32},
+    }
     budget = suggest_budget(per_layer, layers)
     assert (budget["k_key"], budget["k_value"]) == (8, 16)
     assert budget["by_group"]["shallow"] == {"k_key": 4, "k_value": 8}
@@ -109,8 +115,9 @@ def test_bytes_of_dynamic_cache_equal_its_tensors(llama):
 
 def test_bytes_of_sparse_cache_equal_its_stored_tensors(llama):
     dictionary = make_dictionary(llama, n_atoms=300)  # int16 indices
-    cache = SparseSemanticCache(dictionary, k_key=3, k_value=5, residual_length=8, num_sink_tokens=2,
-                                config=llama.config)  # fmt: skip
+    cache = SparseSemanticCache(
+        dictionary, k_key=3, k_value=5, residual_length=8, num_sink_tokens=2, config=llama.config
+    )
     feed(llama, _ids(70), cache, prefill=24, chunk=8)
     counted = cache_bytes(cache)  # flushes: everything beyond the window is coded
     expected_codes = expected_dense = 0
@@ -120,9 +127,19 @@ def test_bytes_of_sparse_cache_equal_its_stored_tensors(llama):
             indices, coefficients = layer.codes[kind]
             assert indices.dtype == torch.int16 and coefficients.dtype == torch.float32
             expected_codes += indices.numel() * 2 + coefficients.numel() * 4
-        expected_dense += sum(t.numel() * t.element_size() for t in (
-            layer.sink_keys, layer.sink_values, layer.keys, layer.values, layer.sink_positions, layer.sink_real,
-            layer.window_positions, layer.window_real))  # fmt: skip
+        expected_dense += sum(
+            t.numel() * t.element_size()
+            for t in (
+                layer.sink_keys,
+                layer.sink_values,
+                layer.keys,
+                layer.values,
+                layer.sink_positions,
+                layer.sink_real,
+                layer.window_positions,
+                layer.window_real,
+            )
+        )
     heads, layers = llama.config.num_key_value_heads, llama.config.num_hidden_layers
     assert expected_codes == layers * heads * 60 * (3 + 5) * (2 + 4)
     assert counted["codes"] == expected_codes and counted["dense"] == expected_dense
@@ -132,8 +149,11 @@ def test_bytes_of_sparse_cache_equal_its_stored_tensors(llama):
     footprint = cache.memory_footprint()
     assert footprint["code_bytes"] + footprint["dense_bytes"] == counted["total"]
     # one float32 decoder shared by the KV heads: the layers read it in place, with the rotary frequencies
-    held = sum(t.numel() * t.element_size() for i in dictionary.config.layer_indices
-               for t in (*dictionary[i].parameters(), dictionary[i].rope_inv_freq))  # fmt: skip
+    held = sum(
+        t.numel() * t.element_size()
+        for i in dictionary.config.layer_indices
+        for t in (*dictionary[i].parameters(), dictionary[i].rope_inv_freq)
+    )
     assert counted["dictionary"] == footprint["dictionary_bytes"] == held
 
 
@@ -169,16 +189,20 @@ def test_passkey_prompt_puts_the_key_at_the_requested_depth(depth):
     tokenizer = CharTokenizer()
     prompt = passkey_prompt(tokenizer, 1500, depth, "48213")
     ids = prompt.input_ids.tolist()
-    unit = len(tokenizer(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.")[
-        "input_ids"])  # fmt: skip
+    unit = len(
+        tokenizer(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.")[
+            "input_ids"
+        ]
+    )
     assert 1500 - unit < len(ids) <= 1500
     needle = tokenizer.decode(ids[prompt.key_position : prompt.key_position + prompt.needle_length])
     assert needle.startswith(" The pass key is 48213.") and needle.count("48213") == 2
     text = tokenizer.decode(ids)
     assert text.count("48213") == 2 and text.endswith("What is the pass key? The pass key is")
     intro = len(tokenizer(PASSKEY_INTRO)["input_ids"])
-    filler = len(ids) - intro - prompt.needle_length - len(tokenizer(" What is the pass key? The pass key is")[
-        "input_ids"])  # fmt: skip
+    filler = (
+        len(ids) - intro - prompt.needle_length - len(tokenizer(" What is the pass key? The pass key is")["input_ids"])
+    )
     measured = (prompt.key_position - intro) / filler
     assert abs(measured - depth) <= unit / filler + 1e-9
     assert measured == pytest.approx(prompt.actual_depth)
@@ -200,16 +224,35 @@ def test_passkey_prompt_errors_and_answer_check():
 def test_eval_writes_a_well_formed_report(llama, tmp_path):
     dictionary = make_dictionary(llama)
     texts = [_ids(96, seed=s)[0] for s in range(2)]
-    config = EvalConfig(out=str(tmp_path), prefill=32, chunk=16, residual_length=16, num_sink_tokens=2,
-                        budgets=[(2, 4)], coefficient_dtypes=[None, "float8_e4m3fn"], paths=["sta", "sdpa"],
-                        baselines=["fp8", "nosuch:4"], max_context=400,
-                        passkey_lengths=[400], passkey_depths=[0.5], passkey_trials=1, passkey_new_tokens=3,
-                        progress=False)  # fmt: skip
+    config = EvalConfig(
+        out=str(tmp_path),
+        prefill=32,
+        chunk=16,
+        residual_length=16,
+        num_sink_tokens=2,
+        budgets=[(2, 4)],
+        coefficient_dtypes=[None, "float8_e4m3fn"],
+        paths=["sta", "sdpa"],
+        baselines=["fp8", "nosuch:4"],
+        max_context=400,
+        passkey_lengths=[400],
+        passkey_depths=[0.5],
+        passkey_trials=1,
+        passkey_new_tokens=3,
+        progress=False,
+    )
     results = run_eval(config, model=llama, tokenizer=CharTokenizer(), dictionary=dictionary, texts=texts)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     names = [row["name"] for row in on_disk["rows"]]
-    assert names == ["DynamicCache", "STA 2/4 (sta)", "STA 2/4 (sdpa)", "STA 2/4, fp8 (sta)", "STA 2/4, fp8 (sdpa)",
-                     "QuantizedCache fp8", "QuantizedCache nosuch int4"]  # fmt: skip
+    assert names == [
+        "DynamicCache",
+        "STA 2/4 (sta)",
+        "STA 2/4 (sdpa)",
+        "STA 2/4, fp8 (sta)",
+        "STA 2/4, fp8 (sdpa)",
+        "QuantizedCache fp8",
+        "QuantizedCache nosuch int4",
+    ]
     rows = {row["name"]: row for row in results["rows"]}
     assert not rows["QuantizedCache nosuch int4"]["available"]
     assert "Unknown quantization backend" in rows["QuantizedCache nosuch int4"]["reason"]
@@ -223,15 +266,20 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
         assert row["passkey"]["accuracy"] in (0.0, 1.0) and len(row["passkey"]["trials"]) == 1
         per_text = row["per_text_perplexity"]
         assert len(per_text) == 2 and min(per_text) <= row["perplexity"] <= max(per_text)
-        assert row["per_text_ratio"] == pytest.approx([p / d for p, d in zip(per_text, dense["per_text_perplexity"])])
+        assert row["per_text_ratio"] == pytest.approx(
+            [p / d for p, d in zip(per_text, dense["per_text_perplexity"], strict=True)]
+        )
     fp32, fp8 = rows["STA 2/4 (sta)"], rows["STA 2/4, fp8 (sta)"]
     assert fp8["params"]["coefficient_dtype"] == "float8_e4m3fn" and fp32["params"]["coefficient_dtype"] == "float32"
     assert fp8["bytes"]["codes"] < fp32["bytes"]["codes"]
     # the two attention paths read the same codes
     assert rows["STA 2/4 (sta)"]["perplexity"] == pytest.approx(rows["STA 2/4 (sdpa)"]["perplexity"], rel=1e-3)
     report = (tmp_path / "report.md").read_text()
-    table = [line for line in report.splitlines()
-             if line.startswith("| ") and "bytes/token" not in line and not line.startswith("| ---")]  # fmt: skip
+    table = [
+        line
+        for line in report.splitlines()
+        if line.startswith("| ") and "bytes/token" not in line and not line.startswith("| ---")
+    ]
     assert any(line.startswith("| QuantizedCache nosuch int4 |") and "unavailable" in line for line in table)
     per_text_rows = report.split("## Per text")[1].split("STA dictionaries")[0]
     for name in ("DynamicCache", "STA 2/4, fp8 (sta)", "QuantizedCache fp8"):
@@ -249,11 +297,21 @@ def test_analyze_writes_a_well_formed_report(llama, tmp_path):
     text = tmp_path / "eval.txt"
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "green", "seven"]
     generator = torch.Generator().manual_seed(0)
-    text.write_text("\n".join(" ".join(words[int(i)] for i in torch.randint(10, (12,), generator=generator))
-                              for _ in range(80)) + "\n")  # fmt: skip
+    text.write_text(
+        "\n".join(" ".join(words[int(i)] for i in torch.randint(10, (12,), generator=generator)) for _ in range(80))
+        + "\n"
+    )
     out = tmp_path / "out"
-    config = AnalyzeConfig(out=str(out), ks=[1, 2, 4, 8, 16, 128], context=64, windows=4, skip_first=2,
-                           top_atoms=3, examples=2, progress=False)  # fmt: skip
+    config = AnalyzeConfig(
+        out=str(out),
+        ks=[1, 2, 4, 8, 16, 128],
+        context=64,
+        windows=4,
+        skip_first=2,
+        top_atoms=3,
+        examples=2,
+        progress=False,
+    )
     results = run_analysis(config, model=llama, tokenizer=CharTokenizer(), dictionary=dictionary, text_path=text)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["ks"] == [1, 2, 4, 8, 16]  # k beyond N dropped
@@ -296,12 +354,24 @@ def test_analyze_train_per_k_on_a_tiny_model(llama, tmp_path):
     dictionary = make_dictionary(llama)
     text = tmp_path / "text.txt"
     generator = torch.Generator().manual_seed(1)
-    text.write_text("\n".join("".join(chr(97 + int(i)) for i in torch.randint(26, (60,), generator=generator))
-                              for _ in range(60)) + "\n")  # fmt: skip
+    text.write_text(
+        "\n".join("".join(chr(97 + int(i)) for i in torch.randint(26, (60,), generator=generator)) for _ in range(60))
+        + "\n"
+    )
     out = tmp_path / "out"
-    config = AnalyzeConfig(out=str(out), ks=[1, 2, 4], context=64, windows=2, skip_first=2, top_atoms=2,
-                           train_per_k=True, train_tokens=512, train_epochs=1.0, train_text=str(text),
-                           progress=False)  # fmt: skip
+    config = AnalyzeConfig(
+        out=str(out),
+        ks=[1, 2, 4],
+        context=64,
+        windows=2,
+        skip_first=2,
+        top_atoms=2,
+        train_per_k=True,
+        train_tokens=512,
+        train_epochs=1.0,
+        train_text=str(text),
+        progress=False,
+    )
     results = run_analysis(config, model=llama, tokenizer=CharTokenizer(), dictionary=dictionary, text_path=text)
     per_k = results["per_k"]
     assert per_k["ks"] == [1, 2, 4] and set(per_k["layers"]) == {"0", "1", "2"}

@@ -12,9 +12,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sta_cache"
 # What `SparseSemanticCache` needs at inference, and what it is built on. Everything else (collect, embedded, demo,
 # training/, evaluation/, cli) may import the core, never the other way round.
 CORE = (
-    "attention", "cache", "compat", "configs", "dictionary", "dtypes", "geometry", "hub", "layer", "memory",
-    "metrics", "packing", "registration", "sae", "validation",
-)  # fmt: skip
+    "attention",
+    "cache",
+    "compat",
+    "configs",
+    "dictionary",
+    "dtypes",
+    "geometry",
+    "hub",
+    "layer",
+    "memory",
+    "metrics",
+    "packing",
+    "registration",
+    "sae",
+    "validation",
+)
 NEVER_IN_CORE = ("training", "evaluation", "cli", "demo", "__main__")
 
 

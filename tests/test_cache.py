@@ -80,6 +80,7 @@ def test_long_chunks_attend_densely_with_the_same_result(monkeypatch, key_space)
     attention_mask[0, :5] = 0
     sparse_calls = []
     sparse_attention = attention.dispatch.sparse_attention
+
     def counted(query, *args):
         sparse_calls.append(query.shape[2])
         return sparse_attention(query, *args)
@@ -88,8 +89,9 @@ def test_long_chunks_attend_densely_with_the_same_result(monkeypatch, key_space)
     logits, calls, default = {}, {}, attention.DENSE_FROM_QUERIES
     for threshold in (default, 10**9):
         monkeypatch.setattr(attention, "DENSE_FROM_QUERIES", threshold)
-        cache = SparseSemanticCache(dictionary, residual_length=3, num_sink_tokens=1, encode_batch=1,
-                                    config=model.config)  # fmt: skip
+        cache = SparseSemanticCache(
+            dictionary, residual_length=3, num_sink_tokens=1, encode_batch=1, config=model.config
+        )
         sparse_calls.clear()
         with torch.no_grad():
             chunks = (20, ids.shape[1] - 22, 1, 1)
@@ -108,7 +110,8 @@ def make_reference_logits(arch, ids):
 
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 def test_left_padding_learns_positions_and_sinks(key_space):
-    """"sta" learns each row's positions and real tokens: a left-padded row gives the logits it gives alone."""
+    """The "sta" attention learns each row's positions and real tokens: a left-padded row gives the logits it
+    gives alone."""
     model = tiny_model("llama", "sta")
     dictionary = make_dictionary(model, key_space=key_space)
     generator = torch.Generator().manual_seed(3)
@@ -154,12 +157,21 @@ def test_generate_greedy_sampling_beam_and_padding_match_dynamic_cache(arch):
     ]
     for generation in settings:
         outputs = []
-        for cache in (DynamicCache(config=model.config), SparseSemanticCache(dictionary, residual_length=2,
-                                                                           num_sink_tokens=1, config=model.config)):
+        for cache in (
+            DynamicCache(config=model.config),
+            SparseSemanticCache(dictionary, residual_length=2, num_sink_tokens=1, config=model.config),
+        ):
             torch.manual_seed(0)
             outputs.append(
-                model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=10,
-                               min_new_tokens=10, pad_token_id=0, **generation)
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    **cache_kwargs(model, cache),
+                    max_new_tokens=10,
+                    min_new_tokens=10,
+                    pad_token_id=0,
+                    **generation,
+                )
             )
         assert torch.equal(outputs[0], outputs[1]), generation
 
@@ -185,8 +197,9 @@ def test_crop_inside_window_is_exact_rollback():
 
 def test_deep_crop_drops_codes_and_sinks_consistently():
     model = tiny_model("llama")
-    cache = SparseSemanticCache(make_dictionary(model), residual_length=3, num_sink_tokens=2, encode_batch=1,
-                                config=model.config)  # fmt: skip
+    cache = SparseSemanticCache(
+        make_dictionary(model), residual_length=3, num_sink_tokens=2, encode_batch=1, config=model.config
+    )
     with torch.no_grad():
         model(torch.randint(1, VOCAB, (1, 20)), **cache_kwargs(model, cache))
         model(torch.randint(1, VOCAB, (1, 1)), **cache_kwargs(model, cache))
@@ -259,8 +272,19 @@ def test_memory_footprint_counts_the_stored_tensors():
     assert sparse[0].codes["key"][0].dtype == torch.uint8  # 128 atoms: one byte per index
     sliding = [layer for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer)]
     assert len(sliding) == 2
-    dense = sum(_bytes(layer.sink_keys, layer.sink_values, layer.keys, layer.values, layer.sink_positions,
-                       layer.sink_real, layer.window_positions, layer.window_real) for layer in sparse)
+    dense = sum(
+        _bytes(
+            layer.sink_keys,
+            layer.sink_values,
+            layer.keys,
+            layer.values,
+            layer.sink_positions,
+            layer.sink_real,
+            layer.window_positions,
+            layer.window_real,
+        )
+        for layer in sparse
+    )
     dense += sum(_bytes(layer.keys, layer.values) for layer in sliding)
     assert footprint["dense_bytes"] == dense
     assert footprint["dynamic_cache_bytes"] == sum(_bytes(layer.keys, layer.values) for layer in dynamic.layers)
@@ -272,13 +296,16 @@ def test_memory_footprint_counts_the_stored_tensors():
 COMPACT = {"coefficient_dtype": torch.float8_e4m3fn, "pack_indices": True}
 
 
-@pytest.mark.parametrize("backend,key_space,encoder,storage", [
-    ("triton", "post_rope", "topk", {}),
-    ("triton", "pre_rope", "omp", {}),
-    ("cpu", "post_rope", "topk", {}),
-    ("cpu", "pre_rope", "omp", {}),
-    ("cpu", "pre_rope", "omp", COMPACT),  # the Triton kernels take unpacked 16/32-bit codes only (README: Defaults)
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend,key_space,encoder,storage",
+    [
+        ("triton", "post_rope", "topk", {}),
+        ("triton", "pre_rope", "omp", {}),
+        ("cpu", "post_rope", "topk", {}),
+        ("cpu", "pre_rope", "omp", {}),
+        ("cpu", "pre_rope", "omp", COMPACT),  # the Triton kernels take unpacked 16/32-bit codes only (README: Defaults)
+    ],
+)
 def test_kernel_backends_match_torch_backend_end_to_end(backend, key_space, encoder, storage):
     """backend="triton" (here under TRITON_INTERPRET=1) and backend="cpu" (the C kernels) encode and attend like
     the PyTorch path in a model, with left padding, and with fp8 coefficients and packed indices."""
@@ -289,8 +316,15 @@ def test_kernel_backends_match_torch_backend_end_to_end(backend, key_space, enco
     attention_mask[1, :3] = 0
     logits = {}
     for name in ("torch", backend):
-        cache = SparseSemanticCache(dictionary, residual_length=3, num_sink_tokens=1, encode_batch=1,
-                                    config=model.config, backend=name, **storage)  # fmt: skip
+        cache = SparseSemanticCache(
+            dictionary,
+            residual_length=3,
+            num_sink_tokens=1,
+            encode_batch=1,
+            config=model.config,
+            backend=name,
+            **storage,
+        )
         with torch.no_grad():
             logits[name] = chunked_logits(model, ids, cache, chunks=(16, 1, 1, 1, 1), attention_mask=attention_mask)
         assert all(layer.backend == name for layer in cache.sparse_layers)
@@ -301,8 +335,9 @@ def test_kernel_backends_match_torch_backend_end_to_end(backend, key_space, enco
 def test_encoding_waits_for_a_batch_of_tokens():
     """Tokens that left the window are encoded encode_batch at a time; memory_footprint encodes the rest."""
     model = tiny_model("llama", "sta")
-    cache = SparseSemanticCache(make_dictionary(model), residual_length=4, num_sink_tokens=1, encode_batch=8,
-                                config=model.config)  # fmt: skip
+    cache = SparseSemanticCache(
+        make_dictionary(model), residual_length=4, num_sink_tokens=1, encode_batch=8, config=model.config
+    )
     layer = cache.sparse_layers[0]
     with torch.no_grad():
         model(torch.randint(1, VOCAB, (1, 12)), **cache_kwargs(model, cache))

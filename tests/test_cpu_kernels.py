@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
-from sta_cache.kernels import dispatch
-from sta_cache.kernels import cpu_kernels, reference
+from sta_cache.kernels import cpu_kernels, dispatch, reference
 from sta_cache.packing import index_bits, pack_indices
 
 
@@ -25,9 +24,9 @@ def compare(kv: reference.CompressedKV, reference_kv: reference.CompressedKV, qu
 
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_cpu_sparse_attention(case: str) -> None:
-    b, hkv, groups, lq, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope, mask_kind, softcap, _ = (
-        ATTENTION_CASES[case]
-    )
+    b, hkv, groups, lq, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope, mask_kind, softcap, _ = ATTENTION_CASES[
+        case
+    ]
     g = gen(sum(map(ord, case)) + 1)
     kv = make_cache(g, b, hkv, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope)
     query = randn(g, b, hkv * groups, lq, d)
@@ -44,17 +43,23 @@ def test_cpu_kernels_read_packed_indices_and_narrow_coefficients(n, coefficient_
     g = gen(n + pre_rope)
     kv = make_cache(g, 2, 3, 64, 2, 333, 7, n, 8, 16, 1, F32, pre_rope)
     if coefficient_dtype == torch.int64:
-        stored = kv.__class__(**{**vars(kv), "key_indices": kv.key_indices.long(),
-                                 "value_indices": kv.value_indices.long()})  # fmt: skip
+        stored = kv.__class__(
+            **{**vars(kv), "key_indices": kv.key_indices.long(), "value_indices": kv.value_indices.long()}
+        )
     else:
         key_coefficients = kv.key_coefficients.to(coefficient_dtype)
         value_coefficients = kv.value_coefficients.to(coefficient_dtype)
-        kv = kv.__class__(**{**vars(kv), "key_coefficients": key_coefficients,
-                             "value_coefficients": value_coefficients})  # fmt: skip
+        kv = kv.__class__(
+            **{**vars(kv), "key_coefficients": key_coefficients, "value_coefficients": value_coefficients}
+        )
         stored = kv.__class__(
-            **{**vars(kv), "key_indices": pack_indices(kv.key_indices, n),
-               "value_indices": pack_indices(kv.value_indices, n), "packed_index_bits": index_bits(n)}
-        )  # fmt: skip
+            **{
+                **vars(kv),
+                "key_indices": pack_indices(kv.key_indices, n),
+                "value_indices": pack_indices(kv.value_indices, n),
+                "packed_index_bits": index_bits(n),
+            }
+        )
     query = randn(g, 2, 6, 1, 64)
     assert compare(stored, kv, query, make_mask("left", 2, 1, kv.length)) < TOL[F32]
 
@@ -90,8 +95,14 @@ def test_dispatcher_routes_to_cpu_kernels_and_guards_packed_indices() -> None:
     query = randn(g, 1, 4, 1, 64)
     want = dispatch.sparse_attention(query, kv, None, 0.125, None, "torch")
     assert rel_err(dispatch.sparse_attention(query, kv, None, 0.125, None, "cpu"), want) < TOL[F32]
-    packed = kv.__class__(**{**vars(kv), "key_indices": pack_indices(kv.key_indices, 1000), "packed_index_bits": 10,
-                             "value_indices": pack_indices(kv.value_indices, 1000)})  # fmt: skip
+    packed = kv.__class__(
+        **{
+            **vars(kv),
+            "key_indices": pack_indices(kv.key_indices, 1000),
+            "packed_index_bits": 10,
+            "value_indices": pack_indices(kv.value_indices, 1000),
+        }
+    )
     assert rel_err(dispatch.sparse_attention(query, packed, None, 0.125, None, "cpu"), want) < TOL[F32]
     with pytest.raises(ValueError, match="only the 'cpu' backend reads bit-packed indices"):
         dispatch.sparse_attention(query, packed, None, 0.125, None, "torch")

@@ -27,7 +27,7 @@ def test_round_trip_is_exact_and_writes_no_pickle(saved):
     assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
     loaded = KVDictionary.from_pretrained(folder)
     assert loaded.config == dictionary.config
-    for (name, a), (_, b) in zip(dictionary.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(dictionary.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     card = (folder / "README.md").read_text()
     assert "base_model: tiny-gemma3_text" in card and "pre_rope" in card

@@ -80,7 +80,7 @@ def test_eval_texts_windows(text_cache: Path, add_bos: bool) -> None:
     starts = [text.index(body) for body in bodies]
     assert starts == sorted(starts) and all(b - a >= len(bodies[0]) for a, b in itertools.pairwise(starts))
     again = embedded.eval_texts(tokenizer, n_texts=8, n_tokens=256, cache_dir=text_cache)
-    assert all(torch.equal(a, b) for a, b in zip(windows, again))
+    assert all(torch.equal(a, b) for a, b in zip(windows, again, strict=True))
 
 
 def test_eval_texts_too_many(text_cache: Path) -> None:

@@ -30,14 +30,28 @@ def test_a_budget_that_stores_more_than_the_dense_vectors_warns():
     model = tiny_model("llama")
     ids = torch.randint(1, VOCAB, (1, 5))
     with pytest.warns(UserWarning, match="stores 164 bytes per token .* dense key and value it replaces take 128"):
-        model(ids, **cache_kwargs(model, SparseSemanticCache(make_dictionary(model, key_space="pre_rope"), k_key=16,
-                                                             k_value=16)))  # fmt: skip
+        model(
+            ids,
+            **cache_kwargs(
+                model, SparseSemanticCache(make_dictionary(model, key_space="pre_rope"), k_key=16, k_value=16)
+            ),
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 4/6: 50 bytes
         model(ids, **cache_kwargs(model, SparseSemanticCache(make_dictionary(model), k_key=4, k_value=6)))
-        model(ids, **cache_kwargs(model, SparseSemanticCache(make_dictionary(model), k_key=16, k_value=16,
-                                                             coefficient_dtype=torch.float8_e4m3fn,
-                                                             pack_indices=True)))  # fmt: skip
+        model(
+            ids,
+            **cache_kwargs(
+                model,
+                SparseSemanticCache(
+                    make_dictionary(model),
+                    k_key=16,
+                    k_value=16,
+                    coefficient_dtype=torch.float8_e4m3fn,
+                    pack_indices=True,
+                ),
+            ),
+        )
 
 
 def test_multi_head_latent_attention_is_unsupported():
@@ -57,8 +71,9 @@ def test_sliding_layers_with_saes_are_refused():
 
 def test_non_finite_states_never_reach_the_codes():
     model = tiny_model("llama")
-    cache = SparseSemanticCache(make_dictionary(model), residual_length=2, num_sink_tokens=0, encode_batch=1,
-                                config=model.config)  # fmt: skip
+    cache = SparseSemanticCache(
+        make_dictionary(model), residual_length=2, num_sink_tokens=0, encode_batch=1, config=model.config
+    )
     hook = model.model.layers[1].self_attn.v_proj.register_forward_hook(
         lambda module, args, out: out.index_fill(1, torch.tensor([0]), float("nan"))
     )
@@ -88,6 +103,7 @@ def test_sae_encode_refuses_non_finite_input_and_bad_k():
 def snapshot(layer) -> dict:
     """Every attribute of ``layer``; tensors (also inside ``codes``) as ``(object, clone)``, to tell a replaced
     tensor from one written into."""
+
     def held(value):
         if isinstance(value, torch.Tensor):
             return value, value.clone()
@@ -102,13 +118,17 @@ def snapshot(layer) -> dict:
 
 def assert_unchanged(layer, before: dict) -> None:
     def same(now, then, where):
-        if isinstance(then, tuple) and len(then) == 2 and isinstance(then[1], torch.Tensor) and \
-                isinstance(now, torch.Tensor):  # fmt: skip
+        if (
+            isinstance(then, tuple)
+            and len(then) == 2
+            and isinstance(then[1], torch.Tensor)
+            and isinstance(now, torch.Tensor)
+        ):
             assert now is then[0], where
             torch.testing.assert_close(now, then[1], rtol=0, atol=0, equal_nan=True, msg=where)
         elif isinstance(then, (tuple, list)):
             assert len(now) == len(then), where
-            for i, (a, b) in enumerate(zip(now, then)):
+            for i, (a, b) in enumerate(zip(now, then, strict=True)):
                 same(a, b, f"{where}[{i}]")
         elif isinstance(then, dict):
             assert now.keys() == then.keys(), where
@@ -126,8 +146,14 @@ def prefilled_layer(values_nan_at: int | None = None):
     """Layer 1 of a tiny llama cache after a 6-token update that nothing has encoded yet (window 2, so the next
     update encodes 4 tokens); ``values_nan_at`` puts a NaN into that token's value."""
     model = tiny_model("llama")
-    cache = SparseSemanticCache(make_dictionary(model), residual_length=2, num_sink_tokens=0, encode_batch=1,
-                                config=model.config, backend="torch")  # fmt: skip
+    cache = SparseSemanticCache(
+        make_dictionary(model),
+        residual_length=2,
+        num_sink_tokens=0,
+        encode_batch=1,
+        config=model.config,
+        backend="torch",
+    )
     keys, values = torch.randn(2, 1, 2, 6, 16).unbind(0)
     if values_nan_at is not None:
         values[:, :, values_nan_at, 0] = float("nan")

@@ -127,9 +127,16 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "plant", ["without a digest", "with a wrong digest", "in a world-writable folder", "in another user's folder",
-              "as another user's file", "through a linked folder"],
-)  # fmt: skip
+    "plant",
+    [
+        "without a digest",
+        "with a wrong digest",
+        "in a world-writable folder",
+        "in another user's folder",
+        "as another user's file",
+        "through a linked folder",
+    ],
+)
 def test_a_planted_library_is_never_loaded(home, copying_compiler, libraries, plant) -> None:
     """Anyone who can compute the library's name can put a file there; its constructor must never run. The file is
     rebuilt over in the private folder; in a folder others can write to or own, the kernels are built in a private

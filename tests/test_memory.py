@@ -70,8 +70,12 @@ def test_generate_holds_what_it_reports(arch, attn, storage):
     batch edits and reset."""
     model = tiny_model(arch, attn)
     dictionary = make_dictionary(model, key_space="pre_rope", encoder="omp")
-    make = lambda: SparseSemanticCache(dictionary, residual_length=8, num_sink_tokens=2, encode_batch=4,  # noqa: E731
-                                       config=model.config, **STORAGES[storage])  # fmt: skip
+
+    def make():
+        return SparseSemanticCache(
+            dictionary, residual_length=8, num_sink_tokens=2, encode_batch=4, config=model.config, **STORAGES[storage]
+        )
+
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (2, 60), generator=generator)
     mask = torch.ones_like(ids)
@@ -110,8 +114,9 @@ def test_prefill_leaves_no_dense_prompt_behind(attn, chunk):
     On the "sta" path that holds for every layer; with sdpa for every layer but the last, whose attention runs
     after the cache's last update (it is coded at the next forward)."""
     model = tiny_model("llama", attn)
-    cache = SparseSemanticCache(make_dictionary(model, encoder="omp"), residual_length=8, num_sink_tokens=2,
-                                encode_batch=4, config=model.config)  # fmt: skip
+    cache = SparseSemanticCache(
+        make_dictionary(model, encoder="omp"), residual_length=8, num_sink_tokens=2, encode_batch=4, config=model.config
+    )
     prompt_states = []
     update = SparseSemanticLayer.update
 

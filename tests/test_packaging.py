@@ -61,24 +61,41 @@ def test_repo_root_imports_with_the_hugging_face_kernels_library_hidden(tmp_path
 def test_import_sta_cache_registers_sta_attention_without_importing_transformers_models() -> None:
     """``import sta_cache`` loads neither torch nor transformers' modelling code (so ``sta-cache --help`` is
     instant); "sta" is registered as soon as transformers' modelling code is imported, in either order."""
-    _run(["-c", "import sys, sta_cache\n"
-                "heavy = [m for m in ('torch', 'transformers.modeling_utils') if m in sys.modules]\n"
-                "assert not heavy, heavy"])  # fmt: skip
-    check = "from transformers import AttentionInterface, AttentionMaskInterface\n" \
-            "assert 'sta' in AttentionInterface._global_mapping and 'sta' in AttentionMaskInterface._global_mapping\n"
+    _run(
+        [
+            "-c",
+            "import sys, sta_cache\n"
+            "heavy = [m for m in ('torch', 'transformers.modeling_utils') if m in sys.modules]\n"
+            "assert not heavy, heavy",
+        ]
+    )
+    check = (
+        "from transformers import AttentionInterface, AttentionMaskInterface\n"
+        "assert 'sta' in AttentionInterface._global_mapping and 'sta' in AttentionMaskInterface._global_mapping\n"
+    )
     _run(["-c", "import sta_cache\n" + check])
     _run(["-c", "from transformers import AutoModelForCausalLM\nimport sta_cache\n" + check])
-    _run(["-c", "import sta_cache\nfrom transformers import LlamaForCausalLM, LlamaConfig\n"
-                "config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
-                "                     num_attention_heads=2, vocab_size=50)\n"
-                "model = LlamaForCausalLM._from_config(config, attn_implementation='sta')\n"
-                "assert model.config._attn_implementation == 'sta'\n"])  # fmt: skip
+    _run(
+        [
+            "-c",
+            "import sta_cache\nfrom transformers import LlamaForCausalLM, LlamaConfig\n"
+            "config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+            "                     num_attention_heads=2, vocab_size=50)\n"
+            "model = LlamaForCausalLM._from_config(config, attn_implementation='sta')\n"
+            "assert model.config._attn_implementation == 'sta'\n",
+        ]
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["train-pursuit"], ["analyze"], ["eval"]])
 def test_cli_help_prints_without_loading_torch(command: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "sta_cache", *command, "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "sta_cache", *command, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "usage: sta-cache" in result.stdout, result.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "transformers", "numpy"}

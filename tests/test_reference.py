@@ -42,8 +42,9 @@ def test_decode_matches_gathering_every_atom(batch, heads, dictionary_heads, tok
 
 
 def test_decode_of_no_tokens_is_empty():
-    out = reference.decode_reference(torch.zeros(2, 3, 0, 4, dtype=torch.long), torch.zeros(2, 3, 0, 4),
-                                     torch.randn(1, 10, 8), torch.randn(1, 8))  # fmt: skip
+    out = reference.decode_reference(
+        torch.zeros(2, 3, 0, 4, dtype=torch.long), torch.zeros(2, 3, 0, 4), torch.randn(1, 10, 8), torch.randn(1, 8)
+    )
     assert out.shape == (2, 3, 0, 8)
 
 
@@ -55,8 +56,9 @@ def test_post_rope_scores_match_rebuilt_keys():
     coefficients = torch.randn(b, h, c, k, generator=g)
     atoms, bias = torch.randn(1, n, d, generator=g), torch.randn(1, d, generator=g)
     empty = torch.zeros(b, h, 0, d)
-    kv = reference.CompressedKV(empty, empty, indices, coefficients, indices, coefficients, empty, empty,
-                                atoms, bias, atoms, bias)  # fmt: skip
+    kv = reference.CompressedKV(
+        empty, empty, indices, coefficients, indices, coefficients, empty, empty, atoms, bias, atoms, bias
+    )
     q = torch.randn(b, h, groups, d, generator=g)
     scores = reference._compressed_key_scores(q, kv)
     expected = q.double() @ naive_decode(indices, coefficients, atoms, bias).transpose(-1, -2)

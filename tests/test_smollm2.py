@@ -8,8 +8,8 @@ from transformers import DynamicCache
 
 from conftest import make_dictionary
 from sta_cache import SparseSemanticCache
-from sta_cache.embedded import load_model
 from sta_cache.compat import cache_kwargs
+from sta_cache.embedded import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import torch
 
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache
-from sta_cache.packing import pack_indices, packed_bytes, unpack_indices
 from sta_cache.compat import cache_kwargs
+from sta_cache.packing import pack_indices, packed_bytes, unpack_indices
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,10 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Llam
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.collect import iter_kv, rotary_for_layer, token_windows, verify_rotary
+from sta_cache.compat import cache_kwargs
 from sta_cache.geometry import compressible_layers
 from sta_cache.kernels.reference import apply_rope
 from sta_cache.training import TrainConfig, checkpoint, evaluate_dictionary, train_dictionary
-from sta_cache.compat import cache_kwargs
 
 VOCAB = 97
 WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
@@ -34,9 +34,17 @@ class CharTokenizer:
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -64,9 +72,25 @@ def text(tmp_path_factory) -> Path:
 
 
 def small_config(**overrides) -> TrainConfig:
-    base = dict(n_atoms=64, k_key=4, k_value=6, context=64, max_tokens=2048, eval_tokens=512, batch_size=128,
-                buffer_size=1024, epochs=4.0, lr=4e-3, warmup_steps=5, dead_steps=8, log_every=5,
-                checkpoint_every=10, eval_vectors=512, eval_vectors_omp=128, seed=3)
+    base = dict(
+        n_atoms=64,
+        k_key=4,
+        k_value=6,
+        context=64,
+        max_tokens=2048,
+        eval_tokens=512,
+        batch_size=128,
+        buffer_size=1024,
+        epochs=4.0,
+        lr=4e-3,
+        warmup_steps=5,
+        dead_steps=8,
+        log_every=5,
+        checkpoint_every=10,
+        eval_vectors=512,
+        eval_vectors_omp=128,
+        seed=3,
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -135,10 +159,19 @@ def test_collection_matches_dynamic_cache_and_pre_rope_round_trips(model, per_he
 
 def test_rotary_for_gemma3_layer_types_and_wrong_frequencies_are_caught():
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
-                              max_position_embeddings=512, query_pre_attn_scalar=32,
-                              layer_types=["sliding_attention", "full_attention"] * 2)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=8,
+        max_position_embeddings=512,
+        query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
     gemma = Gemma3ForCausalLM(config).eval()
     layers = compressible_layers(gemma.config)
     assert layers == [1, 3]

@@ -18,8 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from conftest import COMMON, VOCAB, make_dictionary, tiny_model
-from sta_cache import DictionaryFormatError, KVDictionary, KVDictionaryConfig, SparseSemanticCache
-from sta_cache import UnsupportedModelError
+from sta_cache import (
+    DictionaryFormatError,
+    KVDictionary,
+    KVDictionaryConfig,
+    SparseSemanticCache,
+    UnsupportedModelError,
+)
 from sta_cache.cache import rotary_from_config
 from sta_cache.collect import rotary_for_layer
 from sta_cache.compat import cache_kwargs
@@ -104,8 +109,9 @@ def scaled_atom(scale: float) -> Callable[[dict], None]:
 
 def huge_dictionary() -> KVDictionary:
     """One layer of 2**16 + 1 atoms of dimension 2: 17-bit indices, just beyond what packing holds."""
-    config = KVDictionaryConfig(base_model="huge", num_layers=1, layer_indices=[0], num_kv_heads=1, head_dim=2,
-                                n_atoms=2**16 + 1, encoder="omp")  # fmt: skip
+    config = KVDictionaryConfig(
+        base_model="huge", num_layers=1, layer_indices=[0], num_kv_heads=1, head_dim=2, n_atoms=2**16 + 1, encoder="omp"
+    )
     return KVDictionary(config)
 
 
@@ -131,6 +137,8 @@ BACKENDS = "'auto', 'torch', 'triton', 'cpu'"
 DTYPES = "torch.float32, torch.float16, torch.bfloat16"
 K_RANGE = "must be an int from 1 to 64 (the dictionary's N atoms)"
 
+# One case a row, as a table: formatted, each case would take four to eight lines and the table three times as many.
+# fmt: off
 CASES = [
     # --- arguments of SparseSemanticCache
     Case("k_key float", lambda t, m: cache(k_key=8.5), TypeError, ("k_key " + K_RANGE, "8.5 (float)")),
@@ -244,7 +252,8 @@ CASES = [
          DictionaryFormatError, ("'my org/my dictionary' is neither a local folder (no such folder)",)),
     Case("name not a string", lambda t, m: KVDictionary.from_pretrained(3), TypeError,
          ("a dictionary is named by a folder path or a Hub repo id, got 3",)),
-]  # fmt: skip
+]
+# fmt: on
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -261,8 +270,14 @@ def test_narrow_coefficients_are_clamped_to_their_range_with_one_warning_per_lay
     """float16 codes of keys 1e6 long would be inf: they are clamped to float16's maximum, with one warning per
     layer however many encodes clamp."""
     model = tiny_model("llama")
-    sparse = SparseSemanticCache(make_dictionary(model), residual_length=1, num_sink_tokens=0, encode_batch=1,
-                                 coefficient_dtype=torch.float16, backend="torch")  # fmt: skip
+    sparse = SparseSemanticCache(
+        make_dictionary(model),
+        residual_length=1,
+        num_sink_tokens=0,
+        encode_batch=1,
+        coefficient_dtype=torch.float16,
+        backend="torch",
+    )
     layer = sparse.layers[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -277,8 +292,9 @@ def test_narrow_coefficients_are_clamped_to_their_range_with_one_warning_per_lay
 
 
 def test_packing_holds_up_to_16_bit_indices():
-    config = KVDictionaryConfig(base_model="edge", num_layers=1, layer_indices=[0], num_kv_heads=1, head_dim=2,
-                                n_atoms=2**16, encoder="omp")  # fmt: skip
+    config = KVDictionaryConfig(
+        base_model="edge", num_layers=1, layer_indices=[0], num_kv_heads=1, head_dim=2, n_atoms=2**16, encoder="omp"
+    )
     assert SparseSemanticCache(KVDictionary(config), pack_indices=True).sparse_layers[0].pack_indices
 
 
@@ -313,12 +329,21 @@ def test_rotary_frequencies_from_the_config_are_the_models(arch):
     SparseSemanticCache(make_dictionary(model, key_space="pre_rope"), config=model.config)
 
 
-@pytest.mark.parametrize("rope_parameters", [
-    {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
-    {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
-    {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 128},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+        {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "rope_theta": 5e5,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+    ],
+)
 def test_scaled_rotary_embeddings_are_checked_too(rope_parameters):
     """Scaled RoPE (frequencies and, for YaRN, the attention scaling) computed from the config equals the model's;
     the same dictionary on the unscaled model is refused."""
@@ -332,18 +357,30 @@ def test_scaled_rotary_embeddings_are_checked_too(rope_parameters):
 
 def smollm2_config(rope_theta: float = 1e5) -> LlamaConfig:
     """The geometry and RoPE of SmolLM2-135M's config.json."""
-    return LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                       num_hidden_layers=30, rope_parameters={"rope_theta": rope_theta, "rope_type": "default"})
+    return LlamaConfig(
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        num_hidden_layers=30,
+        rope_parameters={"rope_theta": rope_theta, "rope_type": "default"},
+    )
 
 
 def gemma3_config(rope_theta: float = 1e6) -> Gemma3TextConfig:
     """The geometry and RoPE of Gemma-3-270m's config.json (``rope_theta`` of its full-attention layers)."""
     return Gemma3TextConfig(
-        hidden_size=640, num_attention_heads=4, num_key_value_heads=1, head_dim=256, num_hidden_layers=18,
+        hidden_size=640,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        num_hidden_layers=18,
         layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
-        rope_parameters={"full_attention": {"rope_theta": rope_theta, "rope_type": "default"},
-                         "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}},
-    )  # fmt: skip
+        rope_parameters={
+            "full_attention": {"rope_theta": rope_theta, "rope_type": "default"},
+            "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+        },
+    )
 
 
 SHIPPED_MODELS = {"sta-cache/SmolLM2-135M-Instruct": smollm2_config, "sta-cache/gemma-3-270m": gemma3_config}
@@ -369,5 +406,4 @@ def test_from_pretrained_takes_the_model(tmp_path):
     folder = saved(tmp_path)
     assert SparseSemanticCache.from_pretrained(folder, model=model, k_key=3).k_key == 3
     with pytest.raises(UnsupportedModelError, match="3 layers .dictionary: 4"):
-        SparseSemanticCache.from_pretrained(saved(tmp_path / "g", make_dictionary(tiny_model("gemma3"))),
-                                            model=model)  # fmt: skip
+        SparseSemanticCache.from_pretrained(saved(tmp_path / "g", make_dictionary(tiny_model("gemma3"))), model=model)

@@ -75,10 +75,18 @@ def collect_heldout(model, tokenizer, dictionary: KVDictionary, config: AnalyzeC
         raise ValueError(f"{text_path} has no {config.context}-token window")
     windows = windows[torch.linspace(0, len(windows) - 1, min(config.windows, len(windows))).round().long()]
     parts: dict[int, tuple[list, list]] = {i: ([], []) for i in meta.layer_indices}
-    batches = iter_kv(model, windows, layers=meta.layer_indices, key_space=meta.key_space, per_head=True,
-                      batch_windows=4, skip_first=config.skip_first)  # fmt: skip
-    for batch in tqdm(batches, total=math.ceil(len(windows) / 4), desc="collect held-out keys/values",
-                      disable=not config.progress):  # fmt: skip
+    batches = iter_kv(
+        model,
+        windows,
+        layers=meta.layer_indices,
+        key_space=meta.key_space,
+        per_head=True,
+        batch_windows=4,
+        skip_first=config.skip_first,
+    )
+    for batch in tqdm(
+        batches, total=math.ceil(len(windows) / 4), desc="collect held-out keys/values", disable=not config.progress
+    ):
         for i in meta.layer_indices:
             parts[i][0].append(batch.keys[i])
             parts[i][1].append(batch.values[i])
@@ -108,11 +116,12 @@ def elbow_curves(dictionary: KVDictionary, vectors, ks: list[int], config: Analy
     generator = torch.Generator().manual_seed(config.seed)
     curves = {}
     layers = dictionary.config.layer_indices
-    bar = tqdm(total=len(layers) * len(KINDS) * len(ks), desc="semantic elbow (layer x kind x k)",
-               disable=not config.progress)  # fmt: skip
+    bar = tqdm(
+        total=len(layers) * len(KINDS) * len(ks), desc="semantic elbow (layer x kind x k)", disable=not config.progress
+    )
     for i in layers:
         curves[i] = {}
-        for kind, x in zip(KINDS, vectors[i]):
+        for kind, x in zip(KINDS, vectors[i], strict=True):
             x = _subset(x, config.max_vectors, generator)
             curves[i][kind] = {"cos": [], "fvu": [], "vectors": int(x.shape[0] * x.shape[1])}
             for k in ks:
@@ -131,17 +140,27 @@ def train_per_k(model, tokenizer, dictionary: KVDictionary, vectors, ks: list[in
     generator = torch.Generator().manual_seed(config.seed)
     out = {"ks": ks, "settings": {"max_tokens": config.train_tokens, "epochs": config.train_epochs}, "layers": {}}
     for k in tqdm(ks, desc="train per k", disable=not config.progress):
-        train_config = TrainConfig(n_atoms=meta.n_atoms, k_key=k, k_value=k, key_space=meta.key_space,
-                                   encoder=meta.encoder, per_head=meta.per_head, max_tokens=config.train_tokens,
-                                   eval_tokens=1024, epochs=config.train_epochs, seed=config.seed,
-                                   base_model=meta.base_model)  # fmt: skip
+        train_config = TrainConfig(
+            n_atoms=meta.n_atoms,
+            k_key=k,
+            k_value=k,
+            key_space=meta.key_space,
+            encoder=meta.encoder,
+            per_head=meta.per_head,
+            max_tokens=config.train_tokens,
+            eval_tokens=1024,
+            epochs=config.train_epochs,
+            seed=config.seed,
+            base_model=meta.base_model,
+        )
         text = config.train_text or wikipedia_text("train")
-        trained = train_dictionary(model, tokenizer, text, train_config,
-                                   Path(config.out) / "per_k" / f"k{k}", progress=config.progress)  # fmt: skip
+        trained = train_dictionary(
+            model, tokenizer, text, train_config, Path(config.out) / "per_k" / f"k{k}", progress=config.progress
+        )
         _with_encoder(trained, config.encoder)
         for i in meta.layer_indices:
             entry = out["layers"].setdefault(str(i), {kind: {"cos": [], "fvu": []} for kind in KINDS})
-            for kind, x in zip(KINDS, vectors[i]):
+            for kind, x in zip(KINDS, vectors[i], strict=True):
                 stats = reconstruction_stats(trained[i].saes(kind), _subset(x, config.max_vectors, generator), k)
                 entry[kind]["cos"].append(stats["cos"])
                 entry[kind]["fvu"].append(stats["fvu"])
@@ -166,10 +185,15 @@ def run_analysis(config: AnalyzeConfig, model=None, tokenizer=None, dictionary=N
     windows, vectors = collect_heldout(model, tokenizer, dictionary, config, text_path)
     curves = elbow_curves(dictionary, vectors, ks, config)
     elbows = {
-        i: {kind: {"chord": elbow_chord(ks, curves[i][kind]["cos"]),
-                   "gain": elbow_gain(ks, curves[i][kind]["cos"], config.gain_threshold)} for kind in KINDS}
+        i: {
+            kind: {
+                "chord": elbow_chord(ks, curves[i][kind]["cos"]),
+                "gain": elbow_gain(ks, curves[i][kind]["cos"], config.gain_threshold),
+            }
+            for kind in KINDS
+        }
         for i in layers
-    }  # fmt: skip
+    }
     suggestion = suggest_budget({i: {kind: elbows[i][kind]["chord"] for kind in KINDS} for i in layers}, layers)
     suggestion["gain_rule"] = suggest_budget(
         {i: {kind: elbows[i][kind]["gain"] for kind in KINDS} for i in layers}, layers
@@ -182,28 +206,40 @@ def run_analysis(config: AnalyzeConfig, model=None, tokenizer=None, dictionary=N
             "layers": members,
             **{f"{kind}_cos_at_k{ref}": average([curves[i][kind]["cos"][r] for i in members]) for kind in KINDS},
             **{f"{kind}_fvu_at_k{ref}": average([curves[i][kind]["fvu"][r] for i in members]) for kind in KINDS},
-            **{f"{kind}_cos_curve": [average([curves[i][kind]["cos"][j] for i in members]) for j in range(len(ks))]
-               for kind in KINDS},
-            **{f"{kind}_fvu_curve": [average([curves[i][kind]["fvu"][j] for i in members]) for j in range(len(ks))]
-               for kind in KINDS},
+            **{
+                f"{kind}_cos_curve": [average([curves[i][kind]["cos"][j] for i in members]) for j in range(len(ks))]
+                for kind in KINDS
+            },
+            **{
+                f"{kind}_fvu_curve": [average([curves[i][kind]["fvu"][j] for i in members]) for j in range(len(ks))]
+                for kind in KINDS
+            },
         }
-        for name, members in groups.items() if members
-    }  # fmt: skip
+        for name, members in groups.items()
+        if members
+    }
     atoms = atom_analysis(dictionary, tokenizer, windows, vectors, layer, config)
     per_k = train_per_k(model, tokenizer, dictionary, vectors, ks, config) if config.train_per_k else None
 
     results = {
         "config": {k: v for k, v in asdict(config).items() if k != "progress"},
         "model": getattr(model.config, "_name_or_path", config.model),
-        "dictionary": {"path": config.dictionary, **{k: v for k, v in asdict(meta).items()
-                                                     if k not in ("training", "evaluation")}},  # fmt: skip
+        "dictionary": {
+            "path": config.dictionary,
+            **{k: v for k, v in asdict(meta).items() if k not in ("training", "evaluation")},
+        },
         "encoder": config.encoder or meta.encoder,
-        "heldout": {"windows": int(windows.shape[0]), "context": int(windows.shape[1]),
-                    "vectors_per_layer_kind": curves[layers[0]]["key"]["vectors"]},  # fmt: skip
+        "heldout": {
+            "windows": int(windows.shape[0]),
+            "context": int(windows.shape[1]),
+            "vectors_per_layer_kind": curves[layers[0]]["key"]["vectors"],
+        },
         "ks": ks,
         "elbow_rule": "chord (Kneedle) on cosine vs log2(k), see sta_cache.evaluation.elbow.elbow_chord",
-        "layers": {str(i): {"group": next(g for g, m in groups.items() if i in m), **curves[i],
-                            "elbow": elbows[i]} for i in layers},  # fmt: skip
+        "layers": {
+            str(i): {"group": next(g for g, m in groups.items() if i in m), **curves[i], "elbow": elbows[i]}
+            for i in layers
+        },
         "suggested_budget": suggestion,
         "asymmetry": {"reference_k": ref, "groups": asymmetry},
         "atoms": atoms,

@@ -46,8 +46,12 @@ def render_report(results: dict) -> str:
         g = s["gain_rule"]["by_group"][name]
         lines.append(f"| {name} | {b['k_key']} | {b['k_value']} | {g['k_key']}/{g['k_value']} |")
     if s["layers_differ"]:
-        lines += ["", "Layers differ; per-layer budget (k_key/k_value) by the chord rule: "
-                  + ", ".join(f"L{i}: {v[0]}/{v[1]}" for i, v in s["per_layer"].items()) + "."]  # fmt: skip
+        lines += [
+            "",
+            "Layers differ; per-layer budget (k_key/k_value) by the chord rule: "
+            + ", ".join(f"L{i}: {v[0]}/{v[1]}" for i, v in s["per_layer"].items())
+            + ".",
+        ]
     lines += [
         "",
         "Per layer: cosine (FVU) at each k, and the detected elbows.",
@@ -58,9 +62,11 @@ def render_report(results: dict) -> str:
     for i in layers:
         data = results["layers"][i]
         for kind in KINDS:
-            cells = " | ".join(f"{c:.3f} ({f:.3f})" for c, f in zip(data[kind]["cos"], data[kind]["fvu"]))
-            lines.append(f"| {i} | {data['group']} | {kind} | {cells} | {data['elbow'][kind]['chord']} "
-                         f"| {data['elbow'][kind]['gain']} |")  # fmt: skip
+            cells = " | ".join(f"{c:.3f} ({f:.3f})" for c, f in zip(data[kind]["cos"], data[kind]["fvu"], strict=True))
+            lines.append(
+                f"| {i} | {data['group']} | {kind} | {cells} | {data['elbow'][kind]['chord']} "
+                f"| {data['elbow'][kind]['gain']} |"
+            )
     lines += [
         "",
         "## Key-value asymmetry across depth",
@@ -76,35 +82,53 @@ def render_report(results: dict) -> str:
             f"| {g[f'value_cos_at_k{ref}']:.3f} | {g[f'key_fvu_at_k{ref}']:.3f} | {g[f'value_fvu_at_k{ref}']:.3f} |"
         )
     atoms = results["atoms"]
-    lines += ["", f"## Semantic atoms of layer {atoms['layer']}", "",
-              "![atom usage](" + results["plots"]["atoms"] + ")", "",
-              "| kind | k | vectors | dead atoms | usage entropy (bits, / log2 N) | effective atoms "
-              "| atoms carrying half the usage | top atom share |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += [
+        "",
+        f"## Semantic atoms of layer {atoms['layer']}",
+        "",
+        "![atom usage](" + results["plots"]["atoms"] + ")",
+        "",
+        "| kind | k | vectors | dead atoms | usage entropy (bits, / log2 N) | effective atoms "
+        "| atoms carrying half the usage | top atom share |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for kind in KINDS:
         u, a = atoms[kind]["usage"], atoms[kind]
-        lines.append(f"| {kind} | {a['k']} | {a['vectors']} | {u['dead']} / {u['atoms']} | {u['entropy_bits']:.2f} "
-                     f"({u['entropy_normalized']:.3f}) | {u['effective_atoms']:.0f} | {u['atoms_for_half_of_usage']} "
-                     f"| {u['top1_share']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {kind} | {a['k']} | {a['vectors']} | {u['dead']} / {u['atoms']} | {u['entropy_bits']:.2f} "
+            f"({u['entropy_normalized']:.3f}) | {u['effective_atoms']:.0f} | {u['atoms_for_half_of_usage']} "
+            f"| {u['top1_share']:.3f} |"
+        )
     for kind in KINDS:
-        lines += ["", f"Most used {kind} atoms (share of selections; frequent tokens; strongest uses in context, "
-                  "the token in brackets):", "",
-                  "| atom | share | distinct tokens | frequent tokens | strongest uses |",
-                  "| ---: | ---: | ---: | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            f"Most used {kind} atoms (share of selections; frequent tokens; strongest uses in context, "
+            "the token in brackets):",
+            "",
+            "| atom | share | distinct tokens | frequent tokens | strongest uses |",
+            "| ---: | ---: | ---: | --- | --- |",
+        ]
         for atom in atoms[kind]["top_atoms"]:
             frequent = ", ".join(f"`{clean(t).strip() or repr(t)}` {c}" for t, c in atom["frequent_tokens"])
             strongest = "<br>".join(f"`{e['context'][-60:]}` ({e['coefficient']:+.2f})" for e in atom["strongest"])
-            lines.append(f"| {atom['atom']} | {atom['share']:.3f} | {atom['distinct_tokens']} | {frequent} "
-                         f"| {strongest} |")  # fmt: skip
+            lines.append(
+                f"| {atom['atom']} | {atom['share']:.3f} | {atom['distinct_tokens']} | {frequent} | {strongest} |"
+            )
     if results.get("per_k"):
         pk = results["per_k"]
-        lines += ["", "## Truncation vs dictionaries trained at each k", "",
-                  "![per k](" + results["plots"]["per_k"] + ")", "",
-                  f"Per-k dictionaries: {pk['settings']['max_tokens']} training tokens, "
-                  f"{pk['settings']['epochs']} epochs each (smaller than the main dictionary's training, so the "
-                  "comparison favours truncation where the main dictionary saw more data).", "",
-                  "| kind | " + " | ".join(f"k={k}" for k in ks) + " |",
-                  "| --- | " + " | ".join("---:" for _ in ks) + " |"]  # fmt: skip
+        lines += [
+            "",
+            "## Truncation vs dictionaries trained at each k",
+            "",
+            "![per k](" + results["plots"]["per_k"] + ")",
+            "",
+            f"Per-k dictionaries: {pk['settings']['max_tokens']} training tokens, "
+            f"{pk['settings']['epochs']} epochs each (smaller than the main dictionary's training, so the "
+            "comparison favours truncation where the main dictionary saw more data).",
+            "",
+            "| kind | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "| --- | " + " | ".join("---:" for _ in ks) + " |",
+        ]
         for kind in KINDS:
             trained = [average([pk["layers"][i][kind]["cos"][j] for i in layers]) for j in range(len(ks))]
             truncated = [average([results["layers"][i][kind]["cos"][j] for i in layers]) for j in range(len(ks))]

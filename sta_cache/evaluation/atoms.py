@@ -51,7 +51,7 @@ def atom_analysis(dictionary: KVDictionary, tokenizer, windows, vectors, layer: 
     meta = dictionary.config
     body = windows.shape[1] - config.skip_first
     result = {"layer": layer}
-    for kind, x in zip(KINDS, vectors[layer]):
+    for kind, x in zip(KINDS, vectors[layer], strict=True):
         k = meta.k_key if kind == "key" else meta.k_value
         indices, coefficients, counts = atom_usage(dictionary[layer].saes(kind), x, k)
         summary = usage_summary(counts)
@@ -79,24 +79,36 @@ def atom_analysis(dictionary: KVDictionary, tokenizer, windows, vectors, layer: 
                 seen.add(token)
                 left = tokenizer.decode(windows[w, max(0, pos - 8) : pos])
                 text = tokenizer.decode([token])
-                examples.append({
-                    "token": text, "context": clean(left) + "[" + clean(text) + "]",
-                    "coefficient": round(float(flat_coef[selected[s]]), 4), "head": int(vec[s] // n),
-                })  # fmt: skip
+                examples.append(
+                    {
+                        "token": text,
+                        "context": clean(left) + "[" + clean(text) + "]",
+                        "coefficient": round(float(flat_coef[selected[s]]), 4),
+                        "head": int(vec[s] // n),
+                    }
+                )
                 if len(examples) >= config.examples:
                     break
-            atoms.append({
-                "atom": atom,
-                "uses": int(counts[atom]),
-                "share": float(counts[atom] / counts.sum()),
-                "mean_abs_coefficient": float(strength.mean()),
-                "distinct_tokens": int((token_counts > 0).sum()),
-                "frequent_tokens": [[tokenizer.decode([int(t)]), int(token_counts[t])] for t in frequent
-                                    if token_counts[t] > 0],  # fmt: skip
-                "strongest": examples,
-            })
-        result[kind] = {"k": k, "vectors": heads * n, "usage": summary, "top_atoms": atoms,
-                        "sorted_usage": counts.sort(descending=True).values.tolist()}  # fmt: skip
+            atoms.append(
+                {
+                    "atom": atom,
+                    "uses": int(counts[atom]),
+                    "share": float(counts[atom] / counts.sum()),
+                    "mean_abs_coefficient": float(strength.mean()),
+                    "distinct_tokens": int((token_counts > 0).sum()),
+                    "frequent_tokens": [
+                        [tokenizer.decode([int(t)]), int(token_counts[t])] for t in frequent if token_counts[t] > 0
+                    ],
+                    "strongest": examples,
+                }
+            )
+        result[kind] = {
+            "k": k,
+            "vectors": heads * n,
+            "usage": summary,
+            "top_atoms": atoms,
+            "sorted_usage": counts.sort(descending=True).values.tolist(),
+        }
     return result
 
 

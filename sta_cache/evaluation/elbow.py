@@ -66,9 +66,12 @@ def suggest_budget(per_layer: dict[int, dict[str, int]], layers: list[int]) -> d
         "k_key": _upper_median([per_layer[i]["key"] for i in layers]),
         "k_value": _upper_median([per_layer[i]["value"] for i in layers]),
         "by_group": {
-            name: {"k_key": _upper_median([per_layer[i]["key"] for i in members]),
-                   "k_value": _upper_median([per_layer[i]["value"] for i in members])}  # fmt: skip
-            for name, members in groups.items() if members
+            name: {
+                "k_key": _upper_median([per_layer[i]["key"] for i in members]),
+                "k_value": _upper_median([per_layer[i]["value"] for i in members]),
+            }
+            for name, members in groups.items()
+            if members
         },
         "per_layer": {str(i): [per_layer[i]["key"], per_layer[i]["value"]] for i in layers},
     }

@@ -39,8 +39,15 @@ def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
         off_scale = ratio > ceiling
         label = row["name"].replace("QuantizedCache ", "Q-") + (f" (x{ratio:.1f}, off scale)" if off_scale else "")
         y = ceiling if off_scale else ratio
-        ax.scatter(x, y, c=colors[row["family"]], marker="^" if off_scale else markers[row["family"]], s=50, zorder=3,
-                   clip_on=False)  # fmt: skip
+        ax.scatter(
+            x,
+            y,
+            c=colors[row["family"]],
+            marker="^" if off_scale else markers[row["family"]],
+            s=50,
+            zorder=3,
+            clip_on=False,
+        )
         offset = (7, -10 if off_scale else (-12, 5, -4, 12)[n % 4])  # staggered so neighbouring labels overlap less
         ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
     frontier, best = [], float("inf")
@@ -49,8 +56,15 @@ def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
             frontier.append(row)
             best = row["perplexity_ratio"]
     if len(frontier) > 1:
-        ax.step([r["bytes"]["per_token"] for r in frontier], [min(r["perplexity_ratio"], ceiling) for r in frontier],
-                where="post", color="gray", linestyle="--", linewidth=1, label="Pareto frontier")  # fmt: skip
+        ax.step(
+            [r["bytes"]["per_token"] for r in frontier],
+            [min(r["perplexity_ratio"], ceiling) for r in frontier],
+            where="post",
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label="Pareto frontier",
+        )
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xscale("log")
     low = min((r["perplexity_ratio"] for r in points), default=1.0)
@@ -114,11 +128,24 @@ def plot_asymmetry(results: dict, path: Path) -> Path:
     shades = {"shallow": "#e8f0fb", "middle": "#fdf3e3", "deep": "#eaf6ea"}
     for name, g in groups.items():
         ax.axvspan(min(g["layers"]) - 0.5, max(g["layers"]) + 0.5, color=shades[name], zorder=0)
-        ax.text((min(g["layers"]) + max(g["layers"])) / 2, 1.0, name, ha="center", va="top", fontsize=8,
-                transform=ax.get_xaxis_transform())  # fmt: skip
-    for kind, color in zip(KINDS, ("tab:blue", "tab:red")):
-        ax.plot(layers, [results["layers"][str(i)][kind]["cos"][r] for i in layers], "o-", color=color,
-                markersize=3, label=f"{kind}s")  # fmt: skip
+        ax.text(
+            (min(g["layers"]) + max(g["layers"])) / 2,
+            1.0,
+            name,
+            ha="center",
+            va="top",
+            fontsize=8,
+            transform=ax.get_xaxis_transform(),
+        )
+    for kind, color in zip(KINDS, ("tab:blue", "tab:red"), strict=True):
+        ax.plot(
+            layers,
+            [results["layers"][str(i)][kind]["cos"][r] for i in layers],
+            "o-",
+            color=color,
+            markersize=3,
+            label=f"{kind}s",
+        )
     ax.set_xlabel("layer")
     ax.set_ylabel(f"reconstruction cosine at k={ref}")
     ax.set_title(f"Key vs value reconstruction at k={ref}")
@@ -138,9 +165,14 @@ def plot_asymmetry(results: dict, path: Path) -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, alpha=0.3)
     ax = axes[2]
-    for kind, color, offset in zip(KINDS, ("tab:blue", "tab:red"), (-0.2, 0.2)):
-        ax.bar([i + offset for i in layers], [results["layers"][str(i)]["elbow"][kind]["chord"] for i in layers],
-               width=0.4, color=color, label=f"{kind} elbow")  # fmt: skip
+    for kind, color, offset in zip(KINDS, ("tab:blue", "tab:red"), (-0.2, 0.2), strict=True):
+        ax.bar(
+            [i + offset for i in layers],
+            [results["layers"][str(i)]["elbow"][kind]["chord"] for i in layers],
+            width=0.4,
+            color=color,
+            label=f"{kind} elbow",
+        )
     ax.set_yscale("log", base=2)
     ax.set_yticks(ks, [str(k) for k in ks])
     ax.set_xlabel("layer")
@@ -159,14 +191,18 @@ def plot_atom_usage(results: dict, path: Path) -> Path:
     plt = pyplot()
     atoms = results["atoms"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for kind, color in zip(KINDS, ("tab:blue", "tab:red")):
+    for kind, color in zip(KINDS, ("tab:blue", "tab:red"), strict=True):
         usage = atoms[kind]["sorted_usage"]
         total = max(sum(usage), 1)
         live = [u / total for u in usage if u > 0]
         u = atoms[kind]["usage"]
-        ax.plot(range(1, len(live) + 1), live, color=color,
-                label=f"{kind}s (k={atoms[kind]['k']}): {u['dead']} dead of {u['atoms']}, "
-                      f"entropy {u['entropy_normalized']:.2f}")  # fmt: skip
+        ax.plot(
+            range(1, len(live) + 1),
+            live,
+            color=color,
+            label=f"{kind}s (k={atoms[kind]['k']}): {u['dead']} dead of {u['atoms']}, "
+            f"entropy {u['entropy_normalized']:.2f}",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("atom rank")
@@ -185,8 +221,8 @@ def plot_per_k(results: dict, path: Path) -> Path:
     ks, per_k = results["ks"], results["per_k"]
     layers = list(per_k["layers"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric in zip(axes, ("cos", "fvu")):
-        for kind, color in zip(KINDS, ("tab:blue", "tab:red")):
+    for ax, metric in zip(axes, ("cos", "fvu"), strict=True):
+        for kind, color in zip(KINDS, ("tab:blue", "tab:red"), strict=True):
             truncated = [average([results["layers"][i][kind][metric][j] for i in layers]) for j in range(len(ks))]
             trained = [average([per_k["layers"][i][kind][metric][j] for i in layers]) for j in range(len(ks))]
             ax.plot(ks, truncated, "-o", color=color, markersize=3, label=f"{kind}s: trained dictionary, k atoms")

@@ -12,7 +12,15 @@ from transformers.cache_utils import Cache
 from ..compat import cache_kwargs
 from ..configs import EvalConfig, PasskeyFeed, check_choice
 
-__all__ = ["PASSKEY_INTRO", "PasskeyPrompt", "feed", "greedy_answer", "passkey_correct", "passkey_prompt", "passkey_suite"]
+__all__ = [
+    "PASSKEY_INTRO",
+    "PasskeyPrompt",
+    "feed",
+    "greedy_answer",
+    "passkey_correct",
+    "passkey_prompt",
+    "passkey_suite",
+]
 
 
 PASSKEY_INTRO = (
@@ -44,8 +52,11 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPro
     Pieces are tokenized separately and concatenated, so the needle's token span is known exactly."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [
-        tokenizer.bos_token_id] else []  # fmt: skip
+    bos = (
+        [tokenizer.bos_token_id]
+        if tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+        else []
+    )
     prefix = bos + _ids(tokenizer, PASSKEY_INTRO)
     unit = _ids(tokenizer, PASSKEY_FILLER)
     needle = _ids(tokenizer, PASSKEY_NEEDLE.format(key=key))
@@ -77,16 +88,30 @@ def feed(model, ids: torch.Tensor, cache: Cache, prefill: int, chunk: int) -> to
 
 
 @torch.no_grad()
-def greedy_answer(model, ids: torch.Tensor, cache: Cache, new_tokens: int, feed_mode: PasskeyFeed = "generate",
-                  prefill: int = 256, chunk: int = 32) -> list[int]:  # fmt: skip
+def greedy_answer(
+    model,
+    ids: torch.Tensor,
+    cache: Cache,
+    new_tokens: int,
+    feed_mode: PasskeyFeed = "generate",
+    prefill: int = 256,
+    chunk: int = 32,
+) -> list[int]:
     """Greedy answer tokens for the prompt ``ids [T]``. ``feed_mode="generate"``: ``model.generate`` (the whole
     prompt in one prefill, then one token per step); ``"chunked"``: the prompt fed as a prefill of ``prefill``
     tokens then chunks of ``chunk`` (so the prompt itself already reads a compressed cache), then greedy steps."""
     check_choice("feed_mode", feed_mode, PasskeyFeed)
     ids = ids.reshape(1, -1).to(model.device)
     if feed_mode == "generate":
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            **cache_kwargs(model, cache),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
         return out[0, ids.shape[1] :].tolist()
     logits = feed(model, ids, cache, prefill, chunk)
     answer = []

@@ -67,5 +67,6 @@ def perplexity(
         elif hasattr(cache, "memory_footprint"):
             memory = cache.memory_footprint()
     bar.close()
-    return PerplexityResult(math.exp(total_nll / total_tokens), total_correct / total_tokens, total_tokens, memory,
-                            per_text)
+    return PerplexityResult(
+        math.exp(total_nll / total_tokens), total_correct / total_tokens, total_tokens, memory, per_text
+    )

@@ -37,13 +37,16 @@ def render_report(results: dict) -> str:
         f"(prefill {cfg['prefill']}, then chunks of {cfg['chunk']}); only tokens predicted after the prefill are "
         "scored. STA rows: recent window "
         f"{cfg['residual_length']} tokens + {cfg['num_sink_tokens']} sink tokens kept dense.",
-        "Passkey: not run." if not texts["passkey_trials"] else
-        f"Passkey: lengths {texts['passkey_lengths']} tokens, depths {texts['passkey_depths']}, "
+        "Passkey: not run."
+        if not texts["passkey_trials"]
+        else f"Passkey: lengths {texts['passkey_lengths']} tokens, depths {texts['passkey_depths']}, "
         f"{texts['passkey_trials']} key(s) each; "
-        + ("the prompt is prefilled at once and the answer greedy-generated (`model.generate`): every answer "
-           "token reads the passkey from the compressed cache."
-           if cfg["passkey_feed"] == "generate" else
-           "the prompt is fed like the perplexity texts (prefill, then chunks), the answer greedy-decoded."),
+        + (
+            "the prompt is prefilled at once and the answer greedy-generated (`model.generate`): every answer "
+            "token reads the passkey from the compressed cache."
+            if cfg["passkey_feed"] == "generate"
+            else "the prompt is fed like the perplexity texts (prefill, then chunks), the answer greedy-decoded."
+        ),
         "",
         "Bytes/token = all bytes the cache stores after a text of "
         f"{texts['tokens_each']} tokens (real tensors: codes/quantized data + scales + dense window/residual) / "
@@ -57,8 +60,7 @@ def render_report(results: dict) -> str:
     for row in rows:
         if not row["available"]:
             reason = str(row["reason"]).replace("|", "\\|")
-            lines.append(f"| {row['name']} | {row['attn']} | {_setting(row)} | unavailable: {reason} "
-                         "| | | | | | |")  # fmt: skip
+            lines.append(f"| {row['name']} | {row['attn']} | {_setting(row)} | unavailable: {reason} | | | | | | |")
             continue
         b = row["bytes"]
         lines.append(
@@ -97,9 +99,11 @@ def render_report(results: dict) -> str:
         if not row["available"]:
             continue
         answers = "; ".join(
-            f"{t['length']}/{t['depth']:.2f}: {'ok' if t['correct'] else 'wrong'} `{t['answer'].strip()[:24]}`"
-            .replace("|", "\\|") for t in row["passkey"]["trials"]
-        )  # fmt: skip
+            f"{t['length']}/{t['depth']:.2f}: {'ok' if t['correct'] else 'wrong'} `{t['answer'].strip()[:24]}`".replace(
+                "|", "\\|"
+            )
+            for t in row["passkey"]["trials"]
+        )
         lines.append(f"| {row['name']} | {row['seconds']} | {answers} |")
     return "\n".join(lines) + "\n"
 
@@ -111,18 +115,36 @@ def per_text_section(rows: list[dict]) -> list[str]:
     if not measured:
         return []
     count = len(measured[0]["per_text_ratio"])
-    lines = ["", "## Per text", "", "Perplexity ratio to DynamicCache on each held-out text.", "",
-             "| cache | " + " | ".join(f"text {i + 1}" for i in range(count)) + " | worst |",
-             "| --- |" + " ---: |" * (count + 1)]  # fmt: skip
+    lines = [
+        "",
+        "## Per text",
+        "",
+        "Perplexity ratio to DynamicCache on each held-out text.",
+        "",
+        "| cache | " + " | ".join(f"text {i + 1}" for i in range(count)) + " | worst |",
+        "| --- |" + " ---: |" * (count + 1),
+    ]
     for row in measured:
         ratios = row["per_text_ratio"]
         lines.append(f"| {row['name']} | " + " | ".join(f"{r:.4f}" for r in ratios) + f" | {max(ratios):.4f} |")
     for baseline in (r for r in measured if r["family"] == "quantized"):
-        cheaper = [r for r in measured if r["family"] == "sta"
-                   and r["bytes"]["marginal_per_token"] <= baseline["bytes"]["marginal_per_token"]]  # fmt: skip
-        winners = [r["name"] for r in cheaper
-                   if all(s < b for s, b in zip(r["per_text_ratio"], baseline["per_text_ratio"]))]  # fmt: skip
-        lines += ["", f"{baseline['name']} ({baseline['bytes']['marginal_per_token']:,.0f} marginal B/token): "
-                  + (f"beaten on every text by {', '.join(winners)}." if winners else
-                     f"no STA row at or below its bytes ({len(cheaper)} measured) beats it on every text.")]
+        cheaper = [
+            r
+            for r in measured
+            if r["family"] == "sta" and r["bytes"]["marginal_per_token"] <= baseline["bytes"]["marginal_per_token"]
+        ]
+        winners = [
+            r["name"]
+            for r in cheaper
+            if all(s < b for s, b in zip(r["per_text_ratio"], baseline["per_text_ratio"], strict=True))
+        ]
+        lines += [
+            "",
+            f"{baseline['name']} ({baseline['bytes']['marginal_per_token']:,.0f} marginal B/token): "
+            + (
+                f"beaten on every text by {', '.join(winners)}."
+                if winners
+                else f"no STA row at or below its bytes ({len(cheaper)} measured) beats it on every text."
+            ),
+        ]
     return lines

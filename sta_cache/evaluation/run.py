@@ -44,16 +44,38 @@ def _evaluate_spec(model, tokenizer, spec: CacheSpec, texts, prompts, config: Ev
         last.update(cache_bytes(cache))
         return dict(last)
 
-    result = perplexity(model, texts, spec.make, prefill=config.prefill, chunk=config.chunk,
-                        progress=config.progress, desc=f"{spec.name}: perplexity", measure=measure)  # fmt: skip
+    result = perplexity(
+        model,
+        texts,
+        spec.make,
+        prefill=config.prefill,
+        chunk=config.chunk,
+        progress=config.progress,
+        desc=f"{spec.name}: perplexity",
+        measure=measure,
+    )
     trials = []
     for prompt in tqdm(prompts, desc=f"{spec.name}: passkey", disable=not config.progress, leave=False):
-        answer_ids = greedy_answer(model, prompt.input_ids, spec.make(), config.passkey_new_tokens,
-                                   config.passkey_feed, config.prefill, config.chunk)  # fmt: skip
+        answer_ids = greedy_answer(
+            model,
+            prompt.input_ids,
+            spec.make(),
+            config.passkey_new_tokens,
+            config.passkey_feed,
+            config.prefill,
+            config.chunk,
+        )
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
-        trials.append({"length": int(prompt.input_ids.numel()), "depth": prompt.depth,
-                       "actual_depth": round(prompt.actual_depth, 4), "key": prompt.key, "answer": answer,
-                       "correct": passkey_correct(answer, prompt.key)})  # fmt: skip
+        trials.append(
+            {
+                "length": int(prompt.input_ids.numel()),
+                "depth": prompt.depth,
+                "actual_depth": round(prompt.actual_depth, 4),
+                "key": prompt.key,
+                "answer": answer,
+                "correct": passkey_correct(answer, prompt.key),
+            }
+        )
     return {
         "perplexity": result.perplexity,
         "per_text_perplexity": result.per_text,
@@ -81,8 +103,14 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
     specs = cache_specs(model, dictionary, config)
     rows = []
     for spec in tqdm(specs, desc="eval configurations", disable=not config.progress):
-        row = {"name": spec.name, "family": spec.family, "attn": spec.attn, "params": spec.params,
-               "available": spec.make is not None, "reason": spec.reason}  # fmt: skip
+        row = {
+            "name": spec.name,
+            "family": spec.family,
+            "attn": spec.attn,
+            "params": spec.params,
+            "available": spec.make is not None,
+            "reason": spec.reason,
+        }
         if spec.make is not None:
             try:
                 row.update(_evaluate_spec(model, tokenizer, spec, texts, prompts, config))
@@ -96,16 +124,24 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
     for row in rows:
         if dense and row.get("perplexity"):
             row["perplexity_ratio"] = row["perplexity"] / dense["perplexity"]
-            row["per_text_ratio"] = [p / d for p, d in zip(row["per_text_perplexity"], dense["per_text_perplexity"])]
+            row["per_text_ratio"] = [
+                p / d for p, d in zip(row["per_text_perplexity"], dense["per_text_perplexity"], strict=True)
+            ]
             row["compression_vs_dynamic"] = dense["bytes"]["per_token"] / row["bytes"]["per_token"]
     results = {
         "config": {k: v for k, v in asdict(config).items() if k != "progress"},
         "model": getattr(model.config, "_name_or_path", config.model),
-        "dictionary": {"path": config.dictionary, **{k: v for k, v in asdict(dictionary.config).items()
-                                                     if k not in ("training", "evaluation")}},  # fmt: skip
-        "texts": {"count": len(texts), "tokens_each": int(texts[0].numel()),
-                  "passkey_lengths": config.lengths(), "passkey_depths": config.passkey_depths,
-                  "passkey_trials": config.passkey_trials},  # fmt: skip
+        "dictionary": {
+            "path": config.dictionary,
+            **{k: v for k, v in asdict(dictionary.config).items() if k not in ("training", "evaluation")},
+        },
+        "texts": {
+            "count": len(texts),
+            "tokens_each": int(texts[0].numel()),
+            "passkey_lengths": config.lengths(),
+            "passkey_depths": config.passkey_depths,
+            "passkey_trials": config.passkey_trials,
+        },
         "rows": rows,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -33,8 +33,15 @@ class CacheSpec:
 
 def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
     """The configurations to run, in table order. Baselines that cannot be built here come back with a reason."""
-    specs = [CacheSpec("DynamicCache", "dynamic", "sdpa", lambda: DynamicCache(config=model.config),
-                       {"dtype": str(model.dtype).replace("torch.", "")})]  # fmt: skip
+    specs = [
+        CacheSpec(
+            "DynamicCache",
+            "dynamic",
+            "sdpa",
+            lambda: DynamicCache(config=model.config),
+            {"dtype": str(model.dtype).replace("torch.", "")},
+        )
+    ]
     window = dict(residual_length=config.residual_length, num_sink_tokens=config.num_sink_tokens)
     sdpa_budgets = None if config.sdpa_budgets is None else {tuple(b) for b in config.sdpa_budgets}
     for k_key, k_value in config.budgets:
@@ -42,21 +49,38 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
             for path in config.paths:
                 if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
                     continue
+                dtype = DTYPES.get(dtype_name)
 
-                def make(k_key=k_key, k_value=k_value, dtype=DTYPES.get(dtype_name)):
-                    return SparseSemanticCache(dictionary, k_key=k_key, k_value=k_value, config=model.config,
-                                               coefficient_dtype=dtype, pack_indices=config.pack_indices,
-                                               **window)  # fmt: skip
+                def make(k_key=k_key, k_value=k_value, dtype=dtype):  # defaults bind this iteration's values
+                    return SparseSemanticCache(
+                        dictionary,
+                        k_key=k_key,
+                        k_value=k_value,
+                        config=model.config,
+                        coefficient_dtype=dtype,
+                        pack_indices=config.pack_indices,
+                        **window,
+                    )
 
                 dtype_label = f", {SHORT_NAMES[dtype_name]}" if dtype_name else ""
-                specs.append(CacheSpec(
-                    f"STA {k_key}/{k_value}{dtype_label} ({path})", "sta", path, make,
-                    {"k_key": k_key, "k_value": k_value, "window": config.residual_length,
-                     "sinks": config.num_sink_tokens, "n_atoms": dictionary.config.n_atoms,
-                     "encoder": dictionary.config.encoder,
-                     "coefficient_dtype": dtype_name or str(model.dtype).replace("torch.", ""),
-                     "pack_indices": config.pack_indices},
-                ))  # fmt: skip
+                specs.append(
+                    CacheSpec(
+                        f"STA {k_key}/{k_value}{dtype_label} ({path})",
+                        "sta",
+                        path,
+                        make,
+                        {
+                            "k_key": k_key,
+                            "k_value": k_value,
+                            "window": config.residual_length,
+                            "sinks": config.num_sink_tokens,
+                            "n_atoms": dictionary.config.n_atoms,
+                            "encoder": dictionary.config.encoder,
+                            "coefficient_dtype": dtype_name or str(model.dtype).replace("torch.", ""),
+                            "pack_indices": config.pack_indices,
+                        },
+                    )
+                )
     for baseline in config.baselines:
         specs.append(_quantized_spec(model, baseline, config))
     return specs

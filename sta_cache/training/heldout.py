@@ -69,13 +69,15 @@ def evaluate_dictionary(
     out: dict[int, dict[str, dict[str, float]]] = {}
     for layer, pair in vectors.items():
         out[layer] = {}
-        for kind, x in zip(KINDS, pair):
+        for kind, x in zip(KINDS, pair, strict=True):
             stats = []
             for h, sae in enumerate(dictionary[layer].saes(kind)):
                 recon = reconstruct(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, x[h].float(), ks[kind], encoder)
                 stats.append(_stats(x[h].float(), recon))
-            out[layer][kind] = {"fvu": sum(s[0] for s in stats) / len(stats),
-                                "cos": sum(s[1] for s in stats) / len(stats)}  # fmt: skip
+            out[layer][kind] = {
+                "fvu": sum(s[0] for s in stats) / len(stats),
+                "cos": sum(s[1] for s in stats) / len(stats),
+            }
     return out
 
 

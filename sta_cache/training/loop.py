@@ -64,8 +64,13 @@ def train_dictionary(
     _, heads, d = geometry
     per_window = (config.context - config.skip_first) * (1 if config.per_head else heads)
     run = TrainingRun(config, layers, heads, d, len(windows), per_window)
-    collect = dict(layers=layers, key_space=config.key_space, per_head=config.per_head,
-                   batch_windows=config.batch_windows, skip_first=config.skip_first)  # fmt: skip
+    collect = dict(
+        layers=layers,
+        key_space=config.key_space,
+        per_head=config.per_head,
+        batch_windows=config.batch_windows,
+        skip_first=config.skip_first,
+    )
 
     resuming = resume and folder.checkpoint.is_file()
     log_bytes = 0
@@ -95,8 +100,18 @@ def train_dictionary(
     log.close()
 
     rotary, rope_scaling = _rotary(model, config, layers)
-    meta = _dictionary_config(model, config, run, text_path, folder.fingerprint["text"]["sha256"], windows,
-                              eval_text_path, rope_scaling, evaluation, eval_seconds)  # fmt: skip
+    meta = _dictionary_config(
+        model,
+        config,
+        run,
+        text_path,
+        folder.fingerprint["text"]["sha256"],
+        windows,
+        eval_text_path,
+        rope_scaling,
+        evaluation,
+        eval_seconds,
+    )
     dictionary = _export(run, meta, rotary)
     dictionary.save_pretrained(out_dir, dtype=None if config.dtype == "float32" else DTYPES[config.dtype])
     folder.finish({"summary": evaluation, "per_layer": per_encoder, "k_key": config.k_key, "k_value": config.k_value})
@@ -123,8 +138,9 @@ def _text_windows(tokenizer, text_path: Path, config: TrainConfig, eval_text_pat
 def _heldout_vectors(model, run: TrainingRun, eval_windows: torch.Tensor, collect: dict, config: TrainConfig):
     """``[S, <= eval_vectors, d]`` held-out vectors in stack order (recomputed on resume: deterministic and small)."""
     eval_rng = torch.Generator().manual_seed(config.seed + 1)
-    heldout = torch.cat([run.stack(batch.keys, batch.values) for batch in iter_kv(model, eval_windows, **collect)],
-                        dim=1)  # fmt: skip
+    heldout = torch.cat(
+        [run.stack(batch.keys, batch.values) for batch in iter_kv(model, eval_windows, **collect)], dim=1
+    )
     if heldout.shape[1] > config.eval_vectors:
         heldout = heldout[:, torch.randperm(heldout.shape[1], generator=eval_rng)[: config.eval_vectors]]
     return heldout
@@ -134,15 +150,34 @@ class _Trainer:
     """Drives a :class:`TrainingRun`: takes the streamed vectors, trains the steps they make due, logs, evaluates
     and checkpoints on schedule, and shows progress."""
 
-    def __init__(self, run: TrainingRun, folder: checkpoint.RunFolder, log: checkpoint.TrainLog,
-                 heldout: torch.Tensor, windows: int, progress: bool):  # fmt: skip
+    def __init__(
+        self,
+        run: TrainingRun,
+        folder: checkpoint.RunFolder,
+        log: checkpoint.TrainLog,
+        heldout: torch.Tensor,
+        windows: int,
+        progress: bool,
+    ):
         self.run, self.folder, self.log, self.heldout = run, folder, log, heldout
         self.config = run.config
         context = self.config.context
-        self.collect_bar = tqdm(total=windows * context, initial=run.windows_done * context, desc="collect (tokens)",
-                                unit="tok", disable=not progress, dynamic_ncols=True)  # fmt: skip
-        self.train_bar = tqdm(total=run.total_steps, initial=run.steps_done, desc="train (steps)", unit="step",
-                              disable=not progress, dynamic_ncols=True)  # fmt: skip
+        self.collect_bar = tqdm(
+            total=windows * context,
+            initial=run.windows_done * context,
+            desc="collect (tokens)",
+            unit="tok",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        self.train_bar = tqdm(
+            total=run.total_steps,
+            initial=run.steps_done,
+            desc="train (steps)",
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         self.last_checkpoint = run.steps_done
 
     def close(self) -> None:
@@ -158,8 +193,15 @@ class _Trainer:
 
     def log_heldout(self, tag: str) -> None:
         fvu, cos = evaluate_stack(self.run.sae, self.heldout, "topk")
-        self.log.write({"event": "heldout", "tag": tag, "step": self.run.steps_done, "encoder": "topk",
-                        "layers": self.run.by_layer({"fvu": fvu, "cos": cos})})  # fmt: skip
+        self.log.write(
+            {
+                "event": "heldout",
+                "tag": tag,
+                "step": self.run.steps_done,
+                "encoder": "topk",
+                "layers": self.run.by_layer({"fvu": fvu, "cos": cos}),
+            }
+        )
 
     def stream(self, batches) -> None:
         """Take the rest of the text's key/value batches, training as they come."""
@@ -193,11 +235,20 @@ class _Trainer:
             run.seconds["train_cpu"] += time.process_time() - cpu
             self.train_bar.update(1)
             if run.steps_done % config.log_every == 0 or run.steps_done == run.total_steps:
-                self.log.write({"event": "train", "step": run.steps_done, "lr": run.lr(run.steps_done - 1),
-                                "tokens": run.windows_done * config.context,
-                                "layers": run.by_layer({k: v.tolist() for k, v in stats.items()})})  # fmt: skip
-                self.train_bar.set_postfix(fvu=f"{stats['fvu'].mean():.3f}", cos=f"{stats['cos'].mean():.3f}",
-                                           dead=f"{stats['dead'].mean():.3f}")  # fmt: skip
+                self.log.write(
+                    {
+                        "event": "train",
+                        "step": run.steps_done,
+                        "lr": run.lr(run.steps_done - 1),
+                        "tokens": run.windows_done * config.context,
+                        "layers": run.by_layer({k: v.tolist() for k, v in stats.items()}),
+                    }
+                )
+                self.train_bar.set_postfix(
+                    fvu=f"{stats['fvu'].mean():.3f}",
+                    cos=f"{stats['cos'].mean():.3f}",
+                    dead=f"{stats['dead'].mean():.3f}",
+                )
             if config.eval_every and run.steps_done % config.eval_every == 0:
                 self.log_heldout(f"step{run.steps_done}")
             if final and self.checkpoint_due():
@@ -207,8 +258,11 @@ class _Trainer:
 def _final_evaluation(run: TrainingRun, heldout: torch.Tensor, eval_windows: torch.Tensor, config: TrainConfig):
     """Held-out FVU and cosine with both encoders: ``(per encoder {layer: {kind: stats}}, summary, seconds)``."""
     per_encoder = {}
-    evaluation: dict = {"heldout_tokens": int(eval_windows.numel()), "heldout_vectors_topk": int(heldout.shape[1]),
-                        "heldout_vectors_omp": int(min(heldout.shape[1], config.eval_vectors_omp))}  # fmt: skip
+    evaluation: dict = {
+        "heldout_tokens": int(eval_windows.numel()),
+        "heldout_vectors_topk": int(heldout.shape[1]),
+        "heldout_vectors_omp": int(min(heldout.shape[1], config.eval_vectors_omp)),
+    }
     start = time.perf_counter()
     for encoder in ("topk", "omp"):
         subset = heldout if encoder == "topk" else heldout[:, : config.eval_vectors_omp]
@@ -227,9 +281,18 @@ def _rotary(model, config: TrainConfig, layers: list[int]) -> tuple[dict[int, tu
     return rotary, scalings.pop() if scalings else 1.0
 
 
-def _dictionary_config(model, config: TrainConfig, run: TrainingRun, text: Path, text_sha256: str, windows,
-                       eval_text_path, rope_scaling: float, evaluation: dict,
-                       eval_seconds: float) -> KVDictionaryConfig:  # fmt: skip
+def _dictionary_config(
+    model,
+    config: TrainConfig,
+    run: TrainingRun,
+    text: Path,
+    text_sha256: str,
+    windows,
+    eval_text_path,
+    rope_scaling: float,
+    evaluation: dict,
+    eval_seconds: float,
+) -> KVDictionaryConfig:
     """The saved dictionary's config: the model geometry, the budget, and how it was trained and how well it does."""
     num_layers, heads, d = kv_geometry(model.config)
     base_model = config.base_model or getattr(model, "name_or_path", None) or model.config._name_or_path or "unknown"

@@ -94,12 +94,24 @@ def train_pursuit_dictionary(model, tokenizer, text_path, config: PursuitConfig,
             collected[i, "value"].append(batch.values[i][0])
     rope_scaling = rotary_for_layer(model, layers[0])[1] if config.key_space == "pre_rope" else 1.0
     meta = KVDictionaryConfig(
-        base_model=model.config._name_or_path, num_layers=num_layers, layer_indices=layers, num_kv_heads=heads,
-        head_dim=head_dim, n_atoms=config.n_atoms, k_key=config.k_key, k_value=config.k_value,
-        key_space=config.key_space, encoder="omp", rope_scaling=float(rope_scaling),
-        training={"text": str(text_path), "tokens": int(windows.numel()), "method": "MOD on OMP codes",
-                  **asdict(config)},
-    )  # fmt: skip
+        base_model=model.config._name_or_path,
+        num_layers=num_layers,
+        layer_indices=layers,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        n_atoms=config.n_atoms,
+        k_key=config.k_key,
+        k_value=config.k_value,
+        key_space=config.key_space,
+        encoder="omp",
+        rope_scaling=float(rope_scaling),
+        training={
+            "text": str(text_path),
+            "tokens": int(windows.numel()),
+            "method": "MOD on OMP codes",
+            **asdict(config),
+        },
+    )
     dictionary = KVDictionary(meta)
     for (i, kind), parts in tqdm(collected.items(), desc="MOD per layer and kind", disable=not progress):
         x = torch.cat(parts)

@@ -60,8 +60,9 @@ class TrainingRun:
             out[str(layer)] = {}
             for kind_idx, kind in enumerate(KINDS):
                 idx = [self.index(p, kind_idx, h) for h in range(self.hd)]
-                out[str(layer)][kind] = {name: round(sum(v[i] for i in idx) / len(idx), 6)
-                                         for name, v in values.items()}  # fmt: skip
+                out[str(layer)][kind] = {
+                    name: round(sum(v[i] for i in idx) / len(idx), 6) for name, v in values.items()
+                }
         return out
 
     # ----------------------------------------------------------------------------- schedule
@@ -118,4 +119,4 @@ class TrainingRun:
         _, self.windows_done, vectors_in, self.steps_done, initialized = (int(v) for v in state["counters"])
         self.reservoir.restore(state["buffer"], vectors_in)
         self.initialized = bool(initialized)
-        self.seconds = dict(zip(TIMERS, (float(v) for v in state["seconds"])))
+        self.seconds = dict(zip(TIMERS, (float(v) for v in state["seconds"]), strict=True))

@@ -60,8 +60,11 @@ class StackedTopKSAE:
         self.b_dec.copy_(b_dec)
         self.var.copy_(variance(data).clamp_min(EPS))
         if self.config.init == "data":  # atoms start at random centred data points
-            pick = torch.stack([torch.randperm(M, generator=generator)[: self.N] for _ in range(S)]) if M >= self.N \
+            pick = (
+                torch.stack([torch.randperm(M, generator=generator)[: self.N] for _ in range(S)])
+                if M >= self.N
                 else torch.randint(M, (S, self.N), generator=generator)
+            )
             atoms = torch.gather(data, 1, pick[..., None].expand(-1, -1, d)) - b_dec[:, None]
             atoms += 1e-3 * atoms.norm(dim=-1, keepdim=True).mean() * torch.randn(atoms.shape, generator=generator)
         else:
@@ -76,8 +79,12 @@ class StackedTopKSAE:
         centred = sample - b_dec[:, None]
         values, idx = torch.bmm(centred, self.W_enc).topk(self.kmax, dim=-1)
         coef = values.relu() * self.kmask[:, None]
-        decoded = F.embedding_bag((idx + self.offsets).reshape(-1, self.kmax), self.W_dec.reshape(-1, self.d),
-                                  per_sample_weights=coef.reshape(-1, self.kmax), mode="sum").view_as(sample)
+        decoded = F.embedding_bag(
+            (idx + self.offsets).reshape(-1, self.kmax),
+            self.W_dec.reshape(-1, self.d),
+            per_sample_weights=coef.reshape(-1, self.kmax),
+            mode="sum",
+        ).view_as(sample)
         scale = (centred * decoded).sum((1, 2)) / decoded.pow(2).sum((1, 2)).clamp_min(EPS)
         self.W_enc.mul_(scale.clamp_min(1e-6)[:, None, None])
 
@@ -121,8 +128,9 @@ class StackedTopKSAE:
             flat = torch.cat([flat, (aux_sub + self.offsets[with_dead]).reshape(-1)])
             weights = torch.cat([weights, aux_coef.reshape(-1)])
             offsets = torch.cat([offsets, S * B * kmax + torch.arange(len(with_dead) * B) * aux_sub.shape[-1]])
-        decoded = F.embedding_bag(flat, self.W_dec.reshape(S * self.N, d), offsets, mode="sum",
-                                  per_sample_weights=weights)
+        decoded = F.embedding_bag(
+            flat, self.W_dec.reshape(S * self.N, d), offsets, mode="sum", per_sample_weights=weights
+        )
         recon = decoded[: S * B].view(S, B, d) + self.b_dec[:, None]
         err = x - recon
         mse = mean_squared_norm(err)  # [S]
