@@ -40,10 +40,10 @@ from transformers import DynamicCache, QuantizedCache
 from transformers.generation.streamers import BaseStreamer
 
 from sta_cache import KVDictionary, SparseSemanticCache
-from sta_cache.evaluation.bytes import cache_bytes
-from sta_cache.compat import cache_kwargs
 from sta_cache.collect import token_windows
+from sta_cache.compat import cache_kwargs
 from sta_cache.embedded import load_model, wikipedia_text
+from sta_cache.evaluation.bytes import cache_bytes
 
 
 def fill_dense(cache, config, length: int) -> None:
@@ -117,14 +117,27 @@ def generate_timing(model, prompt: torch.Tensor, make, new_tokens: list[int]) ->
     inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
     cache, clock = make(), TokenClock()
     count = max(new_tokens)
-    model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=count, min_new_tokens=count,
-                   do_sample=False, streamer=clock)  # fmt: skip
+    model.generate(
+        **inputs,
+        **cache_kwargs(model, cache),
+        max_new_tokens=count,
+        min_new_tokens=count,
+        do_sample=False,
+        streamer=clock,
+    )
     first = clock.arrivals[0]
     rows = []
     for n in new_tokens:
         total = clock.arrivals[n - 1]
-        rows.append({"new_tokens": n, "first_token_s": first, "total_s": total, "tokens_per_s": n / total,
-                     "decode_tokens_per_s": (n - 1) / (total - first)})  # fmt: skip
+        rows.append(
+            {
+                "new_tokens": n,
+                "first_token_s": first,
+                "total_s": total,
+                "tokens_per_s": n / total,
+                "decode_tokens_per_s": (n - 1) / (total - first),
+            }
+        )
     return rows
 
 
@@ -139,8 +152,11 @@ def main() -> None:
     parser.add_argument("--quality", type=Path, nargs="*", default=[], help="results.json files of `sta-cache eval`")
     parser.add_argument("--post-rope-quality", type=Path, nargs="*", default=[], help="the same, post-RoPE dictionary")
     parser.add_argument("--generate", default="", help="prompt lengths for end-to-end generate timing, e.g. 1024,4096")
-    parser.add_argument("--new-tokens", default="64,512",
-                        help="for --generate: report the time to each of these tokens (one run to the largest)")
+    parser.add_argument(
+        "--new-tokens",
+        default="64,512",
+        help="for --generate: report the time to each of these tokens (one run to the largest)",
+    )
     parser.add_argument("--generate-only", action="store_true", help="skip the decode-step table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
     args = parser.parse_args()
@@ -164,22 +180,30 @@ def main() -> None:
     setups = {
         "DynamicCache (sdpa)": ("sdpa", lambda: DynamicCache(config=model.config), fill_dense, None),
         "QuantizedCache quanto int4 (sdpa)": (
-            "sdpa", lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, residual_length=64),
-            fill_dense, ("pre-RoPE", "QuantizedCache quanto int4"),
-        ),  # fmt: skip
+            "sdpa",
+            lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, residual_length=64),
+            fill_dense,
+            ("pre-RoPE", "QuantizedCache quanto int4"),
+        ),
         "STA 8/16 pre-RoPE (sdpa, dense path)": ("sdpa", sparse(), fill_codes, ("pre-RoPE", "STA 8/16, fp32 (sta)")),
     }
     for space, source in (("pre-RoPE", dictionary), ("post-RoPE", post_rope)):
-        for storage, options, quality_name in (("", {}, "STA 8/16, fp32 (sta)"),
-                                               (" fp8+packed", fp8_packed, "STA 8/16, fp8 (sta)")):  # fmt: skip
+        for storage, options, quality_name in (
+            ("", {}, "STA 8/16, fp32 (sta)"),
+            (" fp8+packed", fp8_packed, "STA 8/16, fp8 (sta)"),
+        ):
             for backend in ("torch", "cpu"):
                 setups[f"STA 8/16 {space}{storage} (sta, {backend})"] = (
-                    "sta", sparse(source, backend=backend, **options), fill_codes, (space, quality_name)
+                    "sta",
+                    sparse(source, backend=backend, **options),
+                    fill_codes,
+                    (space, quality_name),
                 )
 
     def ratios(paths):
-        return {row["name"]: row.get("perplexity_ratio") for path in paths
-                for row in json.loads(path.read_text())["rows"]}  # fmt: skip
+        return {
+            row["name"]: row.get("perplexity_ratio") for path in paths for row in json.loads(path.read_text())["rows"]
+        }
 
     quality = {"pre-RoPE": ratios(args.quality), "post-RoPE": ratios(args.post_rope_quality)}
     rows, generated = [], []
@@ -196,17 +220,29 @@ def main() -> None:
             fill(cache, config, context)
             stored = cache_bytes(cache)["total"]
             times = step_times(model, cache, args.steps)
-            row = {"cache": name, "context": context, "median_ms": statistics.median(times),
-                   "mean_ms": statistics.fmean(times), "bytes_per_token": stored / context,
-                   "perplexity_ratio": quality[quality_name[0]].get(quality_name[1]) if quality_name else None}  # fmt: skip
+            row = {
+                "cache": name,
+                "context": context,
+                "median_ms": statistics.median(times),
+                "mean_ms": statistics.fmean(times),
+                "bytes_per_token": stored / context,
+                "perplexity_ratio": quality[quality_name[0]].get(quality_name[1]) if quality_name else None,
+            }
             if isinstance(cache, SparseSemanticCache):
                 row["encode_ms_per_token"] = encode_ms_per_token(cache, config, ENCODE_BATCH)
                 row["prefill_encode_ms_per_token"] = encode_ms_per_token(cache, config, PREFILL_TOKENS)
             rows.append(row)
-            print(f"{name:38s} ctx {context:6d}  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms  "
-                  f"{row['bytes_per_token']:8.0f} B/token", flush=True)  # fmt: skip
-    generate_setups = ["DynamicCache (sdpa)", "QuantizedCache quanto int4 (sdpa)", "STA 8/16 pre-RoPE (sta, cpu)",
-                       "STA 8/16 pre-RoPE fp8+packed (sta, cpu)"]  # fmt: skip
+            print(
+                f"{name:38s} ctx {context:6d}  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms  "
+                f"{row['bytes_per_token']:8.0f} B/token",
+                flush=True,
+            )
+    generate_setups = [
+        "DynamicCache (sdpa)",
+        "QuantizedCache quanto int4 (sdpa)",
+        "STA 8/16 pre-RoPE (sta, cpu)",
+        "STA 8/16 pre-RoPE fp8+packed (sta, cpu)",
+    ]
     new_tokens = sorted(int(n) for n in args.new_tokens.split(","))
     for length in [int(c) for c in args.generate.split(",") if c]:
         prompt = token_windows(tokenizer, wikipedia_text("eval"), length, 1)
@@ -216,16 +252,19 @@ def main() -> None:
             for timing in generate_timing(model, prompt, make, new_tokens):
                 row = {"cache": name, "prompt_tokens": length, **timing}
                 generated.append(row)
-                print(f"{name:38s} prompt {length:6d}  first token {row['first_token_s']:6.2f} s  "
-                      f"{row['new_tokens']:4d} tokens {row['total_s']:7.2f} s  {row['tokens_per_s']:5.1f} tokens/s",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{name:38s} prompt {length:6d}  first token {row['first_token_s']:6.2f} s  "
+                    f"{row['new_tokens']:4d} tokens {row['total_s']:7.2f} s  {row['tokens_per_s']:5.1f} tokens/s",
+                    flush=True,
+                )
             write()
     dense = {row["context"]: row for row in rows if row["cache"].startswith("DynamicCache")}
     for row in rows:
         row["mean_vs_dynamic"] = row["mean_ms"] / dense[row["context"]]["mean_ms"]
         row["compression"] = dense[row["context"]]["bytes_per_token"] / row["bytes_per_token"]
-    baseline = {(row["prompt_tokens"], row["new_tokens"]): row for row in generated
-                if row["cache"].startswith("DynamicCache")}  # fmt: skip
+    baseline = {
+        (row["prompt_tokens"], row["new_tokens"]): row for row in generated if row["cache"].startswith("DynamicCache")
+    }
     for row in generated:
         base = baseline[row["prompt_tokens"], row["new_tokens"]]
         row["first_token_vs_dynamic"] = row["first_token_s"] / base["first_token_s"]
@@ -243,33 +282,52 @@ def versions() -> dict:
 
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine()}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
 
 
 def print_step_table(rows: list[dict], args) -> None:
-    print(f"\n{args.model} fp32, {args.threads} threads, batch 1, {args.steps} decode steps per row; window 64 + 4 "
-          "sinks; mean = encoder amortised\n")  # fmt: skip
-    print("| cache | context | median step ms | mean step ms | mean x DynamicCache | tokens/s | encode ms/token "
-          f"({ENCODE_BATCH} / {PREFILL_TOKENS} per call) | bytes/token | x smaller | ppl ratio |")  # fmt: skip
+    print(
+        f"\n{args.model} fp32, {args.threads} threads, batch 1, {args.steps} decode steps per row; window 64 + 4 "
+        "sinks; mean = encoder amortised\n"
+    )
+    print(
+        "| cache | context | median step ms | mean step ms | mean x DynamicCache | tokens/s | encode ms/token "
+        f"({ENCODE_BATCH} / {PREFILL_TOKENS} per call) | bytes/token | x smaller | ppl ratio |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        encode = (f"{row['encode_ms_per_token']:.2f} / {row['prefill_encode_ms_per_token']:.2f}"
-                  if "encode_ms_per_token" in row else "—")  # fmt: skip
+        encode = (
+            f"{row['encode_ms_per_token']:.2f} / {row['prefill_encode_ms_per_token']:.2f}"
+            if "encode_ms_per_token" in row
+            else "—"
+        )
         ratio = f"{row['perplexity_ratio']:.4f}" if row["perplexity_ratio"] else "—"
-        print(f"| {row['cache']} | {row['context']} | {row['median_ms']:.1f} | {row['mean_ms']:.1f} | "
-              f"{row['mean_vs_dynamic']:.2f} | {1000 / row['mean_ms']:.1f} | {encode} | "
-              f"{row['bytes_per_token']:,.0f} | {row['compression']:.2f} | {ratio} |")  # fmt: skip
+        print(
+            f"| {row['cache']} | {row['context']} | {row['median_ms']:.1f} | {row['mean_ms']:.1f} | "
+            f"{row['mean_vs_dynamic']:.2f} | {1000 / row['mean_ms']:.1f} | {encode} | "
+            f"{row['bytes_per_token']:,.0f} | {row['compression']:.2f} | {ratio} |"
+        )
 
 
 def print_generate_table(generated: list[dict]) -> None:
-    print("\nmodel.generate, greedy, from a held-out Wikipedia prompt; one run per (cache, prompt) to the most tokens\n")
-    print("| cache | prompt tokens | new tokens | first token s | x DynamicCache | total s | x DynamicCache | tokens/s |")
+    print(
+        "\nmodel.generate, greedy, from a held-out Wikipedia prompt; one run per (cache, prompt) to the most tokens\n"
+    )
+    print(
+        "| cache | prompt tokens | new tokens | first token s | x DynamicCache | total s | x DynamicCache | tokens/s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in generated:
-        print(f"| {row['cache']} | {row['prompt_tokens']} | {row['new_tokens']} | {row['first_token_s']:.2f} | "
-              f"{row['first_token_vs_dynamic']:.2f} | {row['total_s']:.2f} | {row['total_vs_dynamic']:.2f} | "
-              f"{row['tokens_per_s']:.1f} |")  # fmt: skip
+        print(
+            f"| {row['cache']} | {row['prompt_tokens']} | {row['new_tokens']} | {row['first_token_s']:.2f} | "
+            f"{row['first_token_vs_dynamic']:.2f} | {row['total_s']:.2f} | {row['total_vs_dynamic']:.2f} | "
+            f"{row['tokens_per_s']:.1f} |"
+        )
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -39,7 +39,13 @@ from pathlib import Path
 import torch
 
 from .reference import (
-    PURSUITS, CompressedKV, attend, byte_float_table, omp_encode_reference, rope_cos_sin, rope_table,
+    PURSUITS,
+    CompressedKV,
+    attend,
+    byte_float_table,
+    omp_encode_reference,
+    rope_cos_sin,
+    rope_table,
 )
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -313,9 +319,16 @@ def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -
     else:
         coefficient_kind, coefficients = _COEFFICIENT_KINDS[torch.float32], coefficients.float().contiguous()
     codes = _Codes(
-        indices.data_ptr(), coefficients.data_ptr(), table.data_ptr() if table is not None else None,
-        coefficients.shape[2], k, index_kind, index_bits, indices.shape[-1], coefficient_kind,
-    )  # fmt: skip
+        indices.data_ptr(),
+        coefficients.data_ptr(),
+        table.data_ptr() if table is not None else None,
+        coefficients.shape[2],
+        k,
+        index_kind,
+        index_bits,
+        indices.shape[-1],
+        coefficient_kind,
+    )
     return codes, [indices, coefficients, table]
 
 
@@ -349,8 +362,9 @@ def compressed_key_scores(q: torch.Tensor, kv: CompressedKV) -> torch.Tensor:
     bias = kv.key_bias.float().contiguous()
     if kv.key_positions is None:
         atom_scores = (q @ kv.key_atoms.float().transpose(-1, -2).unsqueeze(0)).contiguous()  # [B, Hkv, R, N]
-        library().sta_key_scores_post(ctypes.byref(codes), atom_scores.data_ptr(), b * h, rows, n_atoms,
-                                      out.data_ptr(), threads)  # fmt: skip
+        library().sta_key_scores_post(
+            ctypes.byref(codes), atom_scores.data_ptr(), b * h, rows, n_atoms, out.data_ptr(), threads
+        )
         return out + q @ bias.view(1, -1, d, 1)
     positions = kv.key_positions.to(torch.int32).contiguous()
     lowest, highest = int(positions.min()), int(positions.max())
@@ -361,10 +375,23 @@ def compressed_key_scores(q: torch.Tensor, kv: CompressedKV) -> torch.Tensor:
         positions = (positions - lowest).contiguous()
     atoms = kv.key_atoms.float().contiguous()
     library().sta_key_scores_pre(
-        ctypes.byref(codes), q.data_ptr(), atoms.data_ptr(), bias.data_ptr(), b * h, h, atoms.shape[0], rows,
-        n_atoms, d, positions.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
-        float(kv.rope_scaling), out.data_ptr(), threads,
-    )  # fmt: skip
+        ctypes.byref(codes),
+        q.data_ptr(),
+        atoms.data_ptr(),
+        bias.data_ptr(),
+        b * h,
+        h,
+        atoms.shape[0],
+        rows,
+        n_atoms,
+        d,
+        positions.data_ptr(),
+        cos.contiguous().data_ptr(),
+        sin.contiguous().data_ptr(),
+        float(kv.rope_scaling),
+        out.data_ptr(),
+        threads,
+    )
     return out
 
 
@@ -379,8 +406,16 @@ def compressed_value_output(weights: torch.Tensor, kv: CompressedKV) -> torch.Te
     by_token[..., :rows] = weights.transpose(-1, -2)
     codes, alive = _codes(kv.value_indices, kv.value_coefficients, kv.packed_index_bits)
     atom_weights = torch.empty(b, h, rows, n_atoms, dtype=torch.float32)
-    failed = library().sta_value_accumulate(ctypes.byref(codes), by_token.data_ptr(), b * h, rows, width, n_atoms,
-                                            atom_weights.data_ptr(), torch.get_num_threads())  # fmt: skip
+    failed = library().sta_value_accumulate(
+        ctypes.byref(codes),
+        by_token.data_ptr(),
+        b * h,
+        rows,
+        width,
+        n_atoms,
+        atom_weights.data_ptr(),
+        torch.get_num_threads(),
+    )
     if failed:
         raise MemoryError("the value kernel could not allocate its accumulators")
     out = atom_weights @ kv.value_atoms.float().unsqueeze(0)
@@ -425,15 +460,36 @@ def omp_encode(
         correlations = target @ atoms.T
         gram = atoms @ atoms.T
         failed = library().sta_omp_encode_gram(
-            target.data_ptr(), atoms.data_ptr(), correlations.data_ptr(), gram.data_ptr(), m, n_atoms, d, k, eps,
-            matching, indices.data_ptr(), coefficients.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+            target.data_ptr(),
+            atoms.data_ptr(),
+            correlations.data_ptr(),
+            gram.data_ptr(),
+            m,
+            n_atoms,
+            d,
+            k,
+            eps,
+            matching,
+            indices.data_ptr(),
+            coefficients.data_ptr(),
+            torch.get_num_threads(),
+        )
     else:
         panels = atoms.view(n_atoms // 16, 16, d).transpose(1, 2).contiguous()  # [N / 16, d, 16]: see correlate()
         failed = library().sta_omp_encode(
-            target.data_ptr(), atoms.data_ptr(), panels.data_ptr(), m, n_atoms, d, k, eps, matching,
-            indices.data_ptr(), coefficients.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+            target.data_ptr(),
+            atoms.data_ptr(),
+            panels.data_ptr(),
+            m,
+            n_atoms,
+            d,
+            k,
+            eps,
+            matching,
+            indices.data_ptr(),
+            coefficients.data_ptr(),
+            torch.get_num_threads(),
+        )
     if failed:
         raise MemoryError("the OMP kernel could not allocate its scratch memory")
     return indices, coefficients.to(x.dtype)

@@ -79,7 +79,7 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int | None = N
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 

@@ -82,7 +82,7 @@ def omp_encode_reference(
     return indices, coefficients.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_float_table(dtype: torch.dtype) -> torch.Tensor:
     """The 256 values of a one-byte float format as float32, indexed by bit pattern (read-only)."""
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
@@ -106,8 +106,9 @@ def code_matrix(indices: torch.Tensor, coefficients: torch.Tensor, n_atoms: int,
     width = (int(blocks.max()) + 1) * n_atoms if blocks.numel() else n_atoms
     with warnings.catch_warnings():  # PyTorch's one-time "CSR support is in beta" notice says nothing to our users
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(rows, columns, as_float32(coefficients).reshape(-1), size=(b * h * c, width),
-                                       check_invariants=False)  # fmt: skip  (valid by construction)
+        return torch.sparse_csr_tensor(
+            rows, columns, as_float32(coefficients).reshape(-1), size=(b * h * c, width), check_invariants=False
+        )  # fmt: skip  (valid by construction)
 
 
 def decode_reference(indices: torch.Tensor, coefficients: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor):
@@ -274,14 +275,17 @@ def attend(query, kv, mask, scaling, softcap, key_scores, value_output) -> torch
     groups = hq // h
     q = query.float().reshape(b, h, groups * lq, d)
     s, c = kv.num_sinks, kv.num_compressed
-    scores = torch.cat(
-        [
-            q @ kv.sink_keys.float().transpose(-1, -2),
-            key_scores(q, kv) if c else q.new_zeros(b, h, groups * lq, 0),
-            q @ kv.window_keys.float().transpose(-1, -2),
-        ],
-        dim=-1,
-    ) * scaling
+    scores = (
+        torch.cat(
+            [
+                q @ kv.sink_keys.float().transpose(-1, -2),
+                key_scores(q, kv) if c else q.new_zeros(b, h, groups * lq, 0),
+                q @ kv.window_keys.float().transpose(-1, -2),
+            ],
+            dim=-1,
+        )
+        * scaling
+    )
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:

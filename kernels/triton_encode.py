@@ -78,10 +78,26 @@ def _store_sorted(run_v, run_i, cols_k, rows, row_ok, out_v_ptr, out_i_ptr, K: t
 
 @triton.jit
 def _topk_kernel(
-    x_ptr, sx_m, w_ptr, sw_d, sw_n, b_enc_ptr, b_dec_ptr,
-    out_v_ptr, out_i_ptr, cand_v_ptr, cand_i_ptr,
-    M, N, D, atoms_per_split,
-    K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    sx_m,
+    w_ptr,
+    sw_d,
+    sw_n,
+    b_enc_ptr,
+    b_dec_ptr,
+    out_v_ptr,
+    out_i_ptr,
+    cand_v_ptr,
+    cand_i_ptr,
+    M,
+    N,
+    D,
+    atoms_per_split,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     FINAL: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` rows x one split of the atoms. Pre-activations live only in registers, one
@@ -92,8 +108,9 @@ def _topk_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dims = tl.arange(0, BLOCK_D)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sx_m + dims[None, :],
-                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + rows[:, None].to(tl.int64) * sx_m + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0
+    ).to(tl.float32)
     x = x - tl.load(b_dec_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)[None, :]
     x = tl.where(dims[None, :] < D, x, 0.0)
     cols_k = tl.arange(0, KP)
@@ -104,8 +121,11 @@ def _topk_kernel(
     stop = tl.minimum(start + atoms_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
         atoms = n0 + cols_n
-        w = tl.load(w_ptr + dims[:, None] * sw_d + atoms[None, :].to(tl.int64) * sw_n,
-                    mask=(dims[:, None] < D) & (atoms[None, :] < stop), other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + dims[:, None] * sw_d + atoms[None, :].to(tl.int64) * sw_n,
+            mask=(dims[:, None] < D) & (atoms[None, :] < stop),
+            other=0.0,
+        ).to(tl.float32)
         pre = tl.dot(x, w, input_precision="ieee")
         pre += tl.load(b_enc_ptr + atoms, mask=atoms < stop, other=0.0).to(tl.float32)[None, :]
         pre = tl.where(row_ok[:, None] & (atoms[None, :] < stop), pre, float("-inf"))
@@ -122,8 +142,16 @@ def _topk_kernel(
 
 @triton.jit
 def _topk_merge_kernel(
-    cand_v_ptr, cand_i_ptr, out_v_ptr, out_i_ptr, M, width,
-    K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    cand_v_ptr,
+    cand_i_ptr,
+    out_v_ptr,
+    out_i_ptr,
+    M,
+    width,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Top-k of each row's ``width`` split candidates -> sorted codes."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -142,7 +170,12 @@ def _topk_merge_kernel(
 
 
 def topk_encode(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int, *,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    *,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ReLU(TopK((x - b_dec) W_enc + b_enc))`` for ``x [M, d]``, ``W_enc [d, N]`` -> ``(int64 [M, k], [M, k])``,
@@ -173,13 +206,39 @@ def topk_encode(
         cand_v = _scratch((m, num_splits * kp), x.device)
         cand_i = _scratch((m, num_splits * kp), x.device, torch.int32)
     _topk_kernel[(m_blocks, num_splits)](
-        x, x.stride(0), W_enc, W_enc.stride(0), W_enc.stride(1), b_enc, b_dec,
-        values, indices, cand_v, cand_i, m, n, d, per_split,
-        K=k, KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, FINAL=final,
+        x,
+        x.stride(0),
+        W_enc,
+        W_enc.stride(0),
+        W_enc.stride(1),
+        b_enc,
+        b_dec,
+        values,
+        indices,
+        cand_v,
+        cand_i,
+        m,
+        n,
+        d,
+        per_split,
+        K=k,
+        KP=kp,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        FINAL=final,
     )
     if not final:
         _topk_merge_kernel[(m_blocks,)](
-            cand_v, cand_i, values, indices, m, num_splits * kp, K=k, KP=kp, BLOCK_M=block_m,
+            cand_v,
+            cand_i,
+            values,
+            indices,
+            m,
+            num_splits * kp,
+            K=k,
+            KP=kp,
+            BLOCK_M=block_m,
             BLOCK_C=min(128, triton.next_power_of_2(num_splits * kp)),
         )
     return indices, values
@@ -189,8 +248,19 @@ def topk_encode(
 
 
 @triton.jit
-def _omp_best_atom(residual, atoms_ptr, sa_n, chosen, N, D, dims, EXCLUDE: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, KP: tl.constexpr):
+def _omp_best_atom(
+    residual,
+    atoms_ptr,
+    sa_n,
+    chosen,
+    N,
+    D,
+    dims,
+    EXCLUDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KP: tl.constexpr,
+):
     """Running arg-max over all atoms of ``|residual . atom|``, tiled over atoms. With ``EXCLUDE`` the atoms in
     ``chosen [BM, KP]`` are skipped (``KP`` compares per tile entry, so only run when the cheap pass picked one)."""
     cols_n = tl.arange(0, BLOCK_N)
@@ -199,8 +269,11 @@ def _omp_best_atom(residual, atoms_ptr, sa_n, chosen, N, D, dims, EXCLUDE: tl.co
     best_i = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, N, BLOCK_N):
         atoms = n0 + cols_n
-        tile = tl.load(atoms_ptr + atoms[:, None].to(tl.int64) * sa_n + dims[None, :],
-                       mask=(atoms[:, None] < N) & (dims[None, :] < D), other=0.0).to(tl.float32)
+        tile = tl.load(
+            atoms_ptr + atoms[:, None].to(tl.int64) * sa_n + dims[None, :],
+            mask=(atoms[:, None] < N) & (dims[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         corr = tl.abs(tl.dot(residual, tl.trans(tile), input_precision="ieee"))
         corr = tl.where(atoms[None, :] < N, corr, -1.0)
         if EXCLUDE:
@@ -217,16 +290,32 @@ def _omp_best_atom(residual, atoms_ptr, sa_n, chosen, N, D, dims, EXCLUDE: tl.co
 
 @triton.jit
 def _omp_kernel(
-    x_ptr, sx_m, atoms_ptr, sa_n, b_dec_ptr, out_i_ptr, out_c_ptr, q_ptr, r_ptr,
-    M, N, D, ridge,
-    K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    sx_m,
+    atoms_ptr,
+    sa_n,
+    b_dec_ptr,
+    out_i_ptr,
+    out_c_ptr,
+    q_ptr,
+    r_ptr,
+    M,
+    N,
+    D,
+    ridge,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     MATCHING: tl.constexpr,
 ):
     """OMP for ``BLOCK_M`` rows (with ``MATCHING``, the picks read the matching-pursuit residual instead: each pick
-    removes only itself times its correlation; the coefficients are the same least-squares fit). The least squares is a QR of the chosen atoms grown one column per step by
-    modified Gram-Schmidt, applied twice ("twice is enough") and to the residual as an augmented column; the
-    orthonormal ``Q [KP, d]`` and the triangular ``R [KP, KP]`` of each row live in a small scratch (L1/L2
-    resident), and the coefficients come from one back-substitution ``R c = Q^T target`` at the end.
+    removes only itself times its correlation; the coefficients are the same least-squares fit). The least
+    squares is a QR of the chosen atoms grown one column per step by modified Gram-Schmidt, applied twice ("twice
+    is enough") and to the residual as an augmented column; the orthonormal ``Q [KP, d]`` and the triangular
+    ``R [KP, KP]`` of each row live in a small scratch (L1/L2 resident), and the coefficients come from one
+    back-substitution ``R c = Q^T target`` at the end.
     ``ridge`` is added to each new ``R_ss^2`` (the reference adds it to the Gram diagonal)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -271,8 +360,11 @@ def _omp_kernel(
     coefficients = tl.zeros([BLOCK_M, KP], tl.float32)
     for back in range(K):
         i = K - 1 - back
-        r_col = tl.load(r_ptr + rows64[:, None] * (KP * KP) + cols_k[None, :] * KP + i,
-                        mask=(cols_k[None, :] > i) & (cols_k[None, :] < K), other=0.0)  # R[j, i], j > i
+        r_col = tl.load(
+            r_ptr + rows64[:, None] * (KP * KP) + cols_k[None, :] * KP + i,
+            mask=(cols_k[None, :] > i) & (cols_k[None, :] < K),
+            other=0.0,
+        )  # R[j, i], j > i
         r_ii = tl.load(r_ptr + rows64 * (KP * KP) + i * KP + i)
         y_i = tl.sum(tl.where(cols_k[None, :] == i, proj, 0.0), 1)
         c_i = (y_i - tl.sum(r_col * coefficients, 1)) / r_ii
@@ -314,8 +406,24 @@ def omp_encode(
         q = _scratch((padded, kp, block_d), x.device)
         r = _scratch((padded, kp, kp), x.device)
         _omp_kernel[(triton.cdiv(rows, block_m),)](
-            x[r0:], x.stride(0), atoms, atoms.stride(0), b_dec, indices[r0:], coefficients[r0:], q, r,
-            rows, n, d, ridge, K=k, KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            x[r0:],
+            x.stride(0),
+            atoms,
+            atoms.stride(0),
+            b_dec,
+            indices[r0:],
+            coefficients[r0:],
+            q,
+            r,
+            rows,
+            n,
+            d,
+            ridge,
+            K=k,
+            KP=kp,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
             MATCHING=pursuit == "mp",
         )
     return indices, coefficients

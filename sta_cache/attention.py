@@ -127,8 +127,9 @@ def sta_attention_forward(
         dense_mask = None if attention_mask is None else attention_mask[..., -length:]
         if dense_mask is not None and attention_mask.shape[-1] == length == q_len and _is_plain_causal(attention_mask):
             dense_mask = None  # a prefill without padding: sdpa's causal kernel, not a materialised mask
-        out, _ = sdpa_attention_forward(module, query, keys, values, dense_mask, scaling=scaling, dropout=dropout,
-                                        **kwargs)  # fmt: skip
+        out, _ = sdpa_attention_forward(
+            module, query, keys, values, dense_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     else:
         scaling = head_dim**-0.5 if scaling is None else scaling
         view = layer.compressed_view(packed=layer.backend == "cpu")

@@ -129,9 +129,7 @@ def model_config(config: PretrainedConfig | None, model: torch.nn.Module | None)
         if not isinstance(config, PretrainedConfig):
             raise TypeError(f"model= must be a transformers model with a .config, got {type(model).__name__}")
     if config is not None and not isinstance(config, PretrainedConfig):
-        raise TypeError(
-            f"config must be a transformers PretrainedConfig (model.config), got {type(config).__name__}"
-        )
+        raise TypeError(f"config must be a transformers PretrainedConfig (model.config), got {type(config).__name__}")
     return config
 
 
@@ -207,10 +205,17 @@ class SparseSemanticCache(Cache):
         k_key = meta.k_key if k_key is None else k_key
         k_value = meta.k_value if k_value is None else k_value
         check_cache_arguments(
-            n_atoms=meta.n_atoms, k_key=k_key, k_value=k_value, residual_length=residual_length,
-            num_sink_tokens=num_sink_tokens, encode_batch=encode_batch, coefficient_dtype=coefficient_dtype,
-            pack_indices=pack_indices, backend=backend, value_pursuit=value_pursuit,
-        )  # fmt: skip
+            n_atoms=meta.n_atoms,
+            k_key=k_key,
+            k_value=k_value,
+            residual_length=residual_length,
+            num_sink_tokens=num_sink_tokens,
+            encode_batch=encode_batch,
+            coefficient_dtype=coefficient_dtype,
+            pack_indices=pack_indices,
+            backend=backend,
+            value_pursuit=value_pursuit,
+        )
         self.dictionary = dictionary
         self.k_key, self.k_value = k_key, k_value
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
@@ -241,7 +246,11 @@ class SparseSemanticCache(Cache):
                     )
                 )
             elif layer_type in SLIDING_LAYER_TYPES:
-                window = text_config.sliding_window if layer_type == "sliding_attention" else text_config.attention_chunk_size
+                window = (
+                    text_config.sliding_window
+                    if layer_type == "sliding_attention"
+                    else text_config.attention_chunk_size
+                )
                 layers.append(CompactSlidingWindowLayer(sliding_window=window))
             else:
                 layers.append(DynamicLayer())
@@ -328,8 +337,8 @@ class SparseSemanticCache(Cache):
                 if layer.is_initialized:
                     dictionary += storage_bytes([layer.sae, layer.rope_inv_freq], dictionary_seen)
                     batch, compressed_tokens = layer.keys.shape[0], max(compressed_tokens, layer.num_compressed)
-                    compressed_dynamic += memory["dynamic_cache_bytes"] * layer.num_compressed / max(
-                        layer.get_seq_length(), 1
+                    compressed_dynamic += (
+                        memory["dynamic_cache_bytes"] * layer.num_compressed / max(layer.get_seq_length(), 1)
                     )
             elif layer.is_initialized and layer.keys is not None:
                 dense += storage_bytes([layer.keys, layer.values])

@@ -9,12 +9,12 @@ from typing import TypeVar
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .configs import Pursuit
+from .dictionary import KINDS, LayerDictionary
 from .kernels import dispatch
 from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_rope
-from .dictionary import KINDS, LayerDictionary
 from .memory import owned, storage_bytes
 from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
-from .configs import Pursuit
 from .validation import check_cache_arguments
 
 T = TypeVar("T")
@@ -73,10 +73,17 @@ class SparseSemanticLayer(CacheLayerMixin):
         super().__init__()
         n_atoms = dictionary.key[0].n_atoms
         check_cache_arguments(
-            n_atoms=n_atoms, k_key=k_key, k_value=k_value, residual_length=residual_length,
-            num_sink_tokens=num_sink_tokens, encode_batch=encode_batch, coefficient_dtype=coefficient_dtype,
-            pack_indices=pack_indices, backend=backend, value_pursuit=value_pursuit,
-        )  # fmt: skip
+            n_atoms=n_atoms,
+            k_key=k_key,
+            k_value=k_value,
+            residual_length=residual_length,
+            num_sink_tokens=num_sink_tokens,
+            encode_batch=encode_batch,
+            coefficient_dtype=coefficient_dtype,
+            pack_indices=pack_indices,
+            backend=backend,
+            value_pursuit=value_pursuit,
+        )
         self.dictionary = dictionary
         self.layer_idx = layer_idx
         self.k = {"key": k_key, "value": k_value}
@@ -215,9 +222,7 @@ class SparseSemanticLayer(CacheLayerMixin):
             self.values = torch.cat([self.values, value_states], dim=2)
         default_positions = torch.arange(start, start + new, device=self.device).expand(key_states.shape[0], -1)
         self.window_positions = torch.cat([self.window_positions, default_positions], dim=1)
-        self.window_real = torch.cat(
-            [self.window_real, torch.ones_like(default_positions, dtype=torch.bool)], dim=1
-        )
+        self.window_real = torch.cat([self.window_real, torch.ones_like(default_positions, dtype=torch.bool)], dim=1)
         if self.attention_reads_codes:
             return self.keys, self.values
         return self.dense_keys_values()
@@ -291,7 +296,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.sinks_settled = True
 
     def _encode(self, kind: str, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Code ``states [B, H, n, d]`` with this layer's ``kind`` SAE(s) -> indices and coefficients ``[B, H, n, k]``."""
+        """Code ``states [B, H, n, d]`` with this layer's ``kind`` SAE(s) -> indices, coefficients ``[B, H, n, k]``."""
         if not torch.isfinite(states).all():
             raise ValueError(
                 f"layer {self.layer_idx}: non-finite {kind} states reached the encoder (NaN or inf in the model's "
@@ -308,8 +313,12 @@ class SparseSemanticLayer(CacheLayerMixin):
         else:
             per_head = [
                 dispatch.encode(
-                    states[:, h].reshape(-1, d).float(), {name: t[h] for name, t in sae.items()}, k, self.encoder,
-                    self.backend, pursuit,
+                    states[:, h].reshape(-1, d).float(),
+                    {name: t[h] for name, t in sae.items()},
+                    k,
+                    self.encoder,
+                    self.backend,
+                    pursuit,
                 )
                 for h in range(heads)
             ]
@@ -374,9 +383,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         keys = decode_reference(view.key_indices, view.key_coefficients, view.key_atoms, view.key_bias)
         if view.key_positions is not None:
             keys = apply_rope(keys, view.key_positions, view.rope_inv_freq, view.rope_scaling)
-        values = decode_reference(
-            view.value_indices, view.value_coefficients, view.value_atoms, view.value_bias
-        )
+        values = decode_reference(view.value_indices, view.value_coefficients, view.value_atoms, view.value_bias)
         return (
             torch.cat([self.sink_keys, keys.to(self.dtype), self.keys], dim=2),
             torch.cat([self.sink_values, values.to(self.dtype), self.values], dim=2),
@@ -401,8 +408,17 @@ class SparseSemanticLayer(CacheLayerMixin):
             self._atomically(lambda layer: layer._map_batch_tensors(fn))
 
     def _map_batch_tensors(self, fn) -> None:
-        for name in ("keys", "values", "sink_keys", "sink_values", "sink_positions", "sink_real",
-                     "window_positions", "window_real", "key_positions"):  # fmt: skip
+        for name in (
+            "keys",
+            "values",
+            "sink_keys",
+            "sink_values",
+            "sink_positions",
+            "sink_real",
+            "window_positions",
+            "window_real",
+            "key_positions",
+        ):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -456,8 +472,16 @@ class SparseSemanticLayer(CacheLayerMixin):
     # ---------------------------------------------------------------------------------------- accounting
     def dense_tensors(self) -> list[torch.Tensor | None]:
         """The sinks and the window with their position / padding bookkeeping."""
-        return [self.sink_keys, self.sink_values, self.keys, self.values, self.sink_positions, self.sink_real,
-                self.window_positions, self.window_real]  # fmt: skip
+        return [
+            self.sink_keys,
+            self.sink_values,
+            self.keys,
+            self.values,
+            self.sink_positions,
+            self.sink_real,
+            self.window_positions,
+            self.window_real,
+        ]
 
     def code_tensors(self) -> list[torch.Tensor | None]:
         """Indices and coefficients of both kinds, and the positions of pre-RoPE codes."""

@@ -385,8 +385,9 @@ def test_values_are_coded_with_the_chosen_pursuit_and_keys_with_omp(value_pursui
     model = tiny_model("llama")
     dictionary = make_dictionary(model, encoder="omp", n_atoms=96, k_key=6, k_value=12)
     heads, d = dictionary.config.num_kv_heads, dictionary.config.head_dim
-    cache = SparseSemanticCache(dictionary, residual_length=4, num_sink_tokens=0, backend="torch",
-                                value_pursuit=value_pursuit)  # fmt: skip
+    cache = SparseSemanticCache(
+        dictionary, residual_length=4, num_sink_tokens=0, backend="torch", value_pursuit=value_pursuit
+    )
     g = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(1, heads, 40, d, generator=g) for _ in range(2))
     cache.update(keys, values, 0)

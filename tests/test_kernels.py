@@ -22,12 +22,28 @@ if not isinstance(tl.zeros, InterpretedFunction):
         "environment, or at the top of tests/conftest.py before any other import."
     )
 
-from sta_cache.kernels import dispatch  # noqa: E402
-from sta_cache.kernels import cpu_kernels, reference, triton_attention, triton_encode  # noqa: E402
-
 from kernel_cases import (  # noqa: E402
-    ATTENTION_CASES, BF16, F16, F32, TOL, check_indices, check_omp_codes, decode_rows, gen, make_cache, make_mask,
-    randn, rel_err, unit_atoms,
+    ATTENTION_CASES,
+    BF16,
+    F16,
+    F32,
+    TOL,
+    check_indices,
+    check_omp_codes,
+    decode_rows,
+    gen,
+    make_cache,
+    make_mask,
+    randn,
+    rel_err,
+    unit_atoms,
+)
+from sta_cache.kernels import (  # noqa: E402
+    cpu_kernels,
+    dispatch,  # noqa: E402
+    reference,
+    triton_attention,
+    triton_encode,
 )
 
 # ------------------------------------------------------------------------------------------------------ Top-K
@@ -191,10 +207,18 @@ def test_omp_gram_codes_are_as_good_as_the_reference_on_a_coherent_dictionary() 
 def test_omp_auto_uses_the_gram_kernel_for_many_vectors(monkeypatch) -> None:
     calls = []
     library = cpu_kernels.library()
-    monkeypatch.setattr(cpu_kernels, "library", lambda: type("Spy", (), {
-        "sta_omp_encode": lambda self, *a: calls.append("direct") or library.sta_omp_encode(*a),
-        "sta_omp_encode_gram": lambda self, *a: calls.append("gram") or library.sta_omp_encode_gram(*a),
-    })())  # fmt: skip
+    monkeypatch.setattr(
+        cpu_kernels,
+        "library",
+        lambda: type(
+            "Spy",
+            (),
+            {
+                "sta_omp_encode": lambda self, *a: calls.append("direct") or library.sta_omp_encode(*a),
+                "sta_omp_encode_gram": lambda self, *a: calls.append("gram") or library.sta_omp_encode_gram(*a),
+            },
+        )(),
+    )
     g = gen(5)
     atoms, b_dec = unit_atoms(g, 1024, 64), randn(g, 64, scale=0.1)
     threshold = cpu_kernels.gram_threshold(1024, 64, 16)
@@ -215,9 +239,9 @@ def test_omp_encode_rejects_bad_arguments(k: int, method: str) -> None:
 
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_sparse_attention(case: str) -> None:
-    b, hkv, groups, lq, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope, mask_kind, softcap, chunk = (
-        ATTENTION_CASES[case]
-    )
+    b, hkv, groups, lq, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope, mask_kind, softcap, chunk = ATTENTION_CASES[
+        case
+    ]
     g = gen(sum(map(ord, case)))
     kv = make_cache(g, b, hkv, d, s, c, w, n, k_key, k_value, hd, dtype, pre_rope)
     query = randn(g, b, hkv * groups, lq, d, dtype=dtype)
@@ -234,8 +258,10 @@ def test_dispatcher_routes_to_triton() -> None:
     g = gen(7)
     d, n, k = 64, 256, 8
     sae = {
-        "W_enc": randn(g, d, n, scale=d**-0.5), "b_enc": randn(g, n, scale=0.1),
-        "W_dec": unit_atoms(g, n, d), "b_dec": randn(g, d, scale=0.1),
+        "W_enc": randn(g, d, n, scale=d**-0.5),
+        "b_enc": randn(g, n, scale=0.1),
+        "W_dec": unit_atoms(g, n, d),
+        "b_dec": randn(g, d, scale=0.1),
     }
     x = randn(g, 9, d)
     for encoder in ("topk", "omp"):

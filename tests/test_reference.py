@@ -103,11 +103,15 @@ def test_matching_pursuit_equals_omp_on_orthonormal_atoms_and_not_on_coherent_on
     omp, mp = (omp_encode_reference(x, orthonormal, bias, 8, pursuit=p) for p in ("omp", "mp"))
     assert torch.equal(omp[0], mp[0])
     torch.testing.assert_close(omp[1], mp[1])
-    coherent = torch.nn.functional.normalize(torch.randn(256, 4, generator=g) @ torch.randn(4, 32, generator=g)
-                                             + 0.3 * torch.randn(256, 32, generator=g), dim=-1)  # fmt: skip
+    coherent = torch.nn.functional.normalize(
+        torch.randn(256, 4, generator=g) @ torch.randn(4, 32, generator=g) + 0.3 * torch.randn(256, 32, generator=g),
+        dim=-1,
+    )
     (omp_i, omp_c), (mp_i, mp_c) = (omp_encode_reference(x, coherent, bias, 8, pursuit=p) for p in ("omp", "mp"))
     assert not torch.equal(omp_i, mp_i)
-    error = [(x - (c.unsqueeze(-1) * coherent[i]).sum(1)).norm(dim=-1).mean() for i, c in ((omp_i, omp_c), (mp_i, mp_c))]
+    error = [
+        (x - (c.unsqueeze(-1) * coherent[i]).sum(1)).norm(dim=-1).mean() for i, c in ((omp_i, omp_c), (mp_i, mp_c))
+    ]
     assert error[0] <= error[1]
 
 
