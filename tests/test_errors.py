@@ -178,10 +178,10 @@ def test_an_encoder_failing_for_the_values_leaves_the_layer_as_it_was(monkeypatc
     layer = prefilled_layer()
     encode = dispatch.encode
 
-    def failing_for_values(x, sae, k, encoder, backend):
+    def failing_for_values(x, sae, k, encoder, backend, pursuit="omp"):
         if k == layer.k["value"]:
             raise RuntimeError("kernel failed")
-        return encode(x, sae, k, encoder, backend)
+        return encode(x, sae, k, encoder, backend, pursuit)
 
     monkeypatch.setattr(dispatch, "encode", failing_for_values)
     before = snapshot(layer)
