@@ -14,6 +14,9 @@
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 enum { INDEX_U8 = 0, INDEX_I16 = 1, INDEX_I32 = 2, INDEX_I64 = 3, INDEX_PACKED = 4 };
 enum { COEF_F32 = 0, COEF_F16 = 1, COEF_BF16 = 2, COEF_TABLE8 = 3 };
@@ -424,32 +427,67 @@ int sta_omp_encode(const float *targets, const float *atoms, const float *panels
 }
 
 /* Running first-maximum of 16 lanes: best[l] / where[l] over the blocks seen so far (strictly larger replaces, so
- * each lane keeps its first maximum; NaN never wins). */
+ * each lane keeps its first maximum; NaN never wins). A pass keeps ARGMAX_CHAINS of them, block b updating chain
+ * b % ARGMAX_CHAINS, so that a block's compare-and-blend does not wait on the previous block's; the chains are
+ * merged once at the end. */
 typedef struct {
     vec16 best;
     ivec16 where;
 } argmax16_t;
+#define ARGMAX_CHAINS 4
+static const ivec16 LANES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-static inline void argmax16_update(argmax16_t *state, vec16 value, int32_t first) {
-    const ivec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const ivec16 larger = value > state->best;
-    state->best = (vec16)(((ivec16)state->best & ~larger) | ((ivec16)value & larger));
-    state->where = (state->where & ~larger) | ((lane + first) & larger);
+static inline void argmax16_start(argmax16_t chains[ARGMAX_CHAINS]) {
+    for (int c = 0; c < ARGMAX_CHAINS; c++) chains[c] = (argmax16_t){.best = (vec16){0} - 1.0f, .where = {0}};
 }
 
-static inline int64_t argmax16_result(const argmax16_t *state) {
+/* value: |correlations| of atoms index[0..16) */
+static inline void argmax16_update(argmax16_t *state, vec16 value, ivec16 index) {
+    const ivec16 larger = value > state->best;
+    state->best = (vec16)(((ivec16)state->best & ~larger) | ((ivec16)value & larger));
+    state->where = (state->where & ~larger) | (index & larger);
+}
+
+/* The first index of the largest value over all chains and lanes. */
+static inline int64_t argmax16_result(argmax16_t chains[ARGMAX_CHAINS]) {
+    argmax16_t *into = &chains[0];
+    for (int c = 1; c < ARGMAX_CHAINS; c++) {
+        const argmax16_t *other = &chains[c];
+        const ivec16 take = (other->best > into->best) | ((other->best == into->best) & (other->where < into->where));
+        into->best = (vec16)(((ivec16)into->best & ~take) | ((ivec16)other->best & take));
+        into->where = (into->where & ~take) | (other->where & take);
+    }
     int lane = 0;
     for (int i = 1; i < 16; i++)
-        if (state->best[i] > state->best[lane] || (state->best[i] == state->best[lane] && state->where[i] < state->where[lane]))
+        if (into->best[i] > into->best[lane] || (into->best[i] == into->best[lane] && into->where[i] < into->where[lane]))
             lane = i;
-    return state->where[lane];
+    return into->where[lane];
+}
+
+/* sum of x[e] * y[e] over dim (a multiple of 16) in 16-float vectors, summed by a shuffle tree */
+static inline float dot16(const float *x, const float *y, int64_t dim) {
+    vec16 acc = {0};
+    for (int64_t e = 0; e < dim; e += 16) {
+        vec16 a, b;
+        memcpy(&a, x + e, sizeof a);
+        memcpy(&b, y + e, sizeof b);
+        acc += a * b;
+    }
+#ifdef __AVX512F__
+    __m512 total;
+    memcpy(&total, &acc, sizeof total);
+    return _mm512_reduce_add_ps(total);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < 16; i++) sum += acc[i];
+    return sum;
+#endif
 }
 
 /* The Gram kernel keeps D q_i in IEEE half precision where the CPU converts it in one instruction (x86 F16C /
  * AVX-512F): |D q_i| <= 1, so the absolute error is below 2^-12, and each step reads half the bytes, which is
  * what bounds that kernel. Elsewhere float32. */
 #if defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>
 typedef uint16_t dq_t;
 static inline vec16 load_dq(const dq_t *p) {
     vec16 v;
@@ -499,10 +537,10 @@ static inline vec16 fused_subtract(vec16 acc, float u, vec16 x) {
 /* One step of the Gram kernel for atoms [a, a + 16 * blocks): D q_step = (G[best] - sum_i u_i D q_i) * scale,
  * correlations -= projection * D q_step, and the running argmax of their magnitudes. blocks independent
  * accumulators keep the multiply-adds over i from waiting on each other. u_i = column[i * k]. */
-#define GRAM_BLOCKS 4
+#define GRAM_BLOCKS ARGMAX_CHAINS
 static inline void gram_update(const float *g, dq_t *projected, float *alpha, const float *column, int64_t k,
                                int64_t n_atoms, int64_t step, float scale, float projection, int64_t a, int blocks,
-                               argmax16_t *search) {
+                               argmax16_t search[ARGMAX_CHAINS]) {
     vec16 acc[GRAM_BLOCKS];
     for (int b = 0; b < blocks; b++) memcpy(&acc[b], g + a + 16 * b, sizeof acc[b]);
     for (int64_t i = 0; i < step; i++) {
@@ -517,7 +555,20 @@ static inline void gram_update(const float *g, dq_t *projected, float *alpha, co
         memcpy(&corr, alpha + a + 16 * b, sizeof corr);
         corr -= projection * dq;
         memcpy(alpha + a + 16 * b, &corr, sizeof corr);
-        argmax16_update(search, (vec16)((ivec16)corr & 0x7fffffff), (int32_t)(a + 16 * b));
+        argmax16_update(&search[b], (vec16)((ivec16)corr & 0x7fffffff), LANES + (int32_t)(a + 16 * b));
+    }
+}
+
+/* One matching-pursuit step for atoms [a, a + 16 * blocks): correlations -= c * G[best], and the running argmax. */
+static inline void matching_update(const float *g, float *alpha, float c, int64_t a, int blocks,
+                                   argmax16_t search[ARGMAX_CHAINS]) {
+    for (int b = 0; b < blocks; b++) {
+        vec16 row, corr;
+        memcpy(&row, g + a + 16 * b, sizeof row);
+        memcpy(&corr, alpha + a + 16 * b, sizeof corr);
+        corr = fused_subtract(corr, c, row);
+        memcpy(alpha + a + 16 * b, &corr, sizeof corr);
+        argmax16_update(&search[b], (vec16)((ivec16)corr & 0x7fffffff), LANES + (int32_t)(a + 16 * b));
     }
 }
 
@@ -555,66 +606,51 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
                 int64_t *picked = out_indices + v * k;
                 memcpy(residual, targets + v * dim, sizeof(float) * (size_t)dim);
                 memset(upper, 0, sizeof(float) * (size_t)(k * k));
-                argmax16_t search = {.best = (vec16){0} - 1.0f, .where = {0}};
+                argmax16_t search[ARGMAX_CHAINS];
+                argmax16_start(search);
                 for (int64_t a = 0; a < n_atoms; a += 16) {
                     vec16 corr;
                     memcpy(&corr, alpha + a, sizeof corr);
-                    argmax16_update(&search, (vec16)((ivec16)corr & 0x7fffffff), (int32_t)a);
+                    argmax16_update(&search[(a / 16) % ARGMAX_CHAINS], (vec16)((ivec16)corr & 0x7fffffff),
+                                    LANES + (int32_t)a);
                 }
                 for (int64_t step = 0; step < k; step++) {
-                    const int64_t best = argmax16_result(&search);
+                    const int64_t best = argmax16_result(search);
                     const float picked_correlation = alpha[best];
                     picked[step] = best;
                     alpha[best] = NAN;
                     const float *atom = atoms + best * dim;
                     float direction[MAX_HEAD_DIM];
                     memcpy(direction, atom, sizeof(float) * (size_t)dim);
-                    for (int64_t i = 0; i < step; i++) {
-                        float overlap = 0.0f;
-#pragma omp simd reduction(+ : overlap)
-                        for (int64_t e = 0; e < dim; e++) overlap += basis[i * dim + e] * atom[e];
-                        upper[i * k + step] = overlap;
-                    }
+                    for (int64_t i = 0; i < step; i++) upper[i * k + step] = dot16(basis + i * dim, atom, dim);
                     for (int64_t i = 0; i < step; i++)
 #pragma omp simd
                         for (int64_t e = 0; e < dim; e++) direction[e] -= upper[i * k + step] * basis[i * dim + e];
-                    float norm = 0.0f;
-#pragma omp simd reduction(+ : norm)
-                    for (int64_t e = 0; e < dim; e++) norm += direction[e] * direction[e];
-                    norm = sqrtf(norm);
+                    const float norm = sqrtf(dot16(direction, direction, dim));
                     const int fresh = norm > eps; /* an atom adding no new direction gets coefficient 0 */
                     const float scale = fresh ? 1.0f / norm : 0.0f;
                     upper[step * k + step] = fresh ? norm : 1.0f;
-                    float projection = 0.0f;
-#pragma omp simd reduction(+ : projection)
-                    for (int64_t e = 0; e < dim; e++) {
-                        basis[step * dim + e] = direction[e] * scale;
-                        projection += residual[e] * basis[step * dim + e];
-                    }
+                    for (int64_t e = 0; e < dim; e++) basis[step * dim + e] = direction[e] * scale;
+                    const float projection = dot16(residual, basis + step * dim, dim);
                     projections[step] = projection;
                     for (int64_t e = 0; e < dim; e++) residual[e] -= projection * basis[step * dim + e];
                     if (step + 1 == k) break;
                     const float *g = gram + best * n_atoms;
-                    search = (argmax16_t){.best = (vec16){0} - 1.0f, .where = {0}};
-                    if (matching) { /* matching pursuit: D r loses G[best] times the pick's correlation */
-                        for (int64_t a = 0; a < n_atoms; a += 16) {
-                            vec16 row, corr;
-                            memcpy(&row, g + a, sizeof row);
-                            memcpy(&corr, alpha + a, sizeof corr);
-                            corr = fused_subtract(corr, picked_correlation, row);
-                            memcpy(alpha + a, &corr, sizeof corr);
-                            argmax16_update(&search, (vec16)((ivec16)corr & 0x7fffffff), (int32_t)a);
-                        }
-                        continue;
-                    }
-                    /* OMP: D q_step, the updated correlations and the next pick */
+                    argmax16_start(search);
+                    /* the correlations' update and the next pick: MP reads one row of G, OMP also D q_i */
                     int64_t a = 0;
-                    for (; a + 16 * GRAM_BLOCKS <= n_atoms; a += 16 * GRAM_BLOCKS)
-                        gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a,
-                                    GRAM_BLOCKS, &search);
+                    for (; a + 16 * ARGMAX_CHAINS <= n_atoms; a += 16 * ARGMAX_CHAINS)
+                        if (matching)
+                            matching_update(g, alpha, picked_correlation, a, ARGMAX_CHAINS, search);
+                        else
+                            gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a,
+                                        ARGMAX_CHAINS, search);
                     for (; a < n_atoms; a += 16)
-                        gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a, 1,
-                                    &search);
+                        if (matching)
+                            matching_update(g, alpha, picked_correlation, a, 1, search);
+                        else
+                            gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a, 1,
+                                        search);
                 }
                 float *coef = out_coefficients + v * k; /* back substitution: upper . coef = projections */
                 for (int64_t i = k - 1; i >= 0; i--) {
