@@ -111,10 +111,13 @@ class TokenClock(BaseStreamer):
 @torch.no_grad()
 def generate_timing(model, prompt: torch.Tensor, make, new_tokens: list[int]) -> list[dict]:
     """Greedy ``model.generate`` from ``prompt [1, L]`` for ``max(new_tokens)`` tokens (exactly: EOS does not stop
-    it), once, with the arrival time of every token: time to first token (the prefill, which for
+    it), once, after a short warm-up generate (loading kernels, first-call allocations), with the arrival time of
+    every token: time to first token (the prefill, which for
     SparseSemanticCache includes encoding the prompt layer by layer), and for each count in ``new_tokens`` the
     time to that token and the tokens per second up to it."""
     inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    warm = {"input_ids": prompt[:, :128], "attention_mask": torch.ones_like(prompt[:, :128])}
+    model.generate(**warm, **cache_kwargs(model, make()), max_new_tokens=2, do_sample=False)  # one-time set-up
     cache, clock = make(), TokenClock()
     count = max(new_tokens)
     model.generate(
