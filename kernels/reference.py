@@ -1,9 +1,15 @@
-"""Plain PyTorch references for the two hot paths of the cache: encode-on-append and decode-into-attention.
+"""Plain PyTorch implementations of the cache's two hot paths, encode-on-append and decode-into-attention, and
+the pieces every backend shares.
 
-These are the CPU path of the product and the ground truth that the Triton kernels beside this file are tested
-against. They compute in float32 whatever the storage dtype is.
+* The references: ``omp_encode_reference``, ``topk_encode_reference``, ``sparse_attention_reference``. They are
+  the ground truth that the C kernels (cpu_kernels.py) and the Triton kernels are tested against, and the
+  ``backend="torch"`` path, which ``"auto"`` takes where neither kernel applies (no C compiler, a head_dim the C
+  kernels do not take, a device without Triton). They compute in float32 whatever the storage dtype is.
+* Shared by all backends and by training: ``CompressedKV`` (what attention reads of one layer), the RoPE tables
+  and rotations (``rope_table``, ``apply_rope``, ``undo_rope``), the CSR code matrix, ``attend`` (the softmax
+  over ``sinks | codes | window`` into which the C kernels plug their two compressed-token ops).
 
-Two choices keep the CPU path fast without changing a result: codes are multiplied as one CSR sparse matrix
+Two choices keep this path fast without changing a result: codes are multiplied as one CSR sparse matrix
 (:func:`code_matrix`; a sparse-dense matmul instead of materialising ``[..., k, d]`` gathered atoms, about 6x
 faster at 4k tokens), and RoPE angles come from a table of ``cos``/``sin`` per integer position, shared by all
 layers (:func:`rope_table`) instead of ``C x d`` transcendentals per layer and step.

@@ -43,27 +43,13 @@ import triton
 import triton.language as tl
 
 from .reference import CompressedKV, sparse_attention_reference
+from .triton_launch import scratch, target_programs
 
 # The kernels' signatures and launches group their arguments a line each (a tensor's pointers with its strides,
 # the sizes, the compile-time constants), so a launch reads against its signature. The formatter would put one
 # argument a line (60 lines for _scores_kernel): they are left as written (fmt: skip on the signatures, fmt: off
 # and on around the launches).
 MAX_ROWS = 64  # query rows per KV head (G * Lq) handled by the kernels; above it, the reference
-_PROGRAMS_PER_SM = 4
-
-
-def _scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Float32 working memory that the kernels fully overwrite before reading: NaN-poisoned off CUDA (the
-    interpreter, i.e. tests) so that a read-before-write shows up, uninitialised on CUDA."""
-    if device.type == "cuda":
-        return torch.empty(shape, device=device, dtype=torch.float32)
-    return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
-
-
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: few programs, but enough that default calls split the sequence and the atoms
 
 
 @triton.jit
@@ -513,7 +499,7 @@ def sparse_attention(
     # Code tiles are [R, T, k] gathers: keep them near 8K elements (registers); dense / pre-RoPE tiles are [T, d].
     block_t = 32 if pre_rope or block_d >= 256 else max(16, min(64, 8192 // (block_r * block_k)))
     if chunk_tokens is None:
-        per_head = max(1, _target_programs(device) // (b * h))
+        per_head = max(1, target_programs(device, 8) // (b * h))
         chunk_tokens = triton.cdiv(max(s + c + w, 1), per_head)
     chunk = max(block_t, triton.cdiv(chunk_tokens, block_t) * block_t)
     n_sink, n_code, n_win = triton.cdiv(s, chunk), triton.cdiv(c, chunk), triton.cdiv(w, chunk)
@@ -525,16 +511,16 @@ def sparse_attention(
     block_n = 64 if block_d >= 256 else 128
 
     def atom_split(atoms: int) -> tuple[int, int]:
-        splits = max(1, min(_target_programs(device) // (b * h), triton.cdiv(atoms, block_n)))
+        splits = max(1, min(target_programs(device, 8) // (b * h), triton.cdiv(atoms, block_n)))
         per_program = triton.cdiv(triton.cdiv(atoms, splits), block_n) * block_n
         return triton.cdiv(atoms, per_program), per_program
 
     q_strides = (query.stride(0), query.stride(1), query.stride(2))
     table = scores = query  # placeholders for unused pointers
     if c:
-        scores = _scratch((b, h, rows, c), device)
+        scores = scratch((b, h, rows, c), device)
         if not pre_rope:
-            table = _scratch((b, h, n, rows), device)
+            table = scratch((b, h, n, rows), device)
             atom_splits, atoms_per_program = atom_split(n)
             # fmt: off
             _query_table_kernel[(b * h, atom_splits)](
@@ -543,9 +529,9 @@ def sparse_attention(
                 SHARED_DICT=shared, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
             )
             # fmt: on
-    chunk_max = _scratch((b, h, n_chunks, rows), device)
-    chunk_sum = _scratch((b, h, n_chunks, rows), device)
-    chunk_out = _scratch((b, h, n_chunks, rows, d), device)
+    chunk_max = scratch((b, h, n_chunks, rows), device)
+    chunk_sum = scratch((b, h, n_chunks, rows), device)
+    chunk_out = scratch((b, h, n_chunks, rows, d), device)
     positions = kv.key_positions.contiguous() if pre_rope else key_indices
     inv_freq = kv.rope_inv_freq.to(device=device, dtype=torch.float32).contiguous() if pre_rope else query
     # fmt: off
@@ -566,8 +552,8 @@ def sparse_attention(
         BLOCK_K=triton.next_power_of_2(key_indices.shape[-1]), BLOCK_HALF=max(16, triton.next_power_of_2(d // 2)),
     )
     # fmt: on
-    row_max = _scratch((b, h, rows), device)
-    row_inv = _scratch((b, h, rows), device)
+    row_max = scratch((b, h, rows), device)
+    row_inv = scratch((b, h, rows), device)
     # fmt: off
     _combine_kernel[(b * h,)](
         chunk_max, chunk_sum, chunk_out, value_bias, out, row_max, row_inv,

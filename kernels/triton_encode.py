@@ -11,23 +11,9 @@ import triton
 import triton.language as tl
 
 from .reference import PURSUITS
+from .triton_launch import scratch, target_programs
 
-_PROGRAMS_PER_SM = 4  # programs per SM the encoders aim for on a GPU
 _OMP_SCRATCH_BYTES = 128 << 20  # per-launch cap on OMP's per-row Q/R scratch; larger M is coded in row chunks
-
-
-def _scratch(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Working memory the kernels fully overwrite: NaN-poisoned off CUDA (the interpreter, i.e. tests), so an
-    element read before it is written shows up, and uninitialised on CUDA, where the fill would cost bandwidth."""
-    if device.type == "cuda":
-        return torch.empty(shape, device=device, dtype=dtype)
-    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, device=device, dtype=dtype)
-
-
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
 
 
 # ----------------------------------------------------------------------------------------------- running top-k
@@ -195,7 +181,7 @@ def topk_encode(
     block_n = 64 if block_d >= 256 else 128
     m_blocks = triton.cdiv(m, block_m)
     if num_splits is None:
-        num_splits = max(1, min(_target_programs(x.device) // m_blocks, triton.cdiv(n, block_n)))
+        num_splits = max(1, min(target_programs(x.device, 1) // m_blocks, triton.cdiv(n, block_n)))
     per_split = triton.cdiv(triton.cdiv(n, num_splits), block_n) * block_n
     num_splits = triton.cdiv(n, per_split)
     values = torch.full((m, k), float("nan"), device=x.device, dtype=x.dtype)
@@ -203,8 +189,8 @@ def topk_encode(
     final = num_splits == 1
     cand_v = cand_i = values
     if not final:
-        cand_v = _scratch((m, num_splits * kp), x.device)
-        cand_i = _scratch((m, num_splits * kp), x.device, torch.int32)
+        cand_v = scratch((m, num_splits * kp), x.device)
+        cand_i = scratch((m, num_splits * kp), x.device, torch.int32)
     _topk_kernel[(m_blocks, num_splits)](
         x,
         x.stride(0),
@@ -403,8 +389,8 @@ def omp_encode(
     for r0 in range(0, m, chunk):
         rows = min(chunk, m - r0)
         padded = triton.cdiv(rows, block_m) * block_m  # programs touch whole row blocks of scratch
-        q = _scratch((padded, kp, block_d), x.device)
-        r = _scratch((padded, kp, kp), x.device)
+        q = scratch((padded, kp, block_d), x.device)
+        r = scratch((padded, kp, kp), x.device)
         _omp_kernel[(triton.cdiv(rows, block_m),)](
             x[r0:],
             x.stride(0),

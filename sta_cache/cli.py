@@ -75,7 +75,7 @@ def _options(args: argparse.Namespace, cls) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .configs import DemoConfig, Encoder, PasskeyFeed, PursuitConfig, TrainConfig
+    from .configs import DemoConfig, Encoder, PasskeyFeed, Pursuit, PursuitConfig, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="sta-cache", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--encoder", choices=typing.get_args(Encoder), default=None, help="STA encoder (default: the dictionary's)"
+    )
+    evaluate.add_argument(
+        "--value-pursuit",
+        choices=typing.get_args(Pursuit),
+        default=None,
+        help="how STA picks value atoms with a pursuit dictionary: mp (matching pursuit, the default) or omp "
+        "(orthogonal, the exact and slower one); keys always use omp",
     )
     evaluate.add_argument("--q-group-size", type=int, default=None, help="QuantizedCache group size (default 64)")
     evaluate.add_argument(

@@ -229,6 +229,7 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     q_group_size: int = 64
     encoder: Encoder | None = None  # None: the dictionary's own
+    value_pursuit: Pursuit = "mp"  # how a pursuit dictionary's cache picks value atoms (SparseSemanticCache)
     coefficient_dtypes: list[CoefficientDtype | None] = field(default_factory=lambda: [None])  # None: the model's
     pack_indices: bool = False
     max_context: int = 4096
@@ -244,6 +245,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.encoder is not None:
             check_choice("encoder", self.encoder, Encoder)
+        check_choice("value_pursuit", self.value_pursuit, Pursuit)
         for name in self.coefficient_dtypes:
             if name is not None:
                 check_choice("coefficient dtype", name, CoefficientDtype)

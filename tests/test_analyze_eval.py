@@ -378,3 +378,19 @@ def test_analyze_train_per_k_on_a_tiny_model(llama, tmp_path):
     assert all(len(per_k["layers"]["1"][kind]["cos"]) == 3 for kind in ("key", "value"))
     assert (out / "per_k" / "k2" / "dictionary.safetensors").is_file()
     assert (out / "per_k.png").read_bytes()[:8] == PNG_MAGIC and "](per_k.png)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("value_pursuit", ["mp", "omp"])
+def test_eval_builds_its_caches_with_the_requested_value_pursuit(llama, value_pursuit):
+    from sta_cache.evaluation.specs import cache_specs
+
+    dictionary = make_dictionary(llama, encoder="omp")
+    config = EvalConfig(out="unused", budgets=[(2, 4)], paths=["sta"], baselines=[], value_pursuit=value_pursuit)
+    (spec,) = [spec for spec in cache_specs(llama, dictionary, config) if spec.family == "sta"]
+    assert spec.params["value_pursuit"] == value_pursuit
+    assert {layer.pursuit["value"] for layer in spec.make().sparse_layers} == {value_pursuit}
+
+
+def test_eval_refuses_an_unknown_value_pursuit():
+    with pytest.raises(ValueError, match="value_pursuit must be one of"):
+        EvalConfig(out="unused", value_pursuit="greedy")

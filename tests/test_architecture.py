@@ -89,3 +89,13 @@ def test_dtype_names_are_the_configs_choices() -> None:
     from sta_cache.dtypes import DTYPES, SHORT_NAMES
 
     assert set(DTYPES) == set(SHORT_NAMES) == set(get_args(CoefficientDtype)) >= set(get_args(WeightDtype))
+
+
+def test_the_kernels_pursuits_are_the_configs_choices() -> None:
+    """The kernels cannot import the configs (see above), so the two lists of pursuits are kept equal here."""
+    from typing import get_args
+
+    from sta_cache.configs import Pursuit
+    from sta_cache.kernels.reference import PURSUITS
+
+    assert get_args(Pursuit) == PURSUITS

@@ -59,6 +59,7 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
                         config=model.config,
                         coefficient_dtype=dtype,
                         pack_indices=config.pack_indices,
+                        value_pursuit=config.value_pursuit,
                         **window,
                     )
 
@@ -76,6 +77,7 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
                             "sinks": config.num_sink_tokens,
                             "n_atoms": dictionary.config.n_atoms,
                             "encoder": dictionary.config.encoder,
+                            "value_pursuit": config.value_pursuit,
                             "coefficient_dtype": dtype_name or str(model.dtype).replace("torch.", ""),
                             "pack_indices": config.pack_indices,
                         },

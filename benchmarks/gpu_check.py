@@ -1,0 +1,93 @@
+"""The checks to run on the day a GPU is lent: every Triton kernel against its PyTorch reference on fresh random
+CUDA inputs (the tests run them only under the CPU interpreter), then the kernels' timing.
+
+    python benchmarks/gpu_check.py                     # correctness, a few seconds; exits 1 on any mismatch
+    python benchmarks/gpu_check.py --bench --out DIR   # then benchmarks/bench_kernels.py's GPU sizes into DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sta_cache.kernels import reference, triton_attention, triton_encode
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def encoder_checks(device: torch.device) -> list[tuple[str, float, float]]:
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for m, n, d, k in ((4096, 1024, 64, 8), (4096, 1024, 64, 16), (1024, 4096, 128, 16)):
+        atoms = torch.nn.functional.normalize(torch.randn(n, d, device=device, generator=g), dim=-1)
+        bias, x = 0.1 * torch.randn(d, device=device, generator=g), torch.randn(m, d, device=device, generator=g)
+        for pursuit in ("omp", "mp"):
+            indices, coefficients = triton_encode.omp_encode(x, atoms, bias, k, pursuit=pursuit)
+            want_indices, want_coefficients = reference.omp_encode_reference(x, atoms, bias, k, pursuit=pursuit)
+            got = (coefficients.unsqueeze(-1) * atoms[indices]).sum(1)
+            want = (want_coefficients.unsqueeze(-1) * atoms[want_indices]).sum(1)
+            same_rows = float((indices == want_indices).all(-1).float().mean())
+            rows.append((f"{pursuit} encode m={m} N={n} d={d} k={k}", rel_err(got, want), 1 - same_rows))
+    return rows
+
+
+def attention_checks(device: torch.device) -> list[tuple[str, float, float]]:
+    g = torch.Generator(device=device).manual_seed(1)
+    rows = []
+    for b, hkv, groups, d, c, n in ((1, 8, 4, 128, 32768, 4096), (4, 8, 4, 64, 4096, 1024)):
+
+        def randn(*shape, scale=1.0):
+            return torch.randn(*shape, device=device, generator=g) * scale
+
+        kv = reference.CompressedKV(
+            sink_keys=randn(b, hkv, 4, d),
+            sink_values=randn(b, hkv, 4, d),
+            key_indices=torch.randint(0, n, (b, hkv, c, 8), device=device, generator=g, dtype=torch.int16),
+            key_coefficients=randn(b, hkv, c, 8, scale=8**-0.5),
+            value_indices=torch.randint(0, n, (b, hkv, c, 16), device=device, generator=g, dtype=torch.int16),
+            value_coefficients=randn(b, hkv, c, 16, scale=0.25),
+            window_keys=randn(b, hkv, 64, d),
+            window_values=randn(b, hkv, 64, d),
+            key_atoms=randn(1, n, d, scale=d**-0.5),
+            key_bias=randn(1, d, scale=0.1),
+            value_atoms=randn(1, n, d, scale=d**-0.5),
+            value_bias=randn(1, d, scale=0.1),
+        )
+        query = randn(b, hkv * groups, 1, d)
+        got = triton_attention.sparse_attention(query, kv, None, d**-0.5, None)
+        want = reference.sparse_attention_reference(query, kv, None, d**-0.5, None)
+        rows.append((f"attention b={b} Hkv={hkv} d={d} C={c} N={n}", rel_err(got, want), 0.0))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="also run bench_kernels.py at its GPU sizes")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"), help="where --bench writes")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: these checks need a GPU (the tests cover the kernels under the CPU interpreter)")
+        return 2
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    failed = False
+    for name, error, differing_rows in encoder_checks(device) + attention_checks(device):
+        ok = error < 1e-3 and differing_rows < 0.02  # float32 throughout; greedy picks may differ on near-ties
+        failed |= not ok
+        print(
+            f"{'ok  ' if ok else 'FAIL'} {name}: relative error {error:.2e}, rows with other picks {differing_rows:.1%}"
+        )
+    if args.bench and not failed:
+        command = [sys.executable, "benchmarks/bench_kernels.py", "--contexts", "1024", "32768", "131072"]
+        subprocess.run([*command, "--batch", "1", "4", "16", "--out", str(args.out)], check=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
