@@ -333,6 +333,59 @@ static int64_t argmax_first(const float *c, int64_t n) {
     return where[lane];
 }
 
+/* sum of x[e] * y[e] over dim (a multiple of 16) in 16-float vectors, summed by a shuffle tree */
+static inline float dot16(const float *x, const float *y, int64_t dim) {
+    vec16 acc = {0};
+    for (int64_t e = 0; e < dim; e += 16) {
+        vec16 a, b;
+        memcpy(&a, x + e, sizeof a);
+        memcpy(&b, y + e, sizeof b);
+        acc += a * b;
+    }
+#ifdef __AVX512F__
+    __m512 total;
+    memcpy(&total, &acc, sizeof total);
+    return _mm512_reduce_add_ps(total);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < 16; i++) sum += acc[i];
+    return sum;
+#endif
+}
+
+/* One pursuit step's least-squares bookkeeping, shared by both kernels: orthogonalise the picked `atom` against
+ * the `step` earlier directions in basis[k][dim] (classical Gram-Schmidt; the overlaps go to column `step` of
+ * upper[k][k], the atom's norm after it to the diagonal), store its direction as basis[step], and remove it from
+ * the orthogonal `residual`. Returns the projection residual . direction; *scale is 1 / that norm, or 0 for an
+ * atom that adds no new direction (the residual was already exact), whose coefficient then comes out 0. */
+static inline float pursuit_step(const float *atom, float *basis, float *upper, float *residual, int64_t step,
+                                 int64_t k, int64_t dim, float eps, float *scale) {
+    float direction[MAX_HEAD_DIM];
+    memcpy(direction, atom, sizeof(float) * (size_t)dim);
+    for (int64_t i = 0; i < step; i++) upper[i * k + step] = dot16(basis + i * dim, atom, dim);
+    for (int64_t i = 0; i < step; i++)
+#pragma omp simd
+        for (int64_t e = 0; e < dim; e++) direction[e] -= upper[i * k + step] * basis[i * dim + e];
+    const float norm = sqrtf(dot16(direction, direction, dim));
+    const int fresh = norm > eps;
+    *scale = fresh ? 1.0f / norm : 0.0f;
+    upper[step * k + step] = fresh ? norm : 1.0f;
+    float *out = basis + step * dim;
+    for (int64_t e = 0; e < dim; e++) out[e] = direction[e] * *scale;
+    const float projection = dot16(residual, out, dim);
+    for (int64_t e = 0; e < dim; e++) residual[e] -= projection * out[e];
+    return projection;
+}
+
+/* The coefficients on the picked atoms: upper . coef = projections, upper[k][k] upper triangular. */
+static inline void back_substitute(const float *upper, const float *projections, int64_t k, float *coef) {
+    for (int64_t i = k - 1; i >= 0; i--) {
+        float sum = projections[i];
+        for (int64_t j = i + 1; j < k; j++) sum -= upper[i * k + j] * coef[j];
+        coef[i] = sum / upper[i * k + i];
+    }
+}
+
 /* Greedy pursuit, as reference.omp_encode_reference computes it: k picks of the atom most correlated with a
  * residual (first maximum on ties, never an atom twice), each orthogonalised against the earlier picks (classical
  * Gram-Schmidt) and its direction removed from the orthogonal residual; one back substitution gives the least-
@@ -371,50 +424,18 @@ int sta_omp_encode(const float *targets, const float *atoms, const float *panels
                     for (int64_t i = 0; i < step; i++) c[picked[i]] = -1.0f;
                     const int64_t best = argmax_first(c, n_atoms);
                     picked[step] = best;
-                    float direction[MAX_HEAD_DIM];
                     const float *atom = atoms + best * dim;
                     if (matching) { /* the matching residual loses the pick times its (signed) correlation */
-                        float *read = residual + v * dim, signed_corr = 0.0f;
-#pragma omp simd reduction(+ : signed_corr)
-                        for (int64_t e = 0; e < dim; e++) signed_corr += read[e] * atom[e];
+                        float *read = residual + v * dim;
+                        const float signed_corr = dot16(read, atom, dim);
                         for (int64_t e = 0; e < dim; e++) read[e] -= signed_corr * atom[e];
                     }
-                    memcpy(direction, atom, sizeof(float) * (size_t)dim);
-                    for (int64_t i = 0; i < step; i++) { /* overlaps with the original atom (classical GS) */
-                        float overlap = 0.0f;
-#pragma omp simd reduction(+ : overlap)
-                        for (int64_t e = 0; e < dim; e++) overlap += b[i * dim + e] * atom[e];
-                        u[i * k + step] = overlap;
-                    }
-                    for (int64_t i = 0; i < step; i++)
-#pragma omp simd
-                        for (int64_t e = 0; e < dim; e++) direction[e] -= u[i * k + step] * b[i * dim + e];
-                    float norm = 0.0f;
-#pragma omp simd reduction(+ : norm)
-                    for (int64_t e = 0; e < dim; e++) norm += direction[e] * direction[e];
-                    norm = sqrtf(norm);
-                    const int fresh = norm > eps; /* an atom adding no new direction gets coefficient 0 */
-                    const float scale = fresh ? 1.0f / (norm > eps ? norm : eps) : 0.0f;
-                    u[step * k + step] = fresh ? norm : 1.0f;
-                    float projection = 0.0f;
-#pragma omp simd reduction(+ : projection)
-                    for (int64_t e = 0; e < dim; e++) {
-                        b[step * dim + e] = direction[e] * scale;
-                        projection += r[e] * b[step * dim + e];
-                    }
-                    projections[v * k + step] = projection;
-                    for (int64_t e = 0; e < dim; e++) r[e] -= projection * b[step * dim + e];
+                    float scale;
+                    projections[v * k + step] = pursuit_step(atom, b, u, r, step, k, dim, eps, &scale);
                 }
             }
-            for (int64_t v = 0; v < vectors; v++) { /* back substitution: upper . coef = projections */
-                const float *u = upper + v * k * k, *p = projections + v * k;
-                float *coef = out_coefficients + (first + v) * k;
-                for (int64_t i = k - 1; i >= 0; i--) {
-                    float sum = p[i];
-                    for (int64_t j = i + 1; j < k; j++) sum -= u[i * k + j] * coef[j];
-                    coef[i] = sum / u[i * k + i];
-                }
-            }
+            for (int64_t v = 0; v < vectors; v++)
+                back_substitute(upper + v * k * k, projections + v * k, k, out_coefficients + (first + v) * k);
         }
         free(corr);
         if (matching) free(orthogonal);
@@ -464,25 +485,6 @@ static inline int64_t argmax16_result(argmax16_t chains[ARGMAX_CHAINS]) {
     return into->where[lane];
 }
 
-/* sum of x[e] * y[e] over dim (a multiple of 16) in 16-float vectors, summed by a shuffle tree */
-static inline float dot16(const float *x, const float *y, int64_t dim) {
-    vec16 acc = {0};
-    for (int64_t e = 0; e < dim; e += 16) {
-        vec16 a, b;
-        memcpy(&a, x + e, sizeof a);
-        memcpy(&b, y + e, sizeof b);
-        acc += a * b;
-    }
-#ifdef __AVX512F__
-    __m512 total;
-    memcpy(&total, &acc, sizeof total);
-    return _mm512_reduce_add_ps(total);
-#else
-    float sum = 0.0f;
-    for (int i = 0; i < 16; i++) sum += acc[i];
-    return sum;
-#endif
-}
 
 /* The Gram kernel keeps D q_i in IEEE half precision where the CPU converts it in one instruction (x86 F16C /
  * AVX-512F): |D q_i| <= 1, so the absolute error is below 2^-12, and each step reads half the bytes, which is
@@ -619,21 +621,10 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
                     const float picked_correlation = alpha[best];
                     picked[step] = best;
                     alpha[best] = NAN;
-                    const float *atom = atoms + best * dim;
-                    float direction[MAX_HEAD_DIM];
-                    memcpy(direction, atom, sizeof(float) * (size_t)dim);
-                    for (int64_t i = 0; i < step; i++) upper[i * k + step] = dot16(basis + i * dim, atom, dim);
-                    for (int64_t i = 0; i < step; i++)
-#pragma omp simd
-                        for (int64_t e = 0; e < dim; e++) direction[e] -= upper[i * k + step] * basis[i * dim + e];
-                    const float norm = sqrtf(dot16(direction, direction, dim));
-                    const int fresh = norm > eps; /* an atom adding no new direction gets coefficient 0 */
-                    const float scale = fresh ? 1.0f / norm : 0.0f;
-                    upper[step * k + step] = fresh ? norm : 1.0f;
-                    for (int64_t e = 0; e < dim; e++) basis[step * dim + e] = direction[e] * scale;
-                    const float projection = dot16(residual, basis + step * dim, dim);
+                    float scale;
+                    const float projection = pursuit_step(atoms + best * dim, basis, upper, residual, step, k, dim, eps,
+                                                          &scale);
                     projections[step] = projection;
-                    for (int64_t e = 0; e < dim; e++) residual[e] -= projection * basis[step * dim + e];
                     if (step + 1 == k) break;
                     const float *g = gram + best * n_atoms;
                     argmax16_start(search);
@@ -652,12 +643,7 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
                             gram_update(g, projected, alpha, upper + step, k, n_atoms, step, scale, projection, a, 1,
                                         search);
                 }
-                float *coef = out_coefficients + v * k; /* back substitution: upper . coef = projections */
-                for (int64_t i = k - 1; i >= 0; i--) {
-                    float sum = projections[i];
-                    for (int64_t j = i + 1; j < k; j++) sum -= upper[i * k + j] * coef[j];
-                    coef[i] = sum / upper[i * k + i];
-                }
+                back_substitute(upper, projections, k, out_coefficients + v * k);
             }
         }
         free(projected);
