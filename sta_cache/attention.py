@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -49,41 +50,43 @@ def sta_mask(*args, **kwargs) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
-# The verdict of _is_plain_causal for the last mask seen: every layer of a forward gets the same mask tensor.
-_causal_verdict = threading.local()
+class _MaskVerdict:
+    """A yes/no answer about a mask, computed once per mask tensor and argument: every layer of a forward gets the
+    same mask tensor, so the answer is kept for the last (mask, argument) seen, per thread. A weak reference tells a
+    later mask from this one."""
+
+    def __init__(self, compute: Callable[[torch.Tensor, int], bool]):
+        self.compute = compute
+        self.last = threading.local()
+
+    def __call__(self, mask: torch.Tensor, argument: int = 0) -> bool:
+        entry = getattr(self.last, "entry", None)
+        if entry is not None and entry[0]() is mask and entry[1] == argument:
+            return entry[2]
+        verdict = self.compute(mask, argument)
+        self.last.entry = (weakref.ref(mask), argument, verdict)
+        return verdict
 
 
-def _is_plain_causal(mask: torch.Tensor) -> bool:
+def _plain_causal(mask: torch.Tensor, _: int) -> bool:
     """Whether a bool mask ``[B, 1 or H, L, L]`` is exactly lower-triangular in every row (no padding, no
-    bidirectional spans), i.e. what ``is_causal=True`` computes. Checked once per mask tensor (a weak reference
-    tells a later mask from this one), not once per layer: the comparison reads the whole ``L x L`` mask."""
-    entry = getattr(_causal_verdict, "entry", None)
-    if entry is not None and entry[0]() is mask:
-        return entry[1]
+    bidirectional spans), i.e. what ``is_causal=True`` computes (the comparison reads the whole ``L x L`` mask)."""
     size = mask.shape[-1]
     causal = torch.ones(size, size, dtype=torch.bool, device=mask.device).tril_()
-    verdict = bool((mask == causal).all())
-    _causal_verdict.entry = (weakref.ref(mask), verdict)
-    return verdict
+    return bool((mask == causal).all())
 
 
-# The verdict of _all_visible for the last (mask, length) seen, for the same reason.
-_visible_verdict = threading.local()
-
-
-def _all_visible(mask: torch.Tensor, length: int) -> bool:
+def _visible(mask: torch.Tensor, length: int) -> bool:
     """Whether every query of ``mask [B, 1 or H, q, >= length]`` may attend to all of its last ``length`` slots
-    (a decode step without padding): then the "sta" path needs no mask and every new token is real. Checked once
-    per mask tensor and length."""
-    entry = getattr(_visible_verdict, "entry", None)
-    if entry is not None and entry[0]() is mask and entry[1] == length:
-        return entry[2]
+    (a decode step without padding): then the "sta" path needs no mask and every new token is real."""
     visible = mask[..., -length:]
     if visible.dtype != torch.bool:
         visible = visible > torch.finfo(visible.dtype).min / 2
-    verdict = bool(visible.all())
-    _visible_verdict.entry = (weakref.ref(mask), length, verdict)
-    return verdict
+    return bool(visible.all())
+
+
+_is_plain_causal = _MaskVerdict(_plain_causal)
+_all_visible = _MaskVerdict(_visible)
 
 
 def sta_attention_forward(
