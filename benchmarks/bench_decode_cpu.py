@@ -35,9 +35,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_memory import fill_sparse  # a sibling script
+from bench_memory import TokenClock, fill_sparse, versions  # a sibling script
 from transformers import DynamicCache, QuantizedCache
-from transformers.generation.streamers import BaseStreamer
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.collect import token_windows
@@ -88,24 +87,6 @@ def encode_ms_per_token(cache, config, tokens: int) -> float:
     start = time.perf_counter()
     cache.flush()
     return (time.perf_counter() - start) * 1000 / tokens
-
-
-class TokenClock(BaseStreamer):
-    """A streamer that notes when each generated token arrives (``generate`` first hands it the prompt)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.arrivals: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.arrivals.append(time.perf_counter() - self.start)
-
-    def end(self) -> None:
-        pass
 
 
 @torch.no_grad()
@@ -278,19 +259,6 @@ def main() -> None:
         print_step_table(rows, args)
     if generated:
         print_generate_table(generated)
-
-
-def versions() -> dict:
-    import platform
-
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-    }
 
 
 def print_step_table(rows: list[dict], args) -> None:

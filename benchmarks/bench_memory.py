@@ -33,6 +33,7 @@ import ctypes
 import gc
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -40,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from transformers.generation.streamers import BaseStreamer
 
 from sta_cache import KVDictionary, KVDictionaryConfig, SparseSemanticCache, cache_kwargs
 from sta_cache.layer import index_dtype
@@ -66,6 +69,35 @@ CACHES = {
 
 
 # ============================================================================================ layout mode
+class TokenClock(BaseStreamer):
+    """A streamer that notes when each generated token arrives, in seconds from its creation (``generate`` first
+    hands it the prompt, which is not a token)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.arrivals: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.arrivals.append(time.perf_counter() - self.start)
+
+    def end(self) -> None:
+        pass
+
+
+def versions() -> dict:
+    """What a timing depends on besides the code, recorded with the results."""
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
 def fill_sparse(cache: SparseSemanticCache, heads: int, d: int, length: int, dtype=torch.float32) -> None:
     """Put ``length`` tokens in every layer: sinks, random valid codes, a full window — the layout the cache
     reaches after encoding, without paying for the encoder (bytes and attention cost do not depend on the codes)."""
@@ -180,8 +212,6 @@ def make_cache(name: str, model, dictionary: KVDictionary):
 
 def run_one(run: Run) -> dict:
     """Measure one run in this process (the parent starts a fresh process per run)."""
-    from transformers.generation.streamers import BaseStreamer
-
     from sta_cache.demo import PACKAGED_DICTIONARIES
     from sta_cache.embedded import eval_texts, load_default_model
     from sta_cache.evaluation.bytes import cache_bytes
@@ -194,18 +224,6 @@ def run_one(run: Run) -> dict:
     if run.chunk:
         options["prefill_chunk_size"] = run.chunk
 
-    class FirstToken(BaseStreamer):
-        def __init__(self):
-            self.calls, self.first = 0, None
-
-        def put(self, value):
-            self.calls += 1
-            if self.calls == 2:  # the first put is the prompt
-                self.first = time.perf_counter()
-
-        def end(self):
-            pass
-
     with torch.no_grad():  # warm-up: imports, kernel loading, allocator pools
         model.generate(
             prompt[:, :256],
@@ -217,12 +235,9 @@ def run_one(run: Run) -> dict:
         _release_freed_memory()
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-        streamer = FirstToken()
-        start = time.perf_counter()
-        model.generate(
-            prompt, **cache_kwargs(model, cache), max_new_tokens=run.new_tokens, streamer=streamer, **options
-        )
-        seconds = time.perf_counter() - start
+        clock = TokenClock()
+        model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=run.new_tokens, streamer=clock, **options)
+        seconds = time.perf_counter() - clock.start
     peak = _status_kib("VmHWM")
     dictionary_tensors = [
         t for layer in cache.layers for t in (getattr(layer, "sae", None), getattr(layer, "rope_inv_freq", None))
@@ -238,21 +253,18 @@ def run_one(run: Run) -> dict:
         "dictionary_bytes": reported["dictionary"],
         "peak_growth_bytes": (peak - before) * 1024,
         "rss_before_bytes": before * 1024,
-        "ttft_seconds": streamer.first - start,
+        "ttft_seconds": clock.arrivals[0],
         "generate_seconds": seconds,
     }
 
 
 def generate_report(args: argparse.Namespace) -> None:
-    import transformers
-
     runs = [
         Run(cache, prompt, chunk, args.new_tokens)
         for prompt in args.prompts
         for chunk in args.chunks
         for cache in args.caches
     ]
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     results = []
     for run in runs:
         command = [sys.executable, __file__, "--run-one", json.dumps(asdict(run))]
@@ -263,7 +275,7 @@ def generate_report(args: argparse.Namespace) -> None:
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         if args.json:  # after every run: a long sweep that is stopped keeps what it measured
-            Path(args.json).write_text(json.dumps({"versions": versions, "runs": results}, indent=1) + "\n")
+            Path(args.json).write_text(json.dumps({"versions": versions(), "runs": results}, indent=1) + "\n")
         r = results[-1]
         print(
             f"{run.cache:>15} prompt {run.prompt:>6} chunk {run.chunk:>4}: held {r['held_bytes'] / 2**20:8.1f} MiB, "
@@ -272,7 +284,7 @@ def generate_report(args: argparse.Namespace) -> None:
         )
     print(
         f"\nSmolLM2-135M fp32, {args.new_tokens} new tokens, batch 1, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs, torch {versions['torch']}, transformers {versions['transformers']}\n"
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, transformers {transformers.__version__}\n"
     )
     print(render_generate_table(results))
 
