@@ -13,8 +13,8 @@ STA-Attention KV-cache compression for Hugging Face transformers.
 
   sta-cache demo     generate with DynamicCache and SparseSemanticCache on the embedded SmolLM2-135M,
                      print both texts, memory saved and held-out perplexity
-  sta-cache train    collect a model's cached keys/values over a text and train per-layer Top-K SAEs
-  sta-cache train-pursuit   learn dictionaries for matching-pursuit codes (MOD; the shipped recipe)
+  sta-cache train    learn per-layer key/value dictionaries for a model from the keys/values it caches over a
+                     text (MOD atoms for pursuit codes, the shipped recipe; or Top-K SAEs); runs under torchrun
   sta-cache analyze  semantic elbow (cosine/FVU vs k), elbow detection and suggested budget, key-value asymmetry
                      across depth, semantic atoms of a layer -> plots, results.json, report.md
   sta-cache eval     perplexity, next-token accuracy and passkey retrieval against measured bytes per token for
@@ -41,27 +41,58 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
             )
         elif default is None:
             value_type = next(t for t in typing.get_args(kind) if t is not type(None))
-            parser.add_argument(flag, default=None, type=value_type, help=help)
+            if typing.get_origin(value_type) is typing.Literal:
+                parser.add_argument(flag, default=None, choices=typing.get_args(value_type), help=help)
+            else:
+                parser.add_argument(flag, default=None, type=value_type, help=help)
         else:
             parser.add_argument(flag, default=default, type=type(default), help=f"{help} (default: {default})")
 
 
-def _add_training_inputs(parser: argparse.ArgumentParser, out_help: str) -> None:
-    """The model, text and output folder that both training commands take."""
+def _add_training_inputs(parser: argparse.ArgumentParser) -> None:
+    """The model, text and output folder of ``sta-cache train``."""
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
-    parser.add_argument(
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument(
         "--text", type=Path, default=None, help="UTF-8 text file (default: embedded Wikipedia train split)"
     )
-    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    text.add_argument(
+        "--dataset",
+        default=None,
+        help="a `datasets` dataset to stream the text from instead: a Hub id or a local folder of data files "
+        "(needs the datasets package: pip install 'sta_cache[datasets]')",
+    )
+    parser.add_argument("--dataset-subset", default=None, help="the dataset's configuration name, if it has several")
+    parser.add_argument("--dataset-split", default="train", help="the dataset's split (default: train)")
+    parser.add_argument("--text-column", default="text", help="the dataset's text column (default: text)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (an interrupted run resumes from its checkpoint here)"
+    )
+    parser.add_argument("--restart", action="store_true", help="start over instead of resuming a checkpoint in --out")
 
 
-def _train(args: argparse.Namespace, train_fn, config) -> None:
-    """Load the model and text that ``args`` name, train with ``train_fn`` and say where the result went."""
+def _train(args: argparse.Namespace) -> None:
+    """Load the model and text that ``args`` name, train, and say where the result went."""
+    from .configs import TrainConfig
+    from .distributed import world
     from .embedded import load_model, wikipedia_text
+    from .text import TextSource
+    from .training import train_dictionary
 
+    config = TrainConfig(**_options(args, TrainConfig))
+    if args.dataset is not None:
+        text = TextSource(
+            dataset=args.dataset, subset=args.dataset_subset, split=args.dataset_split, column=args.text_column
+        )
+    else:
+        text = TextSource(path=args.text or wikipedia_text("train"))
     model, tokenizer = load_model(args.model)
-    dictionary = train_fn(model, tokenizer, args.text or wikipedia_text("train"), config, args.out)
-    print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}")
+    dictionary = train_dictionary(model, tokenizer, text, config, args.out, resume=not args.restart)
+    if world().main:
+        evaluation = dictionary.config.evaluation or {}
+        ratio = evaluation.get("perplexity_ratio")
+        check = f"; held-out perplexity x{ratio} at {config.k_key}/{config.k_value}" if isinstance(ratio, float) else ""
+        print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}{check}")
 
 
 def _doc(cls) -> str:
@@ -75,7 +106,7 @@ def _options(args: argparse.Namespace, cls) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .configs import DemoConfig, Encoder, PasskeyFeed, Pursuit, PursuitConfig, TrainConfig
+    from .configs import DemoConfig, Encoder, PasskeyFeed, Pursuit, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="sta-cache", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,20 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train per-layer key/value dictionaries for a model (Top-K SAE recipe)",
-        description=_doc(TrainConfig) + " For the recipe of the shipped dictionaries (better codes at the same "
-        "budget: pre-RoPE keys, atoms learned for matching pursuit) use train-pursuit.",
+        aliases=["train-pursuit"],
+        help="learn per-layer key/value dictionaries for a model (MOD by default; --method sae for Top-K SAEs)",
+        description=_doc(TrainConfig)
+        + " Under `torchrun --nproc-per-node N -m sta_cache train ...` the work is split over N processes "
+        "(gloo on CPU, nccl on GPU) and rank 0 writes the dictionary. train-pursuit is another name for train.",
     )
-    _add_training_inputs(train, out_help="output folder (checkpoints are resumed from here)")
+    _add_training_inputs(train)
     _add_dataclass_options(train, TrainConfig)
-
-    pursuit = commands.add_parser(
-        "train-pursuit",
-        help="learn dictionaries for matching-pursuit codes (MOD): how the shipped ones were made",
-        description=_doc(PursuitConfig),
-    )
-    _add_training_inputs(pursuit, out_help="output folder")
-    _add_dataclass_options(pursuit, PursuitConfig)
 
     analyze = commands.add_parser(
         "analyze",
@@ -264,16 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import DemoConfig, run_demo
 
         run_demo(DemoConfig(**_options(args, DemoConfig)))
-    elif args.command == "train":
-        from .configs import TrainConfig
-        from .training import train_dictionary
-
-        _train(args, train_dictionary, TrainConfig(**_options(args, TrainConfig)))
-    elif args.command == "train-pursuit":
-        from .configs import PursuitConfig
-        from .training import train_pursuit_dictionary
-
-        _train(args, train_pursuit_dictionary, PursuitConfig(**_options(args, PursuitConfig)))
+    elif args.command in ("train", "train-pursuit"):
+        _train(args)
     elif args.command == "analyze":
         from .configs import AnalyzeConfig
         from .evaluation import run_analysis

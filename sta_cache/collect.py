@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
@@ -21,12 +20,12 @@ from .compat import cache_kwargs
 from .configs import KeySpace, check_choice
 from .geometry import SLIDING_LAYER_TYPES, compressible_layers
 from .kernels.reference import apply_rope, undo_rope
-
-TEXT_BLOCK_CHARS = 1 << 20
+from .text import TextSource
 
 __all__ = [
     "KVBatch",
     "RecordingCache",
+    "heldout_sequence",
     "iter_kv",
     "rotary_for_layer",
     "token_windows",
@@ -105,36 +104,26 @@ def _prefix_ids(tokenizer) -> list[int]:
 
 def token_windows(
     tokenizer,
-    text_path: str | os.PathLike,
+    text: TextSource | str | os.PathLike,
     context: int,
     n_windows: int,
     *,
     skip_windows: int = 0,
 ) -> torch.LongTensor:
-    """Windows ``[n, context]`` of consecutive token ids from a text file, each starting with the tokenizer's
-    special prefix (e.g. BOS) if it adds one. Windows ``skip_windows ..`` are returned, so two calls with disjoint
-    ranges give disjoint text. The file is read in blocks (never all at once) until enough tokens are found;
-    fewer windows are returned if the text runs out."""
+    """Windows ``[n, context]`` of consecutive token ids from a text file or :class:`~sta_cache.text.TextSource`,
+    each starting with the tokenizer's special prefix (e.g. BOS) if it adds one. Windows ``skip_windows ..`` are
+    returned, so two calls with disjoint ranges give disjoint text. The text is read in blocks (never all at once)
+    until enough tokens are found; fewer windows are returned if the text runs out."""
     prefix = _prefix_ids(tokenizer)
     body = context - len(prefix)
     if body < 1:
         raise ValueError(f"context={context} is too short")
     needed = (skip_windows + n_windows) * body
     ids: list[int] = []
-    carry = ""
-    with open(text_path, encoding="utf-8") as handle:
-        while len(ids) < needed:
-            block = handle.read(TEXT_BLOCK_CHARS)
-            text = carry + block
-            if block:  # tokenize up to the last line break; the rest joins the next block
-                cut = text.rfind("\n") + 1
-                text, carry = (text[:cut], text[cut:]) if cut > 0 else ("", text)
-            else:
-                carry = ""
-            if text:
-                ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            if not block:
-                break
+    for block in TextSource.of(text).blocks():
+        ids += tokenizer(block, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= needed:
+            break
     ids = ids[skip_windows * body : needed]
     count = len(ids) // body
     if count == 0:
@@ -143,6 +132,19 @@ def token_windows(
     if prefix:
         windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(count, -1), windows], dim=1)
     return windows
+
+
+def heldout_sequence(
+    tokenizer, text: TextSource | str | os.PathLike, length: int, after_windows: int, context: int
+) -> torch.LongTensor:
+    """``[1, <= length]`` consecutive token ids of the text that follows its first ``after_windows`` windows of
+    ``context`` tokens (the training text), starting with the tokenizer's special prefix; empty if the text ends
+    first."""
+    prefix = len(_prefix_ids(tokenizer))
+    skip = -(
+        -after_windows * (context - prefix) // (length - prefix)
+    )  # whole windows of `length` past the training text
+    return token_windows(tokenizer, text, length, 1, skip_windows=skip)
 
 
 # ----------------------------------------------------------------------------------------------------- recording
@@ -315,10 +317,3 @@ def iter_kv(
             keys[i] = _flatten(k.cpu(), skip_first, per_head)
             values[i] = _flatten(v.cpu(), skip_first, per_head)
         yield KVBatch(keys, values, tokens=b * c)
-
-
-def text_path_of(text: str | os.PathLike) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise FileNotFoundError(f"training text {path} does not exist")
-    return path

@@ -1,6 +1,6 @@
 """The settings of every ``sta-cache`` command, as dataclasses, and the ``Literal`` types of their mode strings.
 
-The command line derives one ``--option`` per field of the ``demo``, ``train`` and ``train-pursuit`` settings from
+The command line derives one ``--option`` per field of the ``demo`` and ``train`` settings from
 these (help, default, and the choices of ``Literal`` fields); ``analyze`` and ``eval`` have presets (full or
 ``--quick``) that fill what the command line leaves unset. This module imports nothing heavy: ``sta-cache --help``
 never loads torch.
@@ -20,6 +20,8 @@ AtomInit = Literal["data", "random"]
 BiasInit = Literal["geometric_median", "mean", "zero"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
 CoefficientDtype = Literal["float32", "float16", "bfloat16", "float8_e4m3fn"]
+TrainMethod = Literal["mod", "sae"]  # how `sta-cache train` learns atoms (TrainConfig)
+Shard = Literal["data", "layers"]  # how `sta-cache train` splits its work over torchrun processes
 PasskeyFeed = Literal["generate", "chunked"]  # one prefill as model.generate, or prefill + chunks as perplexity
 
 DEFAULT_SINKS = 4  # SparseSemanticCache keeps the first 4 tokens dense: no need to learn them
@@ -74,102 +76,110 @@ class DemoConfig:
 
 @dataclass
 class TrainConfig:
-    """Top-K sparse-autoencoder dictionaries trained by gradient descent on a model's cached keys and values.
+    """Per-layer key and value dictionaries learned from the keys and values a model caches over a text.
 
-    Sizes count vectors of one dictionary (one layer, one kind, one head group). The text is read once; vectors
-    are replayed from a reservoir per dictionary (``buffer_size`` vectors, all reservoirs together at most
-    ``buffer_mb`` MiB in bfloat16), ``epochs`` times on average (``steps`` overrides it).
+    Two methods. ``mod`` (the default, and the recipe of the shipped dictionaries): atoms learned for the codes the
+    cache really stores, orthogonal-matching-pursuit codes, by the Method of Optimal Directions over a random
+    sample of ``vectors`` vectors per dictionary. ``sae``: Top-K sparse autoencoders trained by gradient descent,
+    the text read once into reservoirs of ``buffer_size`` vectors per dictionary (all together at most
+    ``buffer_mb`` MiB) replayed ``epochs`` times. Sizes count vectors of one dictionary (one layer, one kind, one
+    head group). Under ``torchrun --nproc-per-node N`` the work is split over N processes (``shard``).
     """
 
+    method: TrainMethod = option(
+        "mod",
+        "mod: atoms for matching-pursuit codes by the Method of Optimal Directions (the shipped recipe: x1.006 "
+        "held-out perplexity at 8/16 on SmolLM2); sae: Top-K sparse autoencoders by gradient descent (weaker: "
+        "x1.64 on a held-out text with post-RoPE keys and Top-K codes, README 'Training')",
+    )
     n_atoms: int = option(1024, "atoms per dictionary (N)")
     k_key: int = option(8, "atoms per key the dictionary is trained and saved for")
     k_value: int = option(16, "atoms per value the dictionary is trained and saved for")
     key_space: KeySpace = option(
-        "post_rope",
-        "code keys as cached, after RoPE (post_rope, the paper's and this "
-        "recipe's setting), or un-rotated first (pre_rope, what train-pursuit uses)",
+        "pre_rope",
+        "code keys un-rotated by their position (pre_rope: x1.008 against x1.031 post_rope at 8/16 fp8 on held-out "
+        "text, LAB_NOTES.md) or as cached (post_rope: the paper's setting, faster decode)",
     )
-    encoder: Encoder = option(
-        "topk",
-        "encoder the cache codes with: the SAE's one-shot Top-K (topk, what is "
-        "trained) or orthogonal matching pursuit over the same atoms (omp)",
+    encoder: Encoder | None = option(
+        None,
+        "encoder the cache codes with: omp (orthogonal matching pursuit; the only one for mod) or topk (the SAE's "
+        "one-shot encoder; default for sae)",
     )
     per_head: bool = option(False, "one dictionary per KV head instead of one shared by the layer's heads")
     context: int = option(256, "tokens per window fed to the model")
-    max_tokens: int = option(60_000, "training tokens read from the text")
-    eval_tokens: int = option(2048, "held-out tokens (after the training tokens) for the final evaluation")
+    max_tokens: int | None = option(
+        None, "training tokens read from the text (default: 12,288 for mod, 48 windows; 60,000 for sae)"
+    )
+    eval_tokens: int = option(
+        2048, "held-out tokens (after the training tokens) for the final check: reconstruction and perplexity"
+    )
+    check_perplexity: bool = option(
+        True, "end with the held-out perplexity ratio at k_key/k_value against DynamicCache (in the model card)"
+    )
     skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks dense)")
     batch_windows: int = option(4, "windows per model forward while collecting")
-    epochs: float = option(2.0, "average times each collected vector is trained on")
-    steps: int | None = option(None, "optimiser steps (default: derived from --epochs)")
-    batch_size: int = option(1024, "vectors per step and dictionary")
-    lr: float = option(4e-3, "Adam learning rate")
-    warmup_steps: int = option(20, "steps of linear learning-rate warm-up")
-    decay_fraction: float = option(0.3, "final fraction of the steps with linear decay to zero")
-    aux_k: int | None = option(None, "dead atoms the AuxK loss revives per vector (default: head_dim / 2)")
-    aux_coef: float = option(1 / 32, "weight of the AuxK loss")
-    dead_steps: int = option(32, "steps without firing after which an atom counts as dead")
-    buffer_size: int = option(32768, "reservoir vectors per dictionary")
-    buffer_mb: float = option(512.0, "MiB all reservoirs may hold together")
-    init: AtomInit = option("data", "atoms start at random centred training vectors (data) or random directions")
-    b_dec_init: BiasInit = option(
-        "geometric_median", "decoder bias starts at the data's geometric median, mean, or zero"
+    shard: Shard = option(
+        "data",
+        "under torchrun: data (each process reads its share of the text; pursuit statistics / gradients are "
+        "summed over processes) or layers (each process reads all the text and trains its share of the layers)",
     )
     seed: int = option(0, "random seed (a run resumed from its checkpoint gives the same weights)")
     dtype: WeightDtype = option("float32", "dtype of the saved weights")
-    eval_vectors: int = option(4096, "held-out vectors per dictionary for the Top-K evaluation")
-    eval_vectors_omp: int = option(1024, "held-out vectors per dictionary for the OMP evaluation")
-    log_every: int = option(25, "steps between log lines (train_log.jsonl)")
-    eval_every: int = option(0, "steps between held-out evaluations during training (0: at the end only)")
-    checkpoint_every: int = option(100, "steps between checkpoints (an interrupted run resumes from the last)")
     base_model: str | None = option(None, "model name recorded in the dictionary (default: the model's own)")
+    # mod
+    vectors: int = option(16000, "mod: training vectors per dictionary (a random sample of those collected)")
+    iterations: int = option(6, "mod: iterations (pursuit codes, then a least-squares refit of all atoms)")
+    # sae
+    epochs: float = option(2.0, "sae: average times each collected vector is trained on")
+    steps: int | None = option(None, "sae: optimiser steps (default: derived from --epochs)")
+    batch_size: int = option(1024, "sae: vectors per step and dictionary")
+    lr: float = option(4e-3, "sae: Adam learning rate")
+    warmup_steps: int = option(20, "sae: steps of linear learning-rate warm-up")
+    decay_fraction: float = option(0.3, "sae: final fraction of the steps with linear decay to zero")
+    aux_k: int | None = option(None, "sae: dead atoms the AuxK loss revives per vector (default: head_dim / 2)")
+    aux_coef: float = option(1 / 32, "sae: weight of the AuxK loss")
+    dead_steps: int = option(32, "sae: steps without firing after which an atom counts as dead")
+    buffer_size: int = option(32768, "sae: reservoir vectors per dictionary")
+    buffer_mb: float = option(512.0, "sae: MiB all reservoirs may hold together")
+    init: AtomInit = option("data", "sae: atoms start at random centred training vectors (data) or random directions")
+    b_dec_init: BiasInit = option(
+        "geometric_median", "sae: decoder bias starts at the data's geometric median, mean, or zero"
+    )
+    eval_vectors: int = option(4096, "held-out vectors per dictionary for the reconstruction check")
+    eval_vectors_omp: int = option(1024, "sae: held-out vectors per dictionary for its OMP evaluation")
+    log_every: int = option(25, "sae: steps between log lines (train_log.jsonl)")
+    eval_every: int = option(0, "sae: steps between held-out evaluations during training (0: at the end only)")
+    checkpoint_every: int = option(100, "sae: steps between checkpoints (an interrupted run resumes from the last)")
 
     def __post_init__(self) -> None:
+        check_choice("method", self.method, TrainMethod)
         check_choice("key_space", self.key_space, KeySpace)
-        check_choice("encoder", self.encoder, Encoder)
+        check_choice("shard", self.shard, Shard)
         check_choice("init", self.init, AtomInit)
         check_choice("b_dec_init", self.b_dec_init, BiasInit)
         check_choice("dtype", self.dtype, WeightDtype)
+        if self.encoder is None:
+            self.encoder = "omp" if self.method == "mod" else "topk"
+        check_choice("encoder", self.encoder, Encoder)
+        if self.method == "mod" and self.encoder != "omp":
+            raise ValueError("method='mod' learns atoms for pursuit codes: its encoder is 'omp'")
+        if self.max_tokens is None:
+            self.max_tokens = 48 * 256 if self.method == "mod" else 60_000
         for name in ("k_key", "k_value"):
             if not 1 <= getattr(self, name) <= self.n_atoms:
                 raise ValueError(f"{name} must be between 1 and n_atoms={self.n_atoms}")
         if self.context <= self.skip_first:
             raise ValueError(f"context={self.context} must exceed skip_first={self.skip_first}")
+        for name in ("max_tokens", "eval_tokens", "vectors", "iterations", "batch_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 1 or self.buffer_size < self.batch_size:
             raise ValueError("need 1 <= batch_size <= buffer_size")
 
     def weights_fingerprint(self) -> dict:
         """The fields that determine the trained weights (a resumed run must agree on all of them)."""
-        not_affecting = {"log_every", "eval_every", "checkpoint_every", "base_model"}
+        not_affecting = {"log_every", "eval_every", "checkpoint_every", "base_model", "check_perplexity", "shard"}
         return {k: v for k, v in asdict(self).items() if k not in not_affecting}
-
-
-@dataclass
-class PursuitConfig:
-    """Dictionaries for matching-pursuit codes, learned by the Method of Optimal Directions (MOD): the recipe of
-    the shipped SmolLM2 and Gemma-3 dictionaries, whose settings are the defaults."""
-
-    n_atoms: int = option(1024, "atoms per dictionary (N)")
-    k_key: int = option(8, "atoms per key the atoms are learned for")
-    k_value: int = option(16, "atoms per value the atoms are learned for")
-    key_space: KeySpace = option(
-        "pre_rope",
-        "code keys un-rotated by their position (pre_rope: ×1.008 against "
-        "×1.031 post_rope at 8/16 fp8 on held-out text, LAB_NOTES.md) or as cached "
-        "(post_rope: faster decode)",
-    )
-    context: int = option(256, "tokens per window fed to the model")
-    windows: int = option(48, "windows read from the text")
-    skip_first: int = option(DEFAULT_SINKS, "first positions of each window left out (the cache keeps its sinks dense)")
-    vectors: int = option(16000, "training vectors per dictionary")
-    iterations: int = option(6, "MOD iterations (OMP codes, then a least-squares refit of all atoms)")
-    seed: int = option(0, "random seed")
-
-    def __post_init__(self) -> None:
-        check_choice("key_space", self.key_space, KeySpace)
-        for name in ("k_key", "k_value"):
-            if not 1 <= getattr(self, name) <= self.n_atoms:
-                raise ValueError(f"{name} must be between 1 and n_atoms={self.n_atoms}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ def demo_dictionary(name: str, model, tokenizer, dictionary: str | None) -> tupl
         return KVDictionary.from_pretrained(out), str(out)
     except DictionaryFormatError:
         print(f"No pretrained dictionaries for {name}: training small ones into {out} (a few minutes, once).")
-        quick = TrainConfig(n_atoms=256, max_tokens=16_000, key_space="pre_rope", encoder="omp")
+        quick = TrainConfig(n_atoms=256, max_tokens=16_000)  # the default method (MOD), fewer atoms
         return train_dictionary(model, tokenizer, wikipedia_text("train"), quick, out), str(out)
 
 

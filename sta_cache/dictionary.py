@@ -329,8 +329,8 @@ def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:
         "---",
         f"# STA-Attention KV dictionaries for {config.base_model}",
         "",
-        "Per-layer Top-K sparse-autoencoder dictionaries for `sta_cache.SparseSemanticCache`: each cached key and",
-        "value vector is stored as k atom indices and k coefficients.",
+        "Per-layer dictionaries of atoms for `sta_cache.SparseSemanticCache`: each cached key and value vector is",
+        "stored as k atom indices and k coefficients.",
         "",
         "| field | value |",
         "| --- | --- |",
@@ -343,9 +343,28 @@ def model_card(config: KVDictionaryConfig, weights_path: Path) -> str:
         f"| file size | {size_mb:.2f} MiB |",
         f"| training text | {training.get('text', 'unknown')} |",
         f"| training tokens | {training.get('tokens', 'unknown')} |",
+        f"| training method | {training.get('method', 'unknown')} |",
     ]
+    if training.get("world_size", 1) > 1:
+        lines.append(
+            f"| trained by | {training['world_size']} processes (torch.distributed, {training.get('shard')}) |"
+        )
     for key, value in evaluation.items():
-        lines.append(f"| {key} | {value} |")
+        if not isinstance(value, dict):
+            lines.append(f"| {key} | {value} |")
+    per_layer = evaluation.get("per_layer")
+    if isinstance(per_layer, dict) and per_layer:
+        kinds = list(next(iter(per_layer.values())))
+        lines += [
+            "",
+            "Held-out reconstruction cosine per layer:",
+            "",
+            "| layer | " + " | ".join(kinds) + " |",
+            "| --- |" + " ---: |" * len(kinds),
+        ]
+        lines += [
+            f"| {layer} | " + " | ".join(str(row[kind]) for kind in kinds) + " |" for layer, row in per_layer.items()
+        ]
     lines += [
         "",
         "```python",

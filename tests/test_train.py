@@ -73,6 +73,8 @@ def text(tmp_path_factory) -> Path:
 
 def small_config(**overrides) -> TrainConfig:
     base = dict(
+        method="sae",
+        key_space="post_rope",
         n_atoms=64,
         k_key=4,
         k_value=6,

@@ -141,6 +141,7 @@ def train_per_k(model, tokenizer, dictionary: KVDictionary, vectors, ks: list[in
     out = {"ks": ks, "settings": {"max_tokens": config.train_tokens, "epochs": config.train_epochs}, "layers": {}}
     for k in tqdm(ks, desc="train per k", disable=not config.progress):
         train_config = TrainConfig(
+            method="mod" if meta.encoder == "omp" else "sae",
             n_atoms=meta.n_atoms,
             k_key=k,
             k_value=k,
@@ -152,6 +153,7 @@ def train_per_k(model, tokenizer, dictionary: KVDictionary, vectors, ks: list[in
             epochs=config.train_epochs,
             seed=config.seed,
             base_model=meta.base_model,
+            check_perplexity=False,
         )
         text = config.train_text or wikipedia_text("train")
         trained = train_dictionary(

@@ -8,7 +8,6 @@ resumed, and a finished run reused, only by the run it belongs to.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..configs import TrainConfig
+from ..text import TextSource
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -31,29 +31,25 @@ __all__ = [
     "TrainLog",
     "fingerprint",
     "save_checkpoint",
-    "sha256_of",
 ]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(
-    config: TrainConfig, geometry: tuple[int, int, int], layers: list[int], text_path: Path, eval_text: Path | None
+    config: TrainConfig,
+    geometry: tuple[int, int, int],
+    layers: list[int],
+    text: TextSource,
+    eval_text: TextSource | None,
 ) -> dict:
     """What determines a run's weights: the weight-affecting config fields, the model's ``(num_layers, heads,
-    head_dim)`` and compressed layers, and the training text (path and content) and held-out text."""
+    head_dim)`` and the layers trained, and the training text (file path and content, or dataset) and held-out
+    text."""
     num_layers, heads, d = geometry
     return {
         "train_config": config.weights_fingerprint(),
         "model": {"num_layers": num_layers, "heads": heads, "head_dim": d, "layers": layers},
-        "text": {"path": str(text_path), "sha256": sha256_of(text_path)},
-        "eval_text": None if eval_text is None else str(eval_text),
+        "text": text.fingerprint(),
+        "eval_text": None if eval_text is None else eval_text.fingerprint(),
     }
 
 

@@ -10,18 +10,24 @@ import torch
 
 from ..configs import Encoder
 from ..dictionary import KINDS, KVDictionary
-from ..kernels.reference import omp_encode_reference
+from ..kernels.dispatch import encode, resolve_backend
 from ..metrics import fraction_of_variance_unexplained, mean_cosine
 from .sae import StackedTopKSAE
 
-__all__ = ["evaluate_dictionary", "evaluate_stack", "reconstruct", "summary"]
+__all__ = ["evaluate_dictionary", "evaluate_stack", "omp_codes", "reconstruct", "summary"]
+
+
+def omp_codes(x: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP codes ``(indices [n, k], coefficients [n, k])`` of ``x [n, d]`` over ``atoms [N, d]`` and ``bias [d]``,
+    by the fastest kernel for ``x``'s device (the fused C kernel on the CPU)."""
+    return encode(x, {"W_dec": atoms, "b_dec": bias}, k, "omp", resolve_backend("auto", x.device, x.shape[-1]))
 
 
 @torch.no_grad()
 def reconstruct(W_enc, b_enc, W_dec, b_dec, x: torch.Tensor, k: int, encoder: Encoder) -> torch.Tensor:
     """``x [M, d]`` coded with ``k`` atoms by one SAE's weights and decoded again."""
     if encoder == "omp":
-        idx, coef = omp_encode_reference(x, W_dec, b_dec, k)
+        idx, coef = omp_codes(x, W_dec, b_dec, k)
     elif W_enc is None:
         raise ValueError("encoder='topk' needs the SAE's encoder, and a matching-pursuit dictionary holds none")
     else:

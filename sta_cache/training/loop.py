@@ -1,4 +1,5 @@
-"""Train the per-layer key and value Top-K SAEs of a model on the keys/values it caches over a text.
+"""Train the per-layer key and value Top-K SAEs of a model on the keys/values it caches over a text (``sta-cache
+train --method sae``).
 
 One pass over the text streams every compressed layer's keys and values (:mod:`sta_cache.collect`) into a bounded
 shuffle reservoir per dictionary (:mod:`.reservoir`); all dictionaries (layers x {key, value} x heads) train
@@ -6,62 +7,44 @@ together as one batched step of the stacked SAEs (:mod:`.sae`) drawn from the re
 Practice follows Gao et al. (2024): ``b_dec`` starts at the geometric median of the data, ``W_enc`` at
 ``W_dec^T``, decoder rows stay unit norm (the gradient component along each row is removed before the Adam step,
 rows re-normalized after it), the loss is the normalized MSE, and dead atoms are revived by the AuxK loss.
-Checkpoints in ``out_dir`` hold the whole state (:mod:`.checkpoint`), so an interrupted run resumed gives the same
-weights.
+Checkpoints in the run folder hold the whole state (:mod:`.checkpoint`), so an interrupted run resumed gives the
+same weights.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..collect import iter_kv, rotary_for_layer, text_path_of, token_windows
+from ..collect import iter_kv
 from ..configs import TrainConfig
-from ..dictionary import KINDS, KVDictionary, KVDictionaryConfig
+from ..dictionary import KINDS
 from ..dtypes import DTYPES
-from ..geometry import compressible_layers, kv_geometry
+from ..geometry import kv_geometry
 from . import checkpoint
 from .heldout import evaluate_stack, summary
-from .run import TrainingRun
+from .result import MethodResult
+from .run import TIMERS, TrainingRun
+from .sae import PARAMETERS
 
-__all__ = ["train_dictionary"]
+__all__ = ["train_sae"]
 
 
-def train_dictionary(
+def train_sae(
     model,
-    tokenizer,
-    text_path: str | os.PathLike,
+    windows: torch.Tensor,
+    eval_windows: torch.Tensor,
+    layers: list[int],
     config: TrainConfig,
-    out_dir: str | os.PathLike,
-    resume: bool = True,
+    folder: checkpoint.RunFolder,
+    *,
     progress: bool = True,
-    eval_text_path: str | os.PathLike | None = None,
-) -> KVDictionary:
-    """Train key and value dictionaries for every compressed layer of ``model`` on ``text_path`` and save them
-    to ``out_dir`` (``KVDictionary.save_pretrained`` + ``train_log.jsonl`` + ``evaluation.json``).
-
-    The first ``config.max_tokens`` tokens of the text (in windows of ``config.context``) train; the held-out
-    vectors come from the next ``config.eval_tokens`` tokens, or from ``eval_text_path`` when given. With
-    ``resume`` a run picks up its checkpoint in ``out_dir`` (or returns the finished dictionary there); the
-    result is the same as an uninterrupted run's.
-    """
-    text_path = text_path_of(text_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    geometry = kv_geometry(model.config)
-    layers = compressible_layers(model.config)
-    eval_text = None if eval_text_path is None else text_path_of(eval_text_path)
-    folder = checkpoint.RunFolder(out_dir, checkpoint.fingerprint(config, geometry, layers, text_path, eval_text))
-    if resume and folder.finished():
-        return KVDictionary.load_folder(out_dir)
-
-    windows, eval_windows = _text_windows(tokenizer, text_path, config, eval_text_path)
-    _, heads, d = geometry
+) -> MethodResult:
+    """Train the Top-K SAEs of ``layers`` on the model's keys/values over ``windows``, evaluated on
+    ``eval_windows``. A checkpoint in ``folder`` is resumed; the result is the same as an uninterrupted run's."""
+    _, heads, d = kv_geometry(model.config)
     per_window = (config.context - config.skip_first) * (1 if config.per_head else heads)
     run = TrainingRun(config, layers, heads, d, len(windows), per_window)
     collect = dict(
@@ -71,8 +54,7 @@ def train_dictionary(
         batch_windows=config.batch_windows,
         skip_first=config.skip_first,
     )
-
-    resuming = resume and folder.checkpoint.is_file()
+    resuming = folder.checkpoint.is_file()
     log_bytes = 0
     if resuming:
         payload = folder.load_checkpoint()
@@ -98,41 +80,28 @@ def train_dictionary(
     for encoder, by_layer in per_encoder.items():
         log.write({"event": "heldout", "tag": "final", "step": run.steps_done, "encoder": encoder, "layers": by_layer})
     log.close()
-
-    rotary, rope_scaling = _rotary(model, config, layers)
-    meta = _dictionary_config(
-        model,
-        config,
-        run,
-        text_path,
-        folder.fingerprint["text"]["sha256"],
-        windows,
-        eval_text_path,
-        rope_scaling,
-        evaluation,
-        eval_seconds,
-    )
-    dictionary = _export(run, meta, rotary)
-    dictionary.save_pretrained(out_dir, dtype=None if config.dtype == "float32" else DTYPES[config.dtype])
-    folder.finish({"summary": evaluation, "per_layer": per_encoder, "k_key": config.k_key, "k_value": config.k_value})
-    return KVDictionary.load_folder(out_dir)
-
-
-def _text_windows(tokenizer, text_path: Path, config: TrainConfig, eval_text_path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training windows, then the held-out windows (after them in the same text, or from ``eval_text_path``)."""
-    n_windows = max(1, math.ceil(config.max_tokens / config.context))
-    windows = token_windows(tokenizer, text_path, config.context, n_windows)
-    n_eval = max(1, math.ceil(config.eval_tokens / config.context))
-    if eval_text_path is not None:
-        eval_windows = token_windows(tokenizer, eval_text_path, config.context, n_eval)
-    else:
-        eval_windows = token_windows(tokenizer, text_path, config.context, n_eval, skip_windows=len(windows))
-    if len(windows) == 0 or len(eval_windows) == 0:
-        raise ValueError(
-            f"{text_path} is too short for {n_windows} training windows of {config.context} tokens plus held-out "
-            "text; lower max_tokens/eval_tokens/context or pass eval_text_path"
-        )
-    return windows, eval_windows
+    weights = {
+        (layer, kind, h): {
+            name: getattr(run.sae, name)[run.index(p, kind_idx, h)].detach().clone() for name in PARAMETERS
+        }
+        for p, layer in enumerate(layers)
+        for kind_idx, kind in enumerate(KINDS)
+        for h in range(run.hd)
+    }
+    training = {
+        "steps": run.total_steps,
+        "batch_size": config.batch_size,
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "aux_k": run.sae.aux_k,
+        "dead_steps": config.dead_steps,
+        "buffer_size": run.reservoir.size,
+        "init": config.init,
+        "b_dec_init": config.b_dec_init,
+        **{f"{name}_seconds": round(run.seconds[name], 1) for name in TIMERS},
+        "eval_seconds": round(eval_seconds, 1),
+    }
+    return MethodResult(weights, training, evaluation, {"per_layer": per_encoder})
 
 
 def _heldout_vectors(model, run: TrainingRun, eval_windows: torch.Tensor, collect: dict, config: TrainConfig):
@@ -270,85 +239,3 @@ def _final_evaluation(run: TrainingRun, heldout: torch.Tensor, eval_windows: tor
         per_encoder[encoder] = run.by_layer({"fvu": fvu, "cos": cos})
         evaluation.update(summary(per_encoder[encoder], encoder))
     return per_encoder, evaluation, time.perf_counter() - start
-
-
-def _rotary(model, config: TrainConfig, layers: list[int]) -> tuple[dict[int, tuple[torch.Tensor, float]], float]:
-    """The rotary frequencies of each layer a pre-RoPE dictionary re-rotates with, and their one attention scaling."""
-    rotary = {i: rotary_for_layer(model, i) for i in layers} if config.key_space == "pre_rope" else {}
-    scalings = {round(s, 6) for _, s in rotary.values()}
-    if len(scalings) > 1:
-        raise ValueError(f"the compressed layers use different rotary attention scalings {sorted(scalings)}")
-    return rotary, scalings.pop() if scalings else 1.0
-
-
-def _dictionary_config(
-    model,
-    config: TrainConfig,
-    run: TrainingRun,
-    text: Path,
-    text_sha256: str,
-    windows,
-    eval_text_path,
-    rope_scaling: float,
-    evaluation: dict,
-    eval_seconds: float,
-) -> KVDictionaryConfig:
-    """The saved dictionary's config: the model geometry, the budget, and how it was trained and how well it does."""
-    num_layers, heads, d = kv_geometry(model.config)
-    base_model = config.base_model or getattr(model, "name_or_path", None) or model.config._name_or_path or "unknown"
-    return KVDictionaryConfig(
-        base_model=str(base_model),
-        num_layers=num_layers,
-        layer_indices=run.layers,
-        num_kv_heads=heads,
-        head_dim=d,
-        n_atoms=config.n_atoms,
-        per_head=config.per_head,
-        k_key=config.k_key,
-        k_value=config.k_value,
-        key_space=config.key_space,
-        encoder=config.encoder,
-        rope_scaling=rope_scaling,
-        training={
-            "text": text.name,
-            "text_sha256": text_sha256,
-            "tokens": int(windows.numel()),
-            "context": config.context,
-            "windows": len(windows),
-            "skip_first": config.skip_first,
-            "seed": config.seed,
-            "steps": run.total_steps,
-            "batch_size": config.batch_size,
-            "epochs": config.epochs,
-            "lr": config.lr,
-            "aux_k": run.sae.aux_k,
-            "dead_steps": config.dead_steps,
-            "buffer_size": run.reservoir.size,
-            "init": config.init,
-            "b_dec_init": config.b_dec_init,
-            "eval_text": _eval_text_name(text, eval_text_path),
-            "collect_seconds": round(run.seconds["collect"], 1),
-            "collect_cpu_seconds": round(run.seconds["collect_cpu"], 1),
-            "train_seconds": round(run.seconds["train"], 1),
-            "train_cpu_seconds": round(run.seconds["train_cpu"], 1),
-            "eval_seconds": round(eval_seconds, 1),
-        },
-        evaluation=evaluation,
-    )
-
-
-def _eval_text_name(text: Path, eval_text_path) -> str:
-    return Path(eval_text_path).name if eval_text_path is not None else f"{text.name} (after the training tokens)"
-
-
-def _export(run: TrainingRun, meta: KVDictionaryConfig, rotary: dict[int, tuple[torch.Tensor, float]]) -> KVDictionary:
-    """A :class:`KVDictionary` holding the run's weights and, for pre-RoPE keys, each layer's frequencies."""
-    dictionary = KVDictionary(meta)
-    with torch.no_grad():
-        for p, layer in enumerate(run.layers):
-            for kind_idx, kind in enumerate(KINDS):
-                for h, sae in enumerate(dictionary[layer].saes(kind)):
-                    run.sae.export(run.index(p, kind_idx, h), sae)
-            if layer in rotary:
-                dictionary[layer].rope_inv_freq.copy_(rotary[layer][0])
-    return dictionary
