@@ -277,10 +277,11 @@ class SparseSemanticCache(Cache):
         **kwargs,
     ) -> SparseSemanticCache:
         """Load the dictionary from a folder or Hub repo id and build a cache. Pass ``config=model.config`` (or
-        ``model=model``) to check the dictionary against the model now; ``kwargs`` go to ``__init__``."""
-        config = model_config(config, model)  # before loading: a wrong argument fails fast
+        ``model=model``, which also gives a tensor-parallel model's group) to check the dictionary against the model
+        now; ``kwargs`` go to ``__init__``."""
+        model_config(config, model)  # before loading: a wrong argument fails fast
         dictionary = KVDictionary.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-        return cls(dictionary, config=config, **kwargs)
+        return cls(dictionary, config=config, model=model, **kwargs)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         meta = self.dictionary.config

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from sta_cache import KVDictionary, SparseSemanticCache
+from sta_cache import SparseSemanticCache
 from sta_cache.compat import cache_kwargs
 from sta_cache.memory import storage_bytes
 
@@ -56,10 +56,11 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     result = {"tp_size": model.tp_size, "held_heads": held_heads(model, reference), "runs": {}}
     for folder in sys.argv[3:]:
-        cache = SparseSemanticCache(KVDictionary.from_pretrained(folder), model=model, **CACHE_OPTIONS)
+        cache = SparseSemanticCache.from_pretrained(folder, model=model, **CACHE_OPTIONS)
         tokens = model.generate(PROMPT, **cache_kwargs(model, cache), max_new_tokens=NEW_TOKENS, do_sample=False)
         result["runs"][Path(folder).name] = {
             "tokens": tokens[0].tolist(),
+            "ranks": [cache.ranks.rank, cache.ranks.size, cache.ranks.group is not None],
             "kv_heads": [None if layer.kv_heads is None else list(layer.kv_heads) for layer in cache.sparse_layers],
             "footprint": cache.memory_footprint(),  # first: it encodes what has left the window
             "group_footprint": cache.memory_footprint(across_ranks=True),

@@ -93,6 +93,7 @@ def test_each_rank_caches_its_contiguous_share_of_the_kv_heads(tensor_parallel_r
     for r, result in enumerate(ranks):
         assert result["tp_size"] == RANKS
         assert result["held_heads"] == [r]
+        assert all(run["ranks"] == [r, RANKS, True] for run in result["runs"].values())  # the model's TP group
         assert all(heads == [r] for heads in result["runs"]["per_head"]["kv_heads"])
         assert all(heads is None for heads in result["runs"]["shared"]["kv_heads"])
 
