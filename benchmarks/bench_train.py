@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from bench_memory import versions
+
 from sta_cache.training.mod import mod_step
 
 
@@ -65,7 +65,10 @@ def time_step(d: int, k: int, args: argparse.Namespace) -> dict:
     bias = torch.zeros(d)
     mod_step(x, atoms, bias, k)  # builds the C kernels and warms the caches
     out = {}
-    for label, threads, clock in (("one_thread", 1, time.thread_time), ("all_threads", args.threads, time.perf_counter)):
+    for label, threads, clock in (
+        ("one_thread", 1, time.thread_time),
+        ("all_threads", args.threads, time.perf_counter),
+    ):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads or previous)
         samples = []

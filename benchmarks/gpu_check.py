@@ -1,5 +1,6 @@
 """The checks to run on the day a GPU is lent: every Triton kernel against its PyTorch reference on fresh random
-CUDA inputs (the tests run them only under the CPU interpreter), then the kernels' timing.
+CUDA inputs (the tests run them only under the CPU interpreter), a model split over the GPU and the CPU (accelerate's
+``dispatch_model``, what ``device_map`` does), then the kernels' timing.
 
     python benchmarks/gpu_check.py                     # correctness, a few seconds; exits 1 on any mismatch
     python benchmarks/gpu_check.py --bench --out DIR   # then benchmarks/bench_kernels.py's GPU sizes into DIR
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from sta_cache import KVDictionary, KVDictionaryConfig, SparseSemanticCache, cache_kwargs
 from sta_cache.kernels import reference, triton_attention, triton_encode
 
 
@@ -66,6 +69,64 @@ def attention_checks(device: torch.device) -> list[tuple[str, float, float]]:
     return rows
 
 
+def device_split_checks(first: torch.device, second: torch.device) -> list[tuple[str, float, float]]:
+    """A tiny Llama with layer 0 on ``first`` and layers 1-2 on ``second``, "sta" attention and an exact
+    dictionary (the signed basis, k = head_dim): greedy tokens must equal DynamicCache's on the same split, and every
+    layer's codes, window and dictionary copy must sit on its own layer's device. Errors: the share of differing
+    tokens, the share of layers with a tensor elsewhere."""
+    from accelerate import dispatch_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(  # the tests' tiny Llama
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sta")
+    layer_devices = [first, second, second]
+    device_map = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": second, "lm_head": second}
+    device_map |= {f"model.layers.{i}": device for i, device in enumerate(layer_devices)}
+    model = dispatch_model(model, device_map=device_map)
+    d = 16
+    meta = KVDictionaryConfig(
+        base_model="tiny-llama",
+        num_layers=3,
+        layer_indices=[0, 1, 2],
+        num_kv_heads=2,
+        head_dim=d,
+        n_atoms=2 * d,
+        per_head=True,
+        k_key=d,
+        k_value=d,
+        encoder="omp",
+    )
+    dictionary = KVDictionary(meta)
+    with torch.no_grad():
+        for i in meta.layer_indices:
+            for sae in (*dictionary[i].key, *dictionary[i].value):
+                sae.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
+    prompt = torch.arange(3, 43, device=first).unsqueeze(0)
+    tokens = {}
+    for name, cache in (
+        ("dynamic", DynamicCache(config=config)),
+        ("sta", SparseSemanticCache(dictionary, model=model, residual_length=8, num_sink_tokens=2, encode_batch=4)),
+    ):
+        tokens[name] = model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=16, do_sample=False)
+    differing = float((tokens["sta"] != tokens["dynamic"]).float().mean())
+    misplaced = 0
+    for layer, device in zip(cache.sparse_layers, layer_devices, strict=True):
+        held = [*layer.sae["key"].values(), *layer.sae["value"].values(), *layer.code_tensors(), layer.keys]
+        misplaced += any(t is not None and t.device.type != device.type for t in held)
+    label = f"device_map layers {[d.type for d in layer_devices]}: tokens vs DynamicCache, misplaced layers"
+    return [(label, differing, misplaced / len(layer_devices))]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="also run bench_kernels.py at its GPU sizes")
@@ -77,7 +138,8 @@ def main() -> int:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     failed = False
-    for name, error, differing_rows in encoder_checks(device) + attention_checks(device):
+    checks = encoder_checks(device) + attention_checks(device) + device_split_checks(device, torch.device("cpu"))
+    for name, error, differing_rows in checks:
         ok = error < 1e-3 and differing_rows < 0.02  # float32 throughout; greedy picks may differ on near-ties
         failed |= not ok
         print(

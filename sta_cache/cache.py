@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from . import geometry
+from . import distributed, geometry
 from .attention import hand_over
 from .configs import Pursuit
 from .dictionary import KVDictionary
@@ -176,6 +176,12 @@ class SparseSemanticCache(Cache):
     of "omp" on the CPU at the same held-out perplexity (README "Speed"). Keys always use OMP: matching pursuit
     loses measurably there.
     Every argument is checked here; a failed ``update`` leaves each layer as it was.
+
+    Under tensor parallelism (``from_pretrained(..., tp_plan="auto")`` under ``torchrun``) each rank's cache holds
+    its own KV heads, coded with its share of a per-head dictionary: pass ``model=model`` and the cache reads the
+    model's tensor-parallel group; without it, it takes all processes to be that group (right for plain
+    ``torchrun`` tensor parallelism; the heads a layer is given are checked against it either way).
+    ``memory_footprint(across_ranks=True)`` sums the group's bytes.
     """
 
     def __init__(
@@ -201,6 +207,7 @@ class SparseSemanticCache(Cache):
                 + (f": load {dictionary!r} with SparseSemanticCache.from_pretrained(...)" if load else "")
             )
         config = model_config(config, model)
+        self.ranks = distributed.tensor_parallel(model) if model is not None else distributed.world()
         meta = dictionary.config
         k_key = meta.k_key if k_key is None else k_key
         k_value = meta.k_value if k_value is None else k_value
@@ -243,6 +250,7 @@ class SparseSemanticCache(Cache):
                         pack_indices=pack_indices,
                         backend=backend,
                         value_pursuit=value_pursuit,
+                        ranks=self.ranks,
                     )
                 )
             elif layer_type in SLIDING_LAYER_TYPES:
@@ -269,10 +277,11 @@ class SparseSemanticCache(Cache):
         **kwargs,
     ) -> SparseSemanticCache:
         """Load the dictionary from a folder or Hub repo id and build a cache. Pass ``config=model.config`` (or
-        ``model=model``) to check the dictionary against the model now; ``kwargs`` go to ``__init__``."""
-        config = model_config(config, model)  # before loading: a wrong argument fails fast
+        ``model=model``, which also gives a tensor-parallel model's group) to check the dictionary against the model
+        now; ``kwargs`` go to ``__init__``."""
+        model_config(config, model)  # before loading: a wrong argument fails fast
         dictionary = KVDictionary.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-        return cls(dictionary, config=config, **kwargs)
+        return cls(dictionary, config=config, model=model, **kwargs)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         meta = self.dictionary.config
@@ -285,11 +294,14 @@ class SparseSemanticCache(Cache):
         layer = self.layers[layer_idx]
         if isinstance(layer, SparseSemanticLayer) and not layer.is_initialized:
             _, heads, _, head_dim = key_states.shape
-            if (heads, head_dim) != (meta.num_kv_heads, meta.head_dim):
+            rank_heads = distributed.kv_heads_of_rank(meta.num_kv_heads, heads, self.ranks)
+            if rank_heads is None or head_dim != meta.head_dim:
+                where = f" on rank {self.ranks.rank} of {self.ranks.size}" if self.ranks.size > 1 else ""
                 raise UnsupportedModelError(
-                    f"layer {layer_idx} of the model has {heads} KV heads and head_dim {head_dim}, the dictionary "
-                    f"({meta.base_model}) was made for {meta.num_kv_heads} KV heads and head_dim {meta.head_dim}: "
-                    "it belongs to another model (pass config=model.config to check before anything runs)"
+                    f"layer {layer_idx} of the model has {heads} KV heads and head_dim {head_dim}{where}, the "
+                    f"dictionary ({meta.base_model}) was made for {meta.num_kv_heads} KV heads and head_dim "
+                    f"{meta.head_dim}: it belongs to another model (pass config=model.config to check before "
+                    "anything runs)"
                 )
         previous = self.layers[layer_idx - 1] if layer_idx > 0 else None
         if isinstance(previous, SparseSemanticLayer):
@@ -310,45 +322,50 @@ class SparseSemanticCache(Cache):
         for layer in self.sparse_layers:
             layer.flush()
 
-    def memory_footprint(self) -> dict[str, float | int | None]:
+    def memory_footprint(self, across_ranks: bool = False) -> dict[str, float | int | None]:
         """Bytes the cache really holds after encoding what has left the window, counted from tensor storages
         (each once: a view counts the whole storage it keeps alive).
 
         Growing with the context: ``code_bytes`` (indices + coefficients + positions of pre-RoPE codes) and
         ``dense_bytes`` (sinks, windows and layers kept dense). Shared: ``dictionary_bytes``, the dictionary tensors
-        the layers read (one copy per device, shared by every cache built from the same dictionary).
+        the layers read (one copy per device, shared by every cache built from the same dictionary; under tensor
+        parallelism a rank's share of a per-head dictionary).
         ``dynamic_cache_bytes``: what a DynamicCache of the same dtype holds for the same tokens;
         ``compression_ratio`` = dynamic / (code + dense); ``break_even_tokens``: the context length per row (at
         this batch size) from which codes + dense + dictionaries take fewer bytes than a DynamicCache (None until
         some token is compressed).
+
+        These are this process's bytes (under tensor parallelism, this rank's heads). ``across_ranks=True`` sums
+        them over the tensor-parallel group (see the class docstring), a collective that every rank must call.
         """
         self.flush()
-        code = dense = dynamic = 0
-        compressed_dynamic = 0
+        tally = dict.fromkeys(("code", "dense", "dictionary", "dynamic", "compressed_dynamic"), 0.0)
         compressed_tokens = batch = 0
         dictionary_seen: set = set()
-        dictionary = 0
         for layer in self.layers:
             if isinstance(layer, SparseSemanticLayer):
                 memory = layer.memory()
-                code += memory["code_bytes"]
-                dense += memory["dense_bytes"]
-                dynamic += memory["dynamic_cache_bytes"]
+                tally["code"] += memory["code_bytes"]
+                tally["dense"] += memory["dense_bytes"]
+                tally["dynamic"] += memory["dynamic_cache_bytes"]
                 if layer.is_initialized:
-                    dictionary += storage_bytes([layer.sae, layer.rope_inv_freq], dictionary_seen)
+                    tally["dictionary"] += storage_bytes([layer.sae, layer.rope_inv_freq], dictionary_seen)
                     batch, compressed_tokens = layer.keys.shape[0], max(compressed_tokens, layer.num_compressed)
-                    compressed_dynamic += (
+                    tally["compressed_dynamic"] += (
                         memory["dynamic_cache_bytes"] * layer.num_compressed / max(layer.get_seq_length(), 1)
                     )
             elif layer.is_initialized and layer.keys is not None:
-                dense += storage_bytes([layer.keys, layer.values])
-                dynamic += 2 * layer.keys.numel() * layer.keys.element_size()
-        if dictionary == 0:
-            dictionary = self.dictionary.num_bytes()
+                tally["dense"] += storage_bytes([layer.keys, layer.values])
+                tally["dynamic"] += 2 * layer.keys.numel() * layer.keys.element_size()
+        if tally["dictionary"] == 0:
+            tally["dictionary"] = self.dictionary.num_bytes()
+        if across_ranks:
+            tally = dict(zip(tally, distributed.all_reduce_sum(list(tally.values()), self.ranks), strict=True))
+        code, dense, dictionary, dynamic = (int(tally[name]) for name in ("code", "dense", "dictionary", "dynamic"))
         stored = code + dense
         break_even = None
         if compressed_tokens:
-            saving_per_token = (compressed_dynamic - code) / compressed_tokens  # all rows of the batch
+            saving_per_token = (tally["compressed_dynamic"] - code) / compressed_tokens  # all rows of the batch
             if saving_per_token > 0:
                 fixed = self.num_sink_tokens + self.residual_length
                 break_even = fixed + math.ceil(dictionary / saving_per_token)

@@ -133,20 +133,26 @@ class LayerDictionary(nn.Module):
     def saes(self, kind: str) -> nn.ModuleList:
         return self.key if kind == "key" else self.value
 
-    def on_device(self, kind: str, device: torch.device, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def on_device(
+        self, kind: str, device: torch.device, names: tuple[str, ...], heads: range | None = None
+    ) -> dict[str, torch.Tensor]:
         """The ``names`` SAE tensors of ``kind`` stacked over dictionary heads (``W_dec [Hd, N, d]``, ``b_dec
         [Hd, d]``, ``W_enc [Hd, d, N]``, ``b_enc [Hd, N]``) in float32 on ``device``, made once and shared by every
-        cache that uses this dictionary there (ten caches on one device hold one copy). A float32 dictionary shared
-        by all KV heads is not copied at all on its own device: these are views of its weights. Changing the
-        weights in place makes a fresh copy on the next call."""
-        weights = [getattr(sae, name) for sae in self.saes(kind) for name in names]
-        key = (kind, str(device), names, tuple((w.data_ptr(), w._version) for w in weights))
+        cache that uses this dictionary there (ten caches on one device hold one copy). ``heads`` picks the per-head
+        SAEs of the KV heads a tensor-parallel rank holds (all by default); the copy holds those alone. A float32
+        dictionary shared by all KV heads is not copied at all on its own device: these are views of its weights.
+        Changing the weights in place makes a fresh copy on the next call."""
+        shared = len(self.saes(kind)) == 1
+        picked = (0,) if shared else tuple(range(len(self.saes(kind))) if heads is None else heads)
+        saes = [self.saes(kind)[h] for h in picked]
+        weights = [getattr(sae, name) for sae in saes for name in names]
+        key = (kind, str(device), names, picked, tuple((w.data_ptr(), w._version) for w in weights))
         if key not in self._device_copies:
-            self._device_copies = {k: v for k, v in self._device_copies.items() if k[:3] != key[:3]}
+            self._device_copies = {k: v for k, v in self._device_copies.items() if k[:4] != key[:4]}
             self._device_copies[key] = {
-                name: torch.stack([getattr(sae, name).detach() for sae in self.saes(kind)]).to(device, torch.float32)
-                if len(self.saes(kind)) > 1
-                else getattr(self.saes(kind)[0], name).detach().unsqueeze(0).to(device, torch.float32)
+                name: torch.stack([getattr(sae, name).detach() for sae in saes]).to(device, torch.float32)
+                if not shared
+                else getattr(saes[0], name).detach().unsqueeze(0).to(device, torch.float32)
                 for name in names
             }
         return self._device_copies[key]

@@ -11,6 +11,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .configs import Pursuit
 from .dictionary import KINDS, LayerDictionary
+from .distributed import Ranks, kv_heads_of_rank
 from .kernels import dispatch
 from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_rope
 from .memory import owned, storage_bytes
@@ -47,6 +48,11 @@ class SparseSemanticLayer(CacheLayerMixin):
     un-rotated by the position the model gave it and re-rotated when used. The positions come from the "sta"
     attention function (which sees the model's ``position_ids``); other attention implementations do not
     report them and slot ``i`` is taken to be position ``i`` (exact without left padding).
+
+    Under tensor parallelism the key states hold only this rank's KV heads: ``ranks`` is the tensor-parallel group,
+    from which the layer tells which heads those are and codes them with the matching per-head SAEs (a dictionary
+    shared by all heads needs no choice). The layer's codes and dictionary copies live on the device of its key
+    states, so the layers of a model spread over devices each keep theirs on their own.
     """
 
     is_sliding = False
@@ -69,6 +75,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         pack_indices: bool = False,
         backend: str = "auto",
         value_pursuit: Pursuit = "mp",
+        ranks: Ranks | None = None,
     ):
         super().__init__()
         n_atoms = dictionary.key[0].n_atoms
@@ -93,6 +100,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.pursuit = {"key": "omp", "value": value_pursuit}
         self.n_atoms, self.head_dim = n_atoms, dictionary.key[0].d
         self.num_dictionary_heads = len(dictionary.key)
+        self.ranks = ranks or Ranks()
         self.requested_coefficient_dtype = coefficient_dtype
         self.pack_indices = pack_indices
         self.requested_backend = backend
@@ -110,6 +118,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.codes: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {"key": None, "value": None}
         self.key_positions = None
         self.sinks_settled = False
+        self.kv_heads: range | None = None  # the model's KV heads of the per-head SAEs in use; None: shared
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -118,17 +127,22 @@ class SparseSemanticLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: the model's head_dim is {head_dim} but the dictionary was made for "
                 f"head_dim {self.head_dim}"
             )
-        if self.num_dictionary_heads not in (1, heads):
-            raise ValueError(
-                f"layer {self.layer_idx}: the model has {heads} KV heads but the dictionary holds per-head SAEs "
-                f"for {self.num_dictionary_heads}"
-            )
+        kv_heads = None  # a shared dictionary codes every head
+        if self.num_dictionary_heads > 1:
+            kv_heads = kv_heads_of_rank(self.num_dictionary_heads, heads, self.ranks)
+            if kv_heads is None:
+                raise ValueError(
+                    f"layer {self.layer_idx}: the model has {heads} KV heads but the dictionary holds per-head SAEs "
+                    f"for {self.num_dictionary_heads}, and no split of those over {self.ranks.size} tensor-parallel "
+                    f"rank(s) leaves a rank {heads}"
+                )
         device = key_states.device
         backend = dispatch.resolve_backend(self.requested_backend, device, head_dim)  # may raise: before any state
         used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
-        sae = {kind: self.dictionary.on_device(kind, device, used) for kind in KINDS}
+        sae = {kind: self.dictionary.on_device(kind, device, used, kv_heads) for kind in KINDS}
         rope_inv_freq = self.dictionary.rope_inv_freq.to(device)
         self.sae, self.rope_inv_freq, self.backend = sae, rope_inv_freq, backend
+        self.kv_heads = kv_heads
         self.dtype, self.device = key_states.dtype, device
         self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
         self._warn_if_codes_outweigh(dense_bytes=2 * head_dim * key_states.element_size())

@@ -17,6 +17,7 @@ CORE = (
     "compat",
     "configs",
     "dictionary",
+    "distributed",
     "dtypes",
     "geometry",
     "hub",

@@ -94,6 +94,6 @@ def test_layer_sharded_mod_equals_one_process_and_sae_trains_every_layer(one_pro
 
 
 def test_sae_refuses_a_data_split_with_a_clear_error(monkeypatch, text, tmp_path):
-    monkeypatch.setattr(distributed, "init_from_environment", lambda device="cpu": distributed.World(0, 2))
+    monkeypatch.setattr(distributed, "init_from_environment", lambda device="cpu": distributed.Ranks(0, 2))
     with pytest.raises(ValueError, match="shard='layers'"):
         train_dictionary(tiny_model("llama"), None, text, TrainConfig(method="sae"), tmp_path / "out")

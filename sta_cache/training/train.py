@@ -157,7 +157,7 @@ def _assemble(
     windows: torch.Tensor,
     eval_source: TextSource | None,
     result: MethodResult,
-    world: distributed.World,
+    world: distributed.Ranks,
 ) -> KVDictionary:
     """A :class:`KVDictionary` of ``layers`` holding the method's weights and, for pre-RoPE keys, each layer's
     rotary frequencies; its config records the model geometry, the budget and how it was trained."""
