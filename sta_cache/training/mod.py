@@ -80,15 +80,19 @@ def omp_reconstruct(x: torch.Tensor, atoms: torch.Tensor, bias: torch.Tensor, k:
 
 def _least_squares_statistics(indices: torch.Tensor, coefficients: torch.Tensor, centred: torch.Tensor, n_atoms: int):
     """``(C^T C [N, N], C^T X [N, d])`` of the sparse code matrix ``C`` without forming it: each code adds the
-    outer product of its ``k`` coefficients and its coefficients times its vector."""
-    n, k = indices.shape
-    c = coefficients.float()
+    outer product of its ``k`` coefficients and its coefficients times its vector. Summed in float64, so that the
+    order of the sum (one process, or partial sums from several) changes no float32 bit of the solution but in
+    rare ties."""
+    k = indices.shape[1]
+    c = coefficients.double()
     pairs = (indices[:, :, None] * n_atoms + indices[:, None, :]).reshape(-1)
     products = (c[:, :, None] * c[:, None, :]).reshape(-1)
-    # bincount sums in float64 and in a fixed order (index_put_ with accumulate does neither on the CPU)
-    gram = torch.bincount(pairs, weights=products, minlength=n_atoms * n_atoms).view(n_atoms, n_atoms).float()
-    rhs = centred.new_zeros(n_atoms, centred.shape[1])
-    rhs.index_add_(0, indices.reshape(-1), (c[:, :, None] * centred[:, None, :]).reshape(n * k, -1))
+    # bincount sums in a fixed order (index_put_ with accumulate does not on the CPU)
+    gram = torch.bincount(pairs, weights=products, minlength=n_atoms * n_atoms).view(n_atoms, n_atoms)
+    rhs = centred.new_zeros(n_atoms, centred.shape[1], dtype=torch.float64)
+    vectors = centred.double()
+    for slot in range(k):  # one [n, d] product per slot, not one [n k, d] block: a third of the time
+        rhs.index_add_(0, indices[:, slot], c[:, slot, None] * vectors)
     return gram, rhs
 
 
@@ -122,7 +126,7 @@ def mod_step(
     reduce.sum_(rhs)
     usage = gram.diagonal().clone()
     gram.diagonal().add_(ridge * usage.mean().clamp_min(1e-6))
-    new_atoms = reduce.broadcast_(torch.linalg.solve(gram, rhs))
+    new_atoms = reduce.broadcast_(torch.linalg.solve(gram, rhs).to(atoms.dtype))
     residual = x - _decode(indices, coefficients, new_atoms) - bias
     fvu = float(reduce.sum_(residual.pow(2).sum(dtype=torch.float64))) / max(totals.deviation, 1e-12)
     bias = bias + (reduce.sum_(residual.sum(0, dtype=torch.float64)) / totals.count).to(bias.dtype)
