@@ -136,6 +136,8 @@ _EMBEDDED: dict[str, Callable[[str | os.PathLike[str] | None], Path]] = {
     "smollm2": smollm2_path,
     "gemma3": gemma3_path,
 }
+# The Hub models the embedded ones were converted from: what dictionaries and reports name instead of a local folder.
+_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3": "google/gemma-3-270m"}
 
 
 def load_model(
@@ -145,11 +147,14 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode: "smollm2"/"gemma3" are the embedded models (built into
-    ``cache_dir``), anything else is a local folder or Hub id passed to ``from_pretrained``."""
+    ``cache_dir``; their ``name_or_path`` is the Hub model they were converted from, which trained dictionaries
+    and reports record), anything else is a local folder or Hub id passed to ``from_pretrained``."""
     name = os.fspath(name_or_path)
     path = _EMBEDDED[name](cache_dir) if name in _EMBEDDED else name
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if name in _HUB_IDS:
+        model.name_or_path = model.config.name_or_path = _HUB_IDS[name]
     return model.eval(), tokenizer
 
 

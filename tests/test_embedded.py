@@ -113,12 +113,18 @@ def test_unknown_default_model() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "model_type", "layers", "kv_heads", "head_dim"),
-    [("smollm2", "llama", 30, 3, 64), ("gemma3", "gemma3_text", 18, 1, 256)],
+    ("name", "hub_id", "model_type", "layers", "kv_heads", "head_dim"),
+    [
+        ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 30, 3, 64),
+        ("gemma3", "google/gemma-3-270m", "gemma3_text", 18, 1, 256),
+    ],
 )
-def test_default_model_generates(name: str, model_type: str, layers: int, kv_heads: int, head_dim: int) -> None:
+def test_default_model_generates(
+    name: str, hub_id: str, model_type: str, layers: int, kv_heads: int, head_dim: int
+) -> None:
     model, tokenizer = embedded.load_default_model(name)  # type: ignore[arg-type]
     config = model.config
+    assert model.name_or_path == config.name_or_path == hub_id  # what dictionaries and reports record
     assert (config.model_type, config.num_hidden_layers, config.num_key_value_heads) == (model_type, layers, kv_heads)
     assert config.head_dim == head_dim and getattr(config, "quantization_config", None) is None
     inputs = tokenizer("The capital of France is", return_tensors="pt")
