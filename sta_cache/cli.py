@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
+
+if typing.TYPE_CHECKING:
+    import torch
 
 DESCRIPTION = """\
 STA-Attention KV-cache compression for Hugging Face transformers.
@@ -69,6 +73,12 @@ def _add_training_inputs(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, required=True, help="output folder (an interrupted run resumes from its checkpoint here)"
     )
     parser.add_argument("--restart", action="store_true", help="start over instead of resuming a checkpoint in --out")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs and the dictionaries train: cpu, cuda, cuda:N, or auto (this process's GPU "
+        "when CUDA is available, under torchrun the one of its LOCAL_RANK; else the CPU) (default: auto)",
+    )
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -87,12 +97,30 @@ def _train(args: argparse.Namespace) -> None:
     else:
         text = TextSource(path=args.text or wikipedia_text("train"))
     model, tokenizer = load_model(args.model)
+    model.to(_training_device(args.device))
     dictionary = train_dictionary(model, tokenizer, text, config, args.out, resume=not args.restart)
     if world().main:
         evaluation = dictionary.config.evaluation or {}
         ratio = evaluation.get("perplexity_ratio")
         check = f"; held-out perplexity x{ratio} at {config.k_key}/{config.k_value}" if isinstance(ratio, float) else ""
         print(f"saved {len(dictionary.config.layer_indices)} layers of dictionaries to {args.out}{check}")
+
+
+def _training_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is this process's GPU (the one of its ``LOCAL_RANK`` under torchrun) or the CPU."""
+    import torch
+
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {name}: {err} (expected cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available in this torch build or on this machine")
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+    return device
 
 
 def _doc(cls) -> str:
@@ -123,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         aliases=["train-pursuit"],
         help="learn per-layer key/value dictionaries for a model (MOD by default; --method sae for Top-K SAEs)",
         description=_doc(TrainConfig)
-        + " Under `torchrun --nproc-per-node N -m sta_cache train ...` the work is split over N processes "
-        "(gloo on CPU, nccl on GPU) and rank 0 writes the dictionary. train-pursuit is another name for train.",
+        + " Launch: `torchrun --nproc-per-node N -m sta_cache train ...` (gloo on CPU, nccl on GPU)."
+        " train-pursuit is another name for train.",
     )
     _add_training_inputs(train)
     _add_dataclass_options(train, TrainConfig)

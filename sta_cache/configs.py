@@ -83,14 +83,15 @@ class TrainConfig:
     sample of ``vectors`` vectors per dictionary. ``sae``: Top-K sparse autoencoders trained by gradient descent,
     the text read once into reservoirs of ``buffer_size`` vectors per dictionary (all together at most
     ``buffer_mb`` MiB) replayed ``epochs`` times. Sizes count vectors of one dictionary (one layer, one kind, one
-    head group). Under ``torchrun --nproc-per-node N`` the work is split over N processes (``shard``).
+    head group). Under ``torchrun --nproc-per-node N`` the work is split over N processes by text or by layers
+    (``shard``); rank 0 writes the dictionary.
     """
 
     method: TrainMethod = option(
         "mod",
         "mod: atoms for matching-pursuit codes by the Method of Optimal Directions (the shipped recipe: x1.006 "
         "held-out perplexity at 8/16 on SmolLM2); sae: Top-K sparse autoencoders by gradient descent (weaker: "
-        "x1.64 on a held-out text with post-RoPE keys and Top-K codes, README 'Training')",
+        "x1.64 on a held-out text with post-RoPE keys and Top-K codes, README 'Training dictionaries')",
     )
     n_atoms: int = option(1024, "atoms per dictionary (N)")
     k_key: int = option(8, "atoms per key the dictionary is trained and saved for")

@@ -117,3 +117,17 @@ def test_every_cli_option_says_what_it_does_and_lists_its_choices() -> None:
         for mode in ("key_space", "encoder", "init", "b_dec_init"):
             if mode in by_dest:
                 assert by_dest[mode].choices, f"{name} --{mode} lists no choices"
+
+
+def test_train_device_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from sta_cache.cli import _training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _training_device("auto") == torch.device("cpu")
+    assert _training_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        _training_device("cuda:1")
+    with pytest.raises(SystemExit, match="expected cpu, cuda"):
+        _training_device("gpu")
