@@ -1,6 +1,7 @@
 """The checks to run on the day a GPU is lent: every Triton kernel against its PyTorch reference on fresh random
 CUDA inputs (the tests run them only under the CPU interpreter), a model split over the GPU and the CPU (accelerate's
-``dispatch_model``, what ``device_map`` does), then the kernels' timing.
+``dispatch_model``, what ``device_map`` does), ``sta-cache train``'s job on the GPU against the CPU, then the
+kernels' timing.
 
     python benchmarks/gpu_check.py                     # correctness, a few seconds; exits 1 on any mismatch
     python benchmarks/gpu_check.py --bench --out DIR   # then benchmarks/bench_kernels.py's GPU sizes into DIR
@@ -127,6 +128,34 @@ def device_split_checks(first: torch.device, second: torch.device) -> list[tuple
     return [(label, differing, misplaced / len(layer_devices))]
 
 
+def training_checks(device: torch.device) -> list[tuple[str, float, float, float]]:
+    """SmolLM2's dictionaries learned on ``device`` and on the CPU by the same small job (``train_dictionary``:
+    collection, OMP codes and MOD statistics on the model's device): the held-out reconstruction error (FVU) of
+    each kind must agree within 5% (float32 on both; picks on near-ties may differ, so not bit for bit)."""
+    import tempfile
+
+    from sta_cache.configs import TrainConfig
+    from sta_cache.embedded import load_model, wikipedia_text
+    from sta_cache.training import train_dictionary
+
+    config = TrainConfig(
+        n_atoms=256, max_tokens=2048, eval_tokens=512, vectors=4000, iterations=2, check_perplexity=False
+    )
+    fvu = {}
+    for where in (device, torch.device("cpu")):
+        model, tokenizer = load_model("smollm2")
+        with tempfile.TemporaryDirectory() as out:
+            trained = train_dictionary(model.to(where), tokenizer, wikipedia_text("train"), config, out, progress=False)
+        fvu[where.type] = trained.config.evaluation
+    rows = []
+    for kind in ("key", "value"):
+        got, want = fvu[device.type][f"{kind}_fvu_omp"], fvu["cpu"][f"{kind}_fvu_omp"]
+        rows.append(
+            (f"train on {device.type}: held-out {kind} FVU {got:.4f} vs CPU {want:.4f}", abs(got / want - 1), 0.0, 0.05)
+        )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="also run bench_kernels.py at its GPU sizes")
@@ -139,8 +168,10 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     failed = False
     checks = encoder_checks(device) + attention_checks(device) + device_split_checks(device, torch.device("cpu"))
-    for name, error, differing_rows in checks:
-        ok = error < 1e-3 and differing_rows < 0.02  # float32 throughout; greedy picks may differ on near-ties
+    checks += training_checks(device)
+    for name, error, differing_rows, *tolerance in checks:
+        # float32 throughout; greedy picks may differ on near-ties
+        ok = error < (tolerance[0] if tolerance else 1e-3) and differing_rows < 0.02
         failed |= not ok
         print(
             f"{'ok  ' if ok else 'FAIL'} {name}: relative error {error:.2e}, rows with other picks {differing_rows:.1%}"
