@@ -62,7 +62,10 @@ def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
     boxes, key = [], []
     for x, y, label in points:
         for dx, dy, align in LABEL_OFFSETS:
-            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
+            leader = dict(arrowstyle="-", color="gray", linewidth=0.5) if abs(dy) > 10 else None  # a far label
+            text = ax.annotate(
+                label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align, arrowprops=leader
+            )
             box = text.get_window_extent(renderer)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             if inside and not any(box.overlaps(other) for other in taken):
