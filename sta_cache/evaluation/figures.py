@@ -23,6 +23,10 @@ BIT_TICKS = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
 LABEL_OFFSETS = [
     (dx, dy, "left" if dx >= 0 else "right") for dy in (2, -9, 10, -17, 18, -25, 26, -33, 34, -41) for dx in (6, -6)
 ]
+# Where a number standing for a label that fits nowhere may go: short, so also further to the sides.
+NUMBER_OFFSETS = LABEL_OFFSETS + [
+    (dx, dy, "left" if dx >= 0 else "right") for dy in (2, -9, 10, -17) for dx in (14, -14, 24, -24, 34, -34)
+]
 
 __all__ = [
     "place_labels",
@@ -48,33 +52,58 @@ def pyplot():
 
 def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
     """Write each ``(x, y, label)`` beside its point at the first of :data:`LABEL_OFFSETS` where it overlaps no
-    label placed before, no point and does not leave the axes; a label that fits nowhere is replaced by a number,
-    listed under the axes. Returns the labels' display boxes."""
+    label placed before, no point and does not leave the axes; a label that fits nowhere is replaced by a number
+    placed the same way, listed under the axes. Returns the labels' display boxes (with 2 px of air)."""
     from matplotlib.transforms import Bbox
 
     ax.figure.canvas.draw()  # the transforms and text sizes the placement reads
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     radius = 4 * ax.figure.dpi / 72  # half a marker, in pixels
-    taken = []
-    for x, y in ax.transData.transform([(x, y) for x, y, _ in points]):
-        taken.append(Bbox.from_extents(x - radius, y - radius, x + radius, y + radius))
+    taken = [
+        Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+        for x, y in ax.transData.transform([(x, y) for x, y, _ in points])
+    ]
+
+    def measure(x: float, y: float, label: str, offset: tuple, leader: bool = False):
+        """Write ``label`` at ``offset``; its text's box (a leader line, if any, is not part of it)."""
+        dx, dy, align = offset
+        text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
+        box = text.get_window_extent(renderer).padded(2)  # a little air between labels
+        if leader:
+            text.remove()
+            ax.annotate(
+                label,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7,
+                ha=align,
+                arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5),
+            )
+        return text, box
+
+    def place(x: float, y: float, label: str, offsets: list) -> tuple:
+        """The first offset free of other boxes and inside the axes, else the one overlapping the fewest boxes."""
+        best = (len(taken) + 2, offsets[0])
+        for offset in offsets:
+            text, box = measure(x, y, label, offset)
+            text.remove()
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            overlaps = sum(box.overlaps(other) for other in taken) + (not inside)
+            if not overlaps:
+                return True, offset
+            best = min(best, (overlaps, offset), key=lambda pair: pair[0])
+        return False, best[1]
+
     boxes, key = [], []
     for x, y, label in points:
-        for dx, dy, align in LABEL_OFFSETS:
-            leader = dict(arrowstyle="-", color="gray", linewidth=0.5) if abs(dy) > 10 else None  # a far label
-            text = ax.annotate(
-                label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align, arrowprops=leader
-            )
-            box = text.get_window_extent(renderer).padded(2)  # a little air between labels
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(box.overlaps(other) for other in taken):
-                break
-            text.remove()
-        else:
+        fits, offset = place(x, y, label, LABEL_OFFSETS)
+        if not fits:
             key.append(f"{len(key) + 1}: {label}")
-            text = ax.annotate(str(len(key)), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
-            box = text.get_window_extent(renderer)
+            label = str(len(key))
+            _, offset = place(x, y, label, NUMBER_OFFSETS)
+        _, box = measure(x, y, label, offset, leader=abs(offset[0]) > 10 or abs(offset[1]) > 10)
         taken.append(box)
         boxes.append(box)
     if key:
