@@ -185,9 +185,7 @@ def main() -> None:
                 )
 
     def ratios(paths):
-        return {
-            row["name"]: row.get("perplexity_ratio") for path in paths for row in json.loads(path.read_text())["rows"]
-        }
+        return {row["name"]: row.get("ppl_ratio") for path in paths for row in json.loads(path.read_text())["rows"]}
 
     quality = {"pre-RoPE": ratios(args.quality), "post-RoPE": ratios(args.post_rope_quality)}
     rows, generated = [], []

@@ -21,8 +21,9 @@ STA-Attention KV-cache compression for Hugging Face transformers.
                      text (MOD atoms for pursuit codes, the shipped recipe; or Top-K SAEs); runs under torchrun
   sta-cache analyze  semantic elbow (cosine/FVU vs k), elbow detection and suggested budget, key-value asymmetry
                      across depth, semantic atoms of a layer -> plots, results.json, report.md
-  sta-cache eval     perplexity, next-token accuracy and passkey retrieval against measured bytes per token for
-                     DynamicCache, SparseSemanticCache budgets and QuantizedCache -> table, Pareto plot
+  sta-cache eval     perplexity, next-token accuracy and passkey retrieval against measured bits per element for
+                     DynamicCache, SparseSemanticCache budgets and KV quantizers (rotated Lloyd-Max, KIVI,
+                     QuantizedCache) -> table, Pareto plots
 
 Models: "smollm2" and "gemma3" are embedded (converted once from PyPI wheels); any local path or Hub id works too.
 """
@@ -200,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="quality vs bytes against DynamicCache and QuantizedCache",
-        description="Held-out perplexity, next-token accuracy and passkey retrieval against the bytes each cache "
-        "really stores, for DynamicCache, SparseSemanticCache budgets and transformers' QuantizedCache backends. "
-        "Writes report.md, results.json and a Pareto plot to --out.",
+        help="quality vs bits per element against DynamicCache and KV quantizers",
+        description="Held-out perplexity, next-token accuracy and passkey retrieval against the bits per element "
+        "each cache really stores, for DynamicCache, SparseSemanticCache budgets (fp8 coefficients and packed "
+        "indices unless told), a rotated Lloyd-Max scalar quantizer (TurboQuant/PolarQuant style, several rotation "
+        "seeds averaged), KIVI and transformers' QuantizedCache backends. Writes report.md, results.json and two "
+        "Pareto plots (pareto.png; pareto_amortised.png with the dictionaries amortised) to --out.",
     )
     evaluate.add_argument("--model", default="smollm2", help="smollm2, gemma3, a local folder or a Hub id")
     evaluate.add_argument("--dictionary", required=True, help="trained dictionary folder or Hub id")
@@ -215,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", type=int, default=None, help="tokens per held-out text (default 2048, quick 1024)"
     )
     evaluate.add_argument("--n-texts", type=int, default=None, help="held-out texts (default 4, quick 2)")
+    evaluate.add_argument(
+        "--text",
+        dest="texts",
+        action="append",
+        default=None,
+        help="a UTF-8 text file to evaluate on instead of the embedded held-out split, cut to --context tokens "
+        "(repeat for several texts; each needs more than --prefill tokens)",
+    )
     evaluate.add_argument("--prefill", type=int, default=None, help="prefill tokens before the chunks (default 256)")
     evaluate.add_argument("--chunk", type=int, default=None, help="tokens per chunk after the prefill (default 32)")
     evaluate.add_argument(
@@ -233,7 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines",
         type=_str_list,
         default=None,
-        help="QuantizedCache backends (default quanto:4,quanto:2,hqq:4,hqq:2,fp8; 'none' for none)",
+        help="baselines: rotated:BITS (rotated Lloyd-Max quantizer), kivi:BITS[:GROUP] (group 32 unless given) and "
+        "QuantizedCache backends BACKEND:BITS (default rotated:2,rotated:2.5,rotated:3,rotated:3.5,kivi:2:32,"
+        "quanto:4,quanto:2,hqq:4,hqq:2,fp8; 'none' for none)",
+    )
+    evaluate.add_argument(
+        "--rotation-seeds",
+        type=_int_list,
+        default=None,
+        help="rotation seeds of the rotated quantizer, each run once and averaged (default 0,1,2)",
     )
     evaluate.add_argument(
         "--encoder", choices=typing.get_args(Encoder), default=None, help="STA encoder (default: the dictionary's)"
@@ -250,14 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--coefficient-dtypes",
         type=_dtype_list,
         default=None,
-        help="STA coefficient storage, one row each: float32,float16,bfloat16,float8_e4m3fn "
-        "(default: the model's dtype)",
+        help="STA coefficient storage, one row each: float32,float16,bfloat16,float8_e4m3fn (default float8_e4m3fn)",
     )
     evaluate.add_argument(
         "--pack-indices",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="STA: pack indices into ceil(log2 N) bits (default: off)",
+        help="STA: pack indices into ceil(log2 N) bits (default: on)",
     )
     evaluate.add_argument(
         "--max-context", type=int, default=None, help="longest passkey prompt (default 4096, quick 1024)"
@@ -333,10 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "eval":
         from .configs import EvalConfig
         from .evaluation import run_eval
+        from .evaluation.inputs import TextFileError
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
         config = EvalConfig.preset(args.quick, **{**options, "out": str(args.out)})
-        run_eval(config)
+        try:
+            run_eval(config)
+        except TextFileError as error:
+            print(f"sta-cache eval: error: {error}", file=sys.stderr)
+            return 2
         print((args.out / "report.md").read_text())
     return 0
 

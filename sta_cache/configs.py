@@ -27,7 +27,21 @@ PasskeyFeed = Literal["generate", "chunked"]  # one prefill as model.generate, o
 DEFAULT_SINKS = 4  # SparseSemanticCache keeps the first 4 tokens dense: no need to learn them
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)  # the k grid of `sta-cache analyze`
 DEFAULT_BUDGETS = ((4, 8), (8, 16), (16, 32))  # (k_key, k_value) rows of `sta-cache eval`
-DEFAULT_BASELINES = ("quanto:4", "quanto:2", "hqq:4", "hqq:2", "fp8")  # QuantizedCache rows of `sta-cache eval`
+# Baseline rows of `sta-cache eval`: the rotated Lloyd-Max quantizer (sta_cache.baselines.rotated) at 2-3.5 bits per
+# coordinate, KIVI-2 with groups of 32 (sta_cache.baselines.kivi), and transformers' QuantizedCache backends.
+DEFAULT_BASELINES = (
+    "rotated:2",
+    "rotated:2.5",
+    "rotated:3",
+    "rotated:3.5",
+    "kivi:2:32",
+    "quanto:4",
+    "quanto:2",
+    "hqq:4",
+    "hqq:2",
+    "fp8",
+)
+DEFAULT_ROTATION_SEEDS = (0, 1, 2)  # the rotated quantizer's quality depends on the draw: rows average these
 
 
 def option(default: Any, help: str) -> Any:
@@ -234,15 +248,18 @@ class EvalConfig:
     chunk: int = 32
     residual_length: int = 64  # SparseSemanticCache window (QuantizedCache gets the same residual length)
     num_sink_tokens: int = 4
+    texts: list[str] | None = None  # UTF-8 files evaluated instead of the embedded held-out split (one text each)
     budgets: list[tuple[int, int]] = field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUDGETS])
     paths: list[str] = field(default_factory=lambda: ["sta", "sdpa"])  # attention paths for SparseSemanticCache
     sdpa_budgets: list[tuple[int, int]] | None = None  # budgets also run on "sdpa" (None: all budgets)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
-    q_group_size: int = 64
+    rotation_seeds: list[int] = field(default_factory=lambda: list(DEFAULT_ROTATION_SEEDS))
+    q_group_size: int = 64  # QuantizedCache (quanto / hqq) group size
     encoder: Encoder | None = None  # None: the dictionary's own
     value_pursuit: Pursuit = "mp"  # how a pursuit dictionary's cache picks value atoms (SparseSemanticCache)
-    coefficient_dtypes: list[CoefficientDtype | None] = field(default_factory=lambda: [None])  # None: the model's
-    pack_indices: bool = False
+    # STA storage: our best by default (fp8 coefficients, packed indices); None in the list: the model's dtype
+    coefficient_dtypes: list[CoefficientDtype | None] = field(default_factory=lambda: ["float8_e4m3fn"])
+    pack_indices: bool = True
     max_context: int = 4096
     passkey_lengths: list[int] | None = None  # None: powers of two from 512 up to max_context
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -261,6 +278,8 @@ class EvalConfig:
             if name is not None:
                 check_choice("coefficient dtype", name, CoefficientDtype)
         check_choice("passkey_feed", self.passkey_feed, PasskeyFeed)
+        if not self.rotation_seeds:
+            raise ValueError("rotation_seeds must name at least one seed")
 
     @classmethod
     def preset(cls, quick: bool, **overrides) -> EvalConfig:
@@ -277,6 +296,8 @@ class EvalConfig:
                 passkey_lengths=[1024],
                 passkey_depths=[0.25, 0.75],
                 passkey_trials=1,
+                baselines=["rotated:2", "rotated:3", "kivi:2:32", "quanto:4", "quanto:2", "fp8"],
+                rotation_seeds=[0, 1],
             )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

@@ -12,6 +12,7 @@ from transformers import DynamicCache, QuantizedCache
 
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache
+from sta_cache.cli import build_parser
 from sta_cache.evaluation import (
     AnalyzeConfig,
     EvalConfig,
@@ -26,6 +27,9 @@ from sta_cache.evaluation import (
     run_eval,
     suggest_budget,
 )
+from sta_cache.evaluation.bytes import amortised_bits_per_element
+from sta_cache.evaluation.figures import place_labels, pyplot
+from sta_cache.evaluation.inputs import TextFileError, file_texts
 from sta_cache.evaluation.passkey import PASSKEY_INTRO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,6 +115,8 @@ def test_bytes_of_dynamic_cache_equal_its_tensors(llama):
     expected = c.num_hidden_layers * 2 * c.num_key_value_heads * 50 * 16 * 4
     assert counted["total"] == counted["dense"] == expected
     assert counted["tokens"] == 50 and counted["per_token"] == expected / 50
+    assert counted["bits_per_element"] == 32 and counted["bytes_per_vector"] == 16 * 4
+    assert counted["elements_per_token"] == c.num_hidden_layers * c.num_key_value_heads * 16 * 2
 
 
 def test_bytes_of_sparse_cache_equal_its_stored_tensors(llama):
@@ -146,6 +152,9 @@ def test_bytes_of_sparse_cache_equal_its_stored_tensors(llama):
     assert counted["total"] == expected_codes + expected_dense
     assert counted["per_token"] == counted["total"] / 70
     assert counted["marginal_per_token"] == expected_codes / 60
+    elements = layers * heads * 60 * 16 * 2
+    assert counted["bits_per_element"] == pytest.approx(8 * expected_codes / elements)  # 8 x 6 x 8 / 32 = 12
+    assert counted["bits_per_element"] == pytest.approx(12.0)
     footprint = cache.memory_footprint()
     assert footprint["code_bytes"] + footprint["dense_bytes"] == counted["total"]
     # one float32 decoder shared by the KV heads: the layers read it in place, with the rotary frequencies
@@ -155,6 +164,8 @@ def test_bytes_of_sparse_cache_equal_its_stored_tensors(llama):
         for t in (*dictionary[i].parameters(), dictionary[i].rope_inv_freq)
     )
     assert counted["dictionary"] == footprint["dictionary_bytes"] == held
+    per_token = layers * heads * 16 * 2
+    assert amortised_bits_per_element(counted, 1000) == pytest.approx(12.0 + 8 * held / (1000 * per_token))
 
 
 def test_bytes_of_fp8_quantized_cache_equal_its_tensors(llama):
@@ -164,6 +175,7 @@ def test_bytes_of_fp8_quantized_cache_equal_its_tensors(llama):
     per_layer = 2 * (2 * 40 * 16 * 1 + 4)  # keys and values: 1 byte per element + a float32 scale each
     assert counted["quantized"] == llama.config.num_hidden_layers * per_layer
     assert counted["residual"] == 0 and counted["tokens"] == 40
+    assert counted["bits_per_element"] == pytest.approx(8 * per_layer / (2 * 40 * 16 * 2))  # 8 + the scales
 
 
 def test_bytes_of_quanto_cache_count_packed_data_scales_and_residual(llama):
@@ -181,6 +193,7 @@ def test_bytes_of_quanto_cache_count_packed_data_scales_and_residual(llama):
         residual += _dense_layer_bytes(layer) if layer.keys.dim() == 4 else 0
     assert counted["quantized"] == quantized and counted["residual"] == residual
     assert counted["total"] == quantized + residual
+    assert counted["bits_per_element"] == pytest.approx(4 + 2 * 32 / 16)  # + a float32 scale and shift per 16
 
 
 # ============================================================================================ passkey
@@ -233,7 +246,8 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
         budgets=[(2, 4)],
         coefficient_dtypes=[None, "float8_e4m3fn"],
         paths=["sta", "sdpa"],
-        baselines=["fp8", "nosuch:4"],
+        baselines=["rotated:2.5", "kivi:2:8", "fp8", "nosuch:4"],
+        rotation_seeds=[0, 1],
         max_context=400,
         passkey_lengths=[400],
         passkey_depths=[0.5],
@@ -250,6 +264,8 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
         "STA 2/4 (sdpa)",
         "STA 2/4, fp8 (sta)",
         "STA 2/4, fp8 (sdpa)",
+        "Rotated 2.5-bit",
+        "KIVI-2 g8",
         "QuantizedCache fp8",
         "QuantizedCache nosuch int4",
     ]
@@ -257,16 +273,35 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
     assert not rows["QuantizedCache nosuch int4"]["available"]
     assert "Unknown quantization backend" in rows["QuantizedCache nosuch int4"]["reason"]
     dense = rows["DynamicCache"]
-    assert dense["perplexity_ratio"] == 1.0 and dense["scored_tokens"] == 2 * (96 - 32)
+    assert dense["ppl_ratio"] == 1.0 and dense["scored_tokens"] == 2 * (96 - 32)
     assert dense["bytes"]["per_token"] == 3 * 2 * 2 * 16 * 4  # layers x K/V x heads x head_dim x float32
-    for name in ("STA 2/4 (sta)", "STA 2/4 (sdpa)", "QuantizedCache fp8"):
+    for row in on_disk["rows"][:-1]:  # the schema the README documents
+        assert {"name", "bits_per_element", "ppl_ratio", "ppl_ratio_per_text"} <= set(row)
+    assert dense["bits_per_element"] == 32 and rows["QuantizedCache fp8"]["bits_per_element"] == pytest.approx(8, 0.01)
+    # rotated: 8 channels x 3 bits + 8 x 2 bits + a float16 norm per 16-dim vector; KIVI: 2 bits + 2 x 16 / 8
+    assert rows["Rotated 2.5-bit"]["bits_per_element"] == pytest.approx(2.5 + 16 / 16)
+    assert rows["KIVI-2 g8"]["bits_per_element"] == pytest.approx(2 + 32 / 8)
+    rotated = rows["Rotated 2.5-bit"]
+    assert rotated["seeds"] == [0, 1] and [s["seed"] for s in rotated["per_seed"]] == [0, 1]
+    assert rotated["perplexity"] == pytest.approx(sum(s["perplexity"] for s in rotated["per_seed"]) / 2)
+    assert rotated["ppl_ratio"] == pytest.approx(sum(s["ppl_ratio"] for s in rotated["per_seed"]) / 2)
+    assert rotated["ppl_ratio_per_text"] == pytest.approx(
+        [sum(values) / 2 for values in zip(*(s["ppl_ratio_per_text"] for s in rotated["per_seed"]), strict=True)]
+    )
+    assert rotated["per_seed"][0]["perplexity"] != rotated["per_seed"][1]["perplexity"]  # other rotations
+    assert len(rotated["passkey"]["trials"]) == 2  # one per seed
+    amortised = rows["STA 2/4, fp8 (sta)"]["bytes"]["amortised_bits_per_element"]
+    assert set(amortised) == {"2048", "32768"} and amortised["2048"] > amortised["32768"] > 2.75
+    assert dense["bytes"]["amortised_bits_per_element"]["2048"] == 32
+    for name in ("STA 2/4 (sta)", "STA 2/4 (sdpa)", "Rotated 2.5-bit", "KIVI-2 g8", "QuantizedCache fp8"):
         row = rows[name]
         assert row["available"] and row["bytes"]["per_token"] < dense["bytes"]["per_token"]
         assert math.isfinite(row["perplexity"]) and 0 <= row["accuracy"] <= 1
-        assert row["passkey"]["accuracy"] in (0.0, 1.0) and len(row["passkey"]["trials"]) == 1
+        assert len(row["passkey"]["trials"]) == len(row.get("seeds") or [None])
+        assert row["passkey"]["accuracy"] in (0.0, 0.5, 1.0)
         per_text = row["per_text_perplexity"]
         assert len(per_text) == 2 and min(per_text) <= row["perplexity"] <= max(per_text)
-        assert row["per_text_ratio"] == pytest.approx(
+        assert row["ppl_ratio_per_text"] == pytest.approx(
             [p / d for p, d in zip(per_text, dense["per_text_perplexity"], strict=True)]
         )
     fp32, fp8 = rows["STA 2/4 (sta)"], rows["STA 2/4, fp8 (sta)"]
@@ -282,14 +317,82 @@ def test_eval_writes_a_well_formed_report(llama, tmp_path):
     ]
     assert any(line.startswith("| QuantizedCache nosuch int4 |") and "unavailable" in line for line in table)
     per_text_rows = report.split("## Per text")[1].split("STA dictionaries")[0]
-    for name in ("DynamicCache", "STA 2/4, fp8 (sta)", "QuantizedCache fp8"):
+    for name in ("DynamicCache", "STA 2/4, fp8 (sta)", "QuantizedCache fp8", "Rotated 2.5-bit seed 1"):
         assert f"| {name} | " in per_text_rows
-    assert "QuantizedCache fp8 (" in per_text_rows
+    assert "* QuantizedCache fp8 (8.01 bits/element): " in per_text_rows
+    assert "* STA 2/4, fp8 (sta) (2.75 bits/element): " in per_text_rows
     header = next(line for line in report.splitlines() if line.startswith("| cache | attention"))
     for line in table[: len(names)]:
         assert line.count("|") == header.count("|")
-    assert "window 16 + 2 sinks" in report and "](pareto.png)" in report
-    assert (tmp_path / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+    assert "window 16 + 2 sinks" in report and "](pareto.png)" in report and "](pareto_amortised.png)" in report
+    assert "| Rotated 2.5-bit | sdpa | Haar rotation per layer and kind" in report
+    for name in ("pareto.png", "pareto_amortised.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_eval_reads_the_users_texts(llama, tmp_path):
+    files = []
+    for n, length in enumerate((120, 200)):
+        path = tmp_path / f"text{n}.txt"
+        generator = torch.Generator().manual_seed(n)
+        path.write_text("".join(chr(97 + int(i)) for i in torch.randint(26, (length,), generator=generator)))
+        files.append(str(path))
+    config = EvalConfig(
+        out=str(tmp_path / "out"),
+        texts=files,
+        context=160,
+        prefill=32,
+        chunk=16,
+        residual_length=16,
+        num_sink_tokens=2,
+        budgets=[(2, 4)],
+        paths=["sta"],
+        baselines=[],
+        passkey_trials=0,
+        progress=False,
+    )
+    results = run_eval(config, model=llama, tokenizer=CharTokenizer(), dictionary=make_dictionary(llama))
+    assert results["texts"]["source"] == files and results["texts"]["tokens"] == [120, 160]  # cut to --context
+    dense = results["rows"][0]
+    assert dense["scored_tokens"] == (120 - 32) + (160 - 32) and len(dense["ppl_ratio_per_text"]) == 2
+    assert "2 user texts (`" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_text_files_that_cannot_be_evaluated_are_refused_clearly(tmp_path):
+    tokenizer = CharTokenizer()
+    with pytest.raises(TextFileError, match=r"--text .*missing.txt: no such file"):
+        file_texts(tokenizer, [str(tmp_path / "missing.txt")], 100, 10)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    with pytest.raises(TextFileError, match="not UTF-8 text"):
+        file_texts(tokenizer, [str(latin)], 100, 10)
+    short = tmp_path / "short.txt"
+    short.write_text("twenty characters...")
+    with pytest.raises(TextFileError, match="20 tokens, but the first 32 are the prefill"):
+        file_texts(tokenizer, [str(short)], 100, 32)
+    args = build_parser().parse_args(["eval", "--dictionary", "d", "--out", "o", "--text", "a", "--text", "b"])
+    assert args.texts == ["a", "b"]
+
+
+def test_pareto_labels_never_overlap(tmp_path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    generator = torch.Generator().manual_seed(0)
+    xs = torch.rand(16, generator=generator) * 2 + 2  # 16 points crowded between 2 and 4
+    ys = 1 + torch.rand(16, generator=generator) * 0.02
+    ax.set_xlim(1.5, 5)
+    ax.set_ylim(0.99, 1.03)
+    ax.scatter(xs, ys)
+    fig.tight_layout()
+    boxes = place_labels(
+        ax, [(float(x), float(y), f"configuration {n}") for n, (x, y) in enumerate(zip(xs, ys, strict=True))]
+    )
+    assert len(boxes) == 16
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            assert not first.overlaps(second)
+    fig.savefig(tmp_path / "labels.png")
+    plt.close(fig)
 
 
 def test_analyze_writes_a_well_formed_report(llama, tmp_path):

@@ -10,8 +10,34 @@ from ..dictionary import KINDS
 from ..metrics import average
 
 OFF_SCALE_RATIO = 1.25  # pareto.png: perplexity ratios above this are drawn on the top edge
+COLORS = {
+    "dynamic": "black",
+    "sta": "tab:blue",
+    "rotated": "tab:green",
+    "kivi": "tab:purple",
+    "quantized": "tab:orange",
+}
+MARKERS = {"dynamic": "s", "sta": "o", "rotated": "D", "kivi": "v", "quantized": "^"}
+BIT_TICKS = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
+# Where a label may go around its point, in points: (dx, dy, horizontal alignment), tried in this order.
+LABEL_OFFSETS = [
+    (dx, dy, "left" if dx >= 0 else "right") for dy in (2, -9, 10, -17, 18, -25, 26, -33, 34, -41) for dx in (6, -6)
+]
+# Where a number standing for a label that fits nowhere may go: short, so also further to the sides.
+NUMBER_OFFSETS = LABEL_OFFSETS + [
+    (dx, dy, "left" if dx >= 0 else "right") for dy in (2, -9, 10, -17) for dx in (14, -14, 24, -24, 34, -34)
+]
 
-__all__ = ["plot_asymmetry", "plot_atom_usage", "plot_elbow", "plot_pareto", "plot_per_k", "pyplot"]
+__all__ = [
+    "place_labels",
+    "plot_amortised",
+    "plot_asymmetry",
+    "plot_atom_usage",
+    "plot_elbow",
+    "plot_pareto",
+    "plot_per_k",
+    "pyplot",
+]
 
 
 def pyplot():
@@ -24,64 +50,164 @@ def pyplot():
     return plt
 
 
-def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
-    """Perplexity ratio vs dense against bytes per token (log x), with the Pareto frontier."""
-    plt = pyplot()
-    points = [r for r in rows if r["available"] and r.get("perplexity_ratio") is not None]
-    colors = {"dynamic": "black", "sta": "tab:blue", "quantized": "tab:orange"}
-    markers = {"dynamic": "s", "sta": "o", "quantized": "^"}
+def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
+    """Write each ``(x, y, label)`` beside its point at the first of :data:`LABEL_OFFSETS` where it overlaps no
+    label placed before, no point and does not leave the axes; a label that fits nowhere is replaced by a number
+    placed the same way, listed under the axes. Returns the labels' display boxes (with 2 px of air)."""
+    from matplotlib.transforms import Bbox
+
+    ax.figure.canvas.draw()  # the transforms and text sizes the placement reads
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    radius = 4 * ax.figure.dpi / 72  # half a marker, in pixels
+    taken = [
+        Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+        for x, y in ax.transData.transform([(x, y) for x, y, _ in points])
+    ]
+
+    def measure(x: float, y: float, label: str, offset: tuple, leader: bool = False):
+        """Write ``label`` at ``offset``; its text's box (a leader line, if any, is not part of it)."""
+        dx, dy, align = offset
+        text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
+        box = text.get_window_extent(renderer).padded(2)  # a little air between labels
+        if leader:
+            text.remove()
+            ax.annotate(
+                label,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7,
+                ha=align,
+                arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5),
+            )
+        return text, box
+
+    def place(x: float, y: float, label: str, offsets: list) -> tuple:
+        """The first offset free of other boxes and inside the axes, else the one overlapping the fewest boxes."""
+        best = (len(taken) + 2, offsets[0])
+        for offset in offsets:
+            text, box = measure(x, y, label, offset)
+            text.remove()
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            overlaps = sum(box.overlaps(other) for other in taken) + (not inside)
+            if not overlaps:
+                return True, offset
+            best = min(best, (overlaps, offset), key=lambda pair: pair[0])
+        return False, best[1]
+
+    boxes, key = [], []
+    for x, y, label in points:
+        fits, offset = place(x, y, label, LABEL_OFFSETS)
+        if not fits:
+            key.append(f"{len(key) + 1}: {label}")
+            label = str(len(key))
+            _, offset = place(x, y, label, NUMBER_OFFSETS)
+        _, box = measure(x, y, label, offset, leader=abs(offset[0]) > 10 or abs(offset[1]) > 10)
+        taken.append(box)
+        boxes.append(box)
+    if key:
+        ax.text(0, -0.16, "; ".join(key), transform=ax.transAxes, fontsize=6, va="top", wrap=True)
+    return boxes
+
+
+def _quality_axes(ax, rows: list[dict], x_of, xlabel: str, title: str) -> list[tuple[float, float, str]]:
+    """Perplexity ratio against ``x_of(row)`` bits per element (log x), a point per measured row (the rotation
+    seeds' range as an error bar) and the Pareto frontier; returns the points' labels for :func:`place_labels`
+    (placed once the figure's layout is final)."""
+    points = [r for r in rows if r["available"] and r.get("ppl_ratio") is not None]
     # A collapsed baseline (quanto int2 is x12) would squash every useful point onto the line y = 1: rows above
     # the cap are drawn on the top edge with their value in the label.
-    ceiling = min(max((r["perplexity_ratio"] for r in points), default=1.0), OFF_SCALE_RATIO)
-    fig, ax = plt.subplots(figsize=(8, 5.2))
-    for n, row in enumerate(sorted(points, key=lambda r: r["bytes"]["per_token"])):
-        x, ratio = row["bytes"]["per_token"], row["perplexity_ratio"]
-        off_scale = ratio > ceiling
-        label = row["name"].replace("QuantizedCache ", "Q-") + (f" (x{ratio:.1f}, off scale)" if off_scale else "")
-        y = ceiling if off_scale else ratio
-        ax.scatter(
-            x,
-            y,
-            c=colors[row["family"]],
-            marker="^" if off_scale else markers[row["family"]],
-            s=50,
-            zorder=3,
-            clip_on=False,
-        )
-        offset = (7, -10 if off_scale else (-12, 5, -4, 12)[n % 4])  # staggered so neighbouring labels overlap less
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
-    frontier, best = [], float("inf")
-    for row in sorted(points, key=lambda r: (r["bytes"]["per_token"], r["perplexity_ratio"])):
-        if row["perplexity_ratio"] < best:
-            frontier.append(row)
-            best = row["perplexity_ratio"]
-    if len(frontier) > 1:
-        ax.step(
-            [r["bytes"]["per_token"] for r in frontier],
-            [min(r["perplexity_ratio"], ceiling) for r in frontier],
-            where="post",
-            color="gray",
-            linestyle="--",
-            linewidth=1,
-            label="Pareto frontier",
-        )
-    ax.axhline(1.0, color="black", linewidth=0.6)
+    ceiling = min(max((r["ppl_ratio"] for r in points), default=1.0), OFF_SCALE_RATIO)
+    low = min(
+        [r["ppl_ratio"] for r in points] + [s["ppl_ratio"] for r in points for s in r.get("per_seed", ())] + [1.0]
+    )
+    margin = 0.05 * (ceiling - low) + 1e-3
+    ax.set_ylim(low - margin, ceiling + margin)
+    xs = [x_of(r) for r in points]
     ax.set_xscale("log")
-    low = min((r["perplexity_ratio"] for r in points), default=1.0)
-    margin = 0.05 * (ceiling - min(low, 1.0)) + 1e-3
-    ax.set_ylim(min(low, 1.0) - margin, ceiling + margin)
-    ax.set_xlabel("bytes per token (real stored tensors, log scale)")
+    ax.set_xlim(min(xs, default=1) / 1.25, max(xs, default=32) * 1.25)
+    ticks = [t for t in BIT_TICKS if min(xs, default=1) / 1.25 <= t <= max(xs, default=32) * 1.25]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    labelled = []
+    for row, x in sorted(zip(points, xs, strict=True), key=lambda pair: pair[1]):
+        ratio, family = row["ppl_ratio"], row["family"]
+        off_scale = ratio > ceiling
+        y = ceiling if off_scale else ratio
+        marker = "^" if off_scale else MARKERS[family]
+        ax.scatter(x, y, c=COLORS[family], marker=marker, s=40, zorder=3, clip_on=False)
+        seeds = [s["ppl_ratio"] for s in row.get("per_seed", ())]
+        if seeds and not off_scale:
+            ax.plot([x, x], [min(seeds), min(max(seeds), ceiling)], color=COLORS[family], linewidth=1, zorder=2)
+        name = row["name"].replace("QuantizedCache ", "Q-").replace(" (sta)", "")
+        labelled.append((x, y, name + (f" (x{ratio:.1f}, off scale)" if off_scale else "")))
+    frontier, best = [], float("inf")
+    for row, x in sorted(zip(points, xs, strict=True), key=lambda pair: (pair[1], pair[0]["ppl_ratio"])):
+        if row["ppl_ratio"] < best:
+            frontier.append((x, min(row["ppl_ratio"], ceiling)))
+            best = row["ppl_ratio"]
+    if len(frontier) > 1:
+        ax.step(*zip(*frontier, strict=True), where="post", color="gray", linestyle="--", linewidth=1, label="frontier")
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity / DynamicCache perplexity")
-    ax.set_title(f"Quality vs memory (STA window {config.residual_length} + {config.num_sink_tokens} sinks)")
-    for family, color in colors.items():
-        ax.scatter([], [], c=color, marker=markers[family], label=family)
+    ax.set_title(title, fontsize=10)
+    for family in sorted({r["family"] for r in points}, key=list(COLORS).index):
+        ax.scatter([], [], c=COLORS[family], marker=MARKERS[family], label=family)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(True, which="major", alpha=0.3)
+    return labelled
+
+
+def _unavailable_note(fig, rows: list[dict]) -> None:
     missing = [r["name"] for r in rows if not r["available"]]
     if missing:
-        fig.text(0.01, 0.01, "unavailable: " + ", ".join(missing), fontsize=7, color="gray")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+        fig.text(0.01, 0.005, "unavailable: " + ", ".join(missing), fontsize=7, color="gray")
+
+
+def plot_pareto(rows: list[dict], path: Path, config: EvalConfig) -> None:
+    """Perplexity ratio vs dense against bits per element of the compressed tokens (log x), with the Pareto
+    frontier."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)  # drawn at the saved resolution: text sizes as placed
+    labelled = _quality_axes(
+        ax,
+        rows,
+        lambda row: row["bits_per_element"],
+        "bits per element of a compressed token (all stored bytes: codes, scales, indices, positions; log scale)",
+        f"Quality vs memory (dense window {config.residual_length} + {config.num_sink_tokens} sinks for STA, "
+        "rotated and KIVI; bars: rotation seeds)",
+    )
+    _unavailable_note(fig, rows)
     fig.tight_layout()
+    place_labels(ax, labelled)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_amortised(rows: list[dict], path: Path, config: EvalConfig) -> None:
+    """:func:`plot_pareto` with the fixed bytes (STA dictionaries, rotations and codebooks) amortised over one
+    sequence (batch 1) of each context in the rows' ``amortised_bits_per_element``, one panel each."""
+    plt = pyplot()
+    contexts = next((list(r["bytes"]["amortised_bits_per_element"]) for r in rows if r.get("ppl_ratio")), [])
+    panels = max(len(contexts), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 6.5), dpi=110, squeeze=False)
+    labelled = [
+        _quality_axes(
+            ax,
+            rows,
+            lambda row, context=context: row["bytes"]["amortised_bits_per_element"][context],
+            f"bits per element with the fixed bytes spread over {int(context):,} tokens (batch 1; log scale)",
+            f"Dictionaries amortised over a {int(context):,}-token sequence",
+        )
+        for ax, context in zip(axes[0], contexts, strict=False)
+    ]
+    _unavailable_note(fig, rows)
+    fig.tight_layout()
+    for ax, points in zip(axes[0], labelled, strict=False):
+        place_labels(ax, points)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -1,10 +1,10 @@
-"""``report.md`` of ``sta-cache eval``: the quality-vs-bytes table, per-text ratios and how bytes are counted."""
+"""``report.md`` of ``sta-cache eval``: the quality-vs-bits table, per-text ratios and how bytes are counted."""
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["per_text_section", "render_report"]
+__all__ = ["amortised_section", "per_text_section", "render_report"]
 
 
 def _fmt(value, spec: str = ".3f", missing: str = "—") -> str:
@@ -18,6 +18,16 @@ def _setting(row: dict) -> str:
     if row["family"] == "sta":
         extra = f", coef {p['coefficient_dtype']}" + (", packed idx" if p.get("pack_indices") else "")
         return f"N={p['n_atoms']} {p.get('encoder', '')}, window {p['window']} + {p['sinks']} sinks{extra}"
+    if row["family"] == "rotated":
+        return (
+            f"Haar rotation per layer and kind, Lloyd-Max codebook per coordinate ({p['channel_bits']} bits), "
+            f"fp16 norm; window {p['window']} + {p['sinks']} sinks; seeds {', '.join(map(str, row['seeds']))}"
+        )
+    if row["family"] == "kivi":
+        return (
+            f"keys per channel over {p['group']} tokens, values per token over {p['group']} channels, fp16 scale + "
+            f"zero; window {p['window']} + {p['sinks']} sinks"
+        )
     if row["family"] == "quantized":
         if p.get("backend") == "fp8":
             return "float8 e4m3, per-tensor scale, no residual"
@@ -28,14 +38,19 @@ def _setting(row: dict) -> str:
 def render_report(results: dict) -> str:
     rows, cfg, meta = results["rows"], results["config"], results["dictionary"]
     texts = results["texts"]
+    source = (
+        f"{texts['count']} held-out Wikipedia texts"
+        if isinstance(texts["source"], str)
+        else f"{texts['count']} user texts ({', '.join(f'`{t}`' for t in texts['source'])})"
+    )
     lines = [
-        "# Quality vs bytes: SparseSemanticCache against DynamicCache and QuantizedCache",
+        "# Quality vs bits per element: SparseSemanticCache against DynamicCache and KV quantizers",
         "",
         f"Model `{results['model']}`; dictionary `{meta['path']}` (N={meta['n_atoms']}"
         f" atoms, {meta['key_space']} keys, {meta['encoder']} encoder).",
-        f"Perplexity: {texts['count']} held-out Wikipedia texts x {texts['tokens_each']} tokens, fed as in generation "
-        f"(prefill {cfg['prefill']}, then chunks of {cfg['chunk']}); only tokens predicted after the prefill are "
-        "scored. STA rows: recent window "
+        f"Perplexity: {source} x {'/'.join(str(n) for n in sorted(set(texts['tokens'])))} tokens, fed as in "
+        f"generation (prefill {cfg['prefill']}, then chunks of {cfg['chunk']}); only tokens predicted after the "
+        "prefill are scored. STA, rotated and KIVI rows: recent window "
         f"{cfg['residual_length']} tokens + {cfg['num_sink_tokens']} sink tokens kept dense.",
         "Passkey: not run."
         if not texts["passkey_trials"]
@@ -48,34 +63,39 @@ def render_report(results: dict) -> str:
             else "the prompt is fed like the perplexity texts (prefill, then chunks), the answer greedy-decoded."
         ),
         "",
-        "Bytes/token = all bytes the cache stores after a text of "
-        f"{texts['tokens_each']} tokens (real tensors: codes/quantized data + scales + dense window/residual) / "
-        "tokens. Marginal = bytes of one more token far from the window. STA dictionaries are a fixed cost shared "
-        "by all sequences and are listed apart.",
+        "Bits/element = 8 x all bytes stored for the compressed tokens (codes or quantized data, scales, zero "
+        "points, norms, indices, positions) / (tokens x KV heads x head_dim x 2), over the compressing layers; "
+        "B/vector = the same bytes per key or value vector of one head. Bytes/token = everything the cache holds "
+        "after a text (dense window and sinks too) / tokens. Rows with seeds are the mean over the seeds' runs "
+        "(range of their ppl ratios beside). Fixed bytes (STA dictionaries, rotations, codebooks) are listed apart "
+        "and amortised in `pareto_amortised.png`.",
         "",
-        "| cache | attention | setting | bytes/token | marginal B/token | x smaller | perplexity | ppl ratio "
-        "| next-token acc | passkey acc |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| cache | attention | setting | bits/element | B/vector | bytes/token | x smaller | perplexity | ppl ratio "
+        "| seed range | next-token acc | passkey acc |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         if not row["available"]:
             reason = str(row["reason"]).replace("|", "\\|")
-            lines.append(f"| {row['name']} | {row['attn']} | {_setting(row)} | unavailable: {reason} | | | | | | |")
+            lines.append(f"| {row['name']} | {row['attn']} | {_setting(row)} | unavailable: {reason} | | | | | | | | |")
             continue
         b = row["bytes"]
+        seeds = [s["ppl_ratio"] for s in row.get("per_seed", ()) if "ppl_ratio" in s]
         lines.append(
-            f"| {row['name']} | {row['attn']} | {_setting(row)} | {_fmt(b['per_token'], ',.0f')} "
-            f"| {_fmt(b['marginal_per_token'], ',.0f')} | {_fmt(row.get('compression_vs_dynamic'), '.2f')} "
-            f"| {_fmt(row['perplexity'], '.3f')} | {_fmt(row.get('perplexity_ratio'), '.4f')} "
+            f"| {row['name']} | {row['attn']} | {_setting(row)} | {_fmt(row['bits_per_element'], '.2f')} "
+            f"| {_fmt(b['bytes_per_vector'], '.1f')} | {_fmt(b['per_token'], ',.0f')} "
+            f"| {_fmt(row.get('compression_vs_dynamic'), '.2f')} "
+            f"| {_fmt(row['perplexity'], '.3f')} | {_fmt(row.get('ppl_ratio'), '.4f')} "
+            f"| {f'{min(seeds):.4f}-{max(seeds):.4f}' if seeds else ''} "
             f"| {_fmt(row['accuracy'], '.4f')} | {_fmt(row['passkey']['accuracy'], '.2f')} |"
         )
     lines += per_text_section(rows)
-    dictionary_bytes = next((r["bytes"]["dictionary"] for r in rows if r["family"] == "sta" and r.get("bytes")), 0)
+    lines += amortised_section(rows)
     lines += [
         "",
-        f"STA dictionaries (all layers, keys + values): {dictionary_bytes / 2**20:.2f} MiB, held once per model.",
+        "![quality vs bits per element](pareto.png)",
         "",
-        "![quality vs bytes](pareto.png)",
+        "![dictionaries amortised](pareto_amortised.png)",
         "",
         "## How bytes are counted",
         "",
@@ -88,6 +108,9 @@ def render_report(results: dict) -> str:
         "the `scale`/`zero` tensors of its meta dict), plus the dense residual `keys`/`values` not yet quantized. "
         "The residual holds 0..residual_length tokens depending on where the text ends.",
         "* QuantizedCache fp8: the float8 tensors and their per-tensor scales.",
+        "* Rotated (TurboQuant/PolarQuant-style): per vector a float16 norm and the packed uint8 codes of its "
+        "rotated coordinates; the rotations (one d x d float32 matrix per layer and kind) and codebooks are fixed "
+        "bytes. KIVI: packed uint8 codes and float16 scale + zero per group. Both: sinks and window dense.",
         "* DynamicCache: `keys` + `values` of every layer.",
         "",
         "## Per-configuration time and passkey answers",
@@ -108,43 +131,76 @@ def render_report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _beats(row: dict, other: dict) -> bool:
+    """``row`` has the lower perplexity ratio on every text (seeded rows: their mean over seeds)."""
+    return all(a < b for a, b in zip(row["ppl_ratio_per_text"], other["ppl_ratio_per_text"], strict=True))
+
+
 def per_text_section(rows: list[dict]) -> list[str]:
-    """Each text's perplexity ratio, and which STA rows beat each quantized baseline on every text while storing
-    no more marginal bytes per token (the claim "better at equal bytes" needs every text, not the mean)."""
-    measured = [r for r in rows if r["available"] and r.get("per_text_ratio")]
+    """Each text's perplexity ratio (and each rotation seed's), and at equal or fewer bits per element which rows
+    beat which on every text, both ways between STA and the baselines (a claim of "better at equal bits" needs
+    every text, not the mean)."""
+    measured = [r for r in rows if r["available"] and r.get("ppl_ratio_per_text")]
     if not measured:
         return []
-    count = len(measured[0]["per_text_ratio"])
+    count = len(measured[0]["ppl_ratio_per_text"])
     lines = [
         "",
         "## Per text",
         "",
-        "Perplexity ratio to DynamicCache on each held-out text.",
+        "Perplexity ratio to DynamicCache on each text; rows with seeds: the mean over seeds, then each seed.",
         "",
-        "| cache | " + " | ".join(f"text {i + 1}" for i in range(count)) + " | worst |",
-        "| --- |" + " ---: |" * (count + 1),
+        "| cache | bits/element | all texts | " + " | ".join(f"text {i + 1}" for i in range(count)) + " | worst |",
+        "| --- | ---: | ---: |" + " ---: |" * (count + 1),
     ]
     for row in measured:
-        ratios = row["per_text_ratio"]
-        lines.append(f"| {row['name']} | " + " | ".join(f"{r:.4f}" for r in ratios) + f" | {max(ratios):.4f} |")
-    for baseline in (r for r in measured if r["family"] == "quantized"):
-        cheaper = [
-            r
-            for r in measured
-            if r["family"] == "sta" and r["bytes"]["marginal_per_token"] <= baseline["bytes"]["marginal_per_token"]
-        ]
-        winners = [
-            r["name"]
-            for r in cheaper
-            if all(s < b for s, b in zip(r["per_text_ratio"], baseline["per_text_ratio"], strict=True))
-        ]
-        lines += [
-            "",
-            f"{baseline['name']} ({baseline['bytes']['marginal_per_token']:,.0f} marginal B/token): "
+        for name, run in [(row["name"], row)] + [
+            (f"{row['name']} seed {s['seed']}", s) for s in row.get("per_seed", ())
+        ]:
+            ratios = run["ppl_ratio_per_text"]
+            lines.append(
+                f"| {name} | {row['bits_per_element']:.2f} | {run['ppl_ratio']:.4f} | "
+                + " | ".join(f"{r:.4f}" for r in ratios)
+                + f" | {max(ratios):.4f} |"
+            )
+    sta = [r for r in measured if r["family"] == "sta"]
+    baselines = [r for r in measured if r["family"] not in ("sta", "dynamic")]
+    lines += ["", "At equal or fewer bits per element, better on every text:", ""]
+    for first, others in [(b, sta) for b in baselines] + [(s, baselines) for s in sta]:
+        cheaper = [r for r in others if r["bits_per_element"] <= first["bits_per_element"] + 1e-9]
+        winners = [r["name"] for r in cheaper if _beats(r, first)]
+        lines.append(
+            f"* {first['name']} ({first['bits_per_element']:.2f} bits/element): "
             + (
                 f"beaten on every text by {', '.join(winners)}."
                 if winners
-                else f"no STA row at or below its bytes ({len(cheaper)} measured) beats it on every text."
-            ),
-        ]
+                else f"no {'STA' if first['family'] != 'sta' else 'baseline'} row at or below its bits "
+                f"({len(cheaper)} measured) beats it on every text."
+            )
+        )
+    return lines
+
+
+def amortised_section(rows: list[dict]) -> list[str]:
+    """Bits per element with the fixed bytes (dictionaries, rotations, codebooks) spread over one sequence."""
+    measured = [r for r in rows if r["available"] and r.get("ppl_ratio") is not None]
+    if not measured:
+        return []
+    contexts = list(measured[0]["bytes"]["amortised_bits_per_element"])
+    lines = [
+        "",
+        "## Fixed bytes amortised over one sequence (batch 1)",
+        "",
+        "| cache | fixed MiB | bits/element | "
+        + " | ".join(f"at {int(c):,} tokens" for c in contexts)
+        + " | ppl ratio |",
+        "| --- | ---: | ---: |" + " ---: |" * (len(contexts) + 1),
+    ]
+    for row in measured:
+        b = row["bytes"]
+        lines.append(
+            f"| {row['name']} | {b['dictionary'] / 2**20:.2f} | {row['bits_per_element']:.2f} | "
+            + " | ".join(f"{b['amortised_bits_per_element'][c]:.2f}" for c in contexts)
+            + f" | {row['ppl_ratio']:.4f} |"
+        )
     return lines

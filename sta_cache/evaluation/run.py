@@ -1,15 +1,20 @@
-"""`sta-cache eval`: quality against bytes for SparseSemanticCache, DynamicCache and transformers' QuantizedCache.
+"""`sta-cache eval`: quality against bits per element for SparseSemanticCache, DynamicCache, the quantizer
+baselines (rotated Lloyd-Max, KIVI) and transformers' QuantizedCache.
 
-For each cache configuration (:mod:`.specs`) it measures, on held-out Wikipedia text fed the way generation feeds a
-cache (a prefill, then chunks; see :func:`~sta_cache.evaluation.perplexity.perplexity`):
+For each cache configuration (:mod:`.specs`) it measures, on held-out Wikipedia text (or the user's ``--text``
+files) fed the way generation feeds a cache (a prefill, then chunks; see
+:func:`~sta_cache.evaluation.perplexity.perplexity`):
 
-* perplexity and next-token accuracy;
+* perplexity and next-token accuracy, over all texts and per text, and their ratios to DynamicCache;
 * passkey retrieval (:mod:`.passkey`): a 5-digit key hidden at several depths of filler text, prompts up to
   ``max_context`` tokens, the answer greedy-generated from the cache;
-* bytes per token, counted from the tensors the cache really holds after the last text (:mod:`.bytes`).
+* bytes, counted from the tensors the cache really holds after the last text, and bits per element
+  (:mod:`.bytes`), also with the fixed dictionary bytes amortised over ``AMORTISED_CONTEXTS``.
 
-It writes ``results.json``, ``report.md`` (the table) and ``pareto.png`` (perplexity ratio vs bytes per token).
-A baseline whose backend cannot be installed or fails here is kept in the table as unavailable, with the reason.
+A configuration with rotation seeds is run once per seed; its row holds the mean and each seed's results.
+It writes ``results.json``, ``report.md`` (the table), ``pareto.png`` (perplexity ratio vs bits per element) and
+``pareto_amortised.png``. A baseline whose backend cannot be installed or fails here is kept in the table as
+unavailable, with the reason.
 """
 
 from __future__ import annotations
@@ -18,25 +23,65 @@ import json
 import time
 import traceback
 from dataclasses import asdict
+from functools import partial
+from statistics import fmean
 
 import torch
 from tqdm.auto import tqdm
 
 from ..configs import EvalConfig
 from ..embedded import eval_texts
-from .bytes import cache_bytes
-from .figures import plot_pareto
-from .inputs import prepare
+from .bytes import amortised_bits_per_element, cache_bytes
+from .figures import plot_amortised, plot_pareto
+from .inputs import file_texts, prepare
 from .passkey import greedy_answer, passkey_correct, passkey_suite
 from .perplexity import perplexity
 from .report import render_report
 from .specs import CacheSpec, cache_specs
 
-__all__ = ["run_eval"]
+__all__ = ["AMORTISED_CONTEXTS", "run_eval"]
+
+AMORTISED_CONTEXTS = (2048, 32768)  # contexts (batch 1) over which the dictionary bytes are amortised
 
 
 def _evaluate_spec(model, tokenizer, spec: CacheSpec, texts, prompts, config: EvalConfig) -> dict:
+    """One configuration's measurements; with seeds, each seed's run and their mean."""
     model.set_attn_implementation(spec.attn)
+    if not spec.seeds:
+        return _evaluate_run(model, tokenizer, spec.make, spec.name, texts, prompts, config)
+    runs = [
+        _evaluate_run(
+            model, tokenizer, partial(spec.make, seed=seed), f"{spec.name} seed {seed}", texts, prompts, config
+        )
+        for seed in spec.seeds
+    ]
+    trials = [
+        {**trial, "seed": seed}
+        for seed, run in zip(spec.seeds, runs, strict=True)
+        for trial in run["passkey"]["trials"]
+    ]
+    return {
+        "perplexity": fmean(run["perplexity"] for run in runs),
+        "per_text_perplexity": [
+            fmean(values) for values in zip(*(run["per_text_perplexity"] for run in runs), strict=True)
+        ],
+        "accuracy": fmean(run["accuracy"] for run in runs),
+        "scored_tokens": runs[0]["scored_tokens"],
+        "bytes": runs[0]["bytes"],  # the same format for every seed
+        "passkey": {
+            "accuracy": sum(t["correct"] for t in trials) / len(trials) if trials else None,
+            "trials": trials,
+        },
+        "seconds": round(sum(run["seconds"] for run in runs), 1),
+        "seeds": spec.seeds,
+        "per_seed": [
+            {"seed": seed, **{k: run[k] for k in ("perplexity", "per_text_perplexity", "accuracy")}}
+            for seed, run in zip(spec.seeds, runs, strict=True)
+        ],
+    }
+
+
+def _evaluate_run(model, tokenizer, make, name: str, texts, prompts, config: EvalConfig) -> dict:
     start = time.perf_counter()
     last = {}
 
@@ -47,19 +92,19 @@ def _evaluate_spec(model, tokenizer, spec: CacheSpec, texts, prompts, config: Ev
     result = perplexity(
         model,
         texts,
-        spec.make,
+        make,
         prefill=config.prefill,
         chunk=config.chunk,
         progress=config.progress,
-        desc=f"{spec.name}: perplexity",
+        desc=f"{name}: perplexity",
         measure=measure,
     )
     trials = []
-    for prompt in tqdm(prompts, desc=f"{spec.name}: passkey", disable=not config.progress, leave=False):
+    for prompt in tqdm(prompts, desc=f"{name}: passkey", disable=not config.progress, leave=False):
         answer_ids = greedy_answer(
             model,
             prompt.input_ids,
-            spec.make(),
+            make(),
             config.passkey_new_tokens,
             config.passkey_feed,
             config.prefill,
@@ -90,6 +135,25 @@ def _evaluate_spec(model, tokenizer, spec: CacheSpec, texts, prompts, config: Ev
     }
 
 
+def _add_ratios(rows: list[dict]) -> None:
+    """Bits per element (also amortised) and the perplexity ratios to the DynamicCache row of every measured row."""
+    dense = next((r for r in rows if r["family"] == "dynamic" and r.get("perplexity")), None)
+    for row in rows:
+        if not row.get("perplexity"):
+            continue
+        row["bits_per_element"] = row["bytes"]["bits_per_element"]
+        row["bytes"]["amortised_bits_per_element"] = {
+            str(context): amortised_bits_per_element(row["bytes"], context) for context in AMORTISED_CONTEXTS
+        }
+        if dense:
+            for run in (row, *row.get("per_seed", ())):
+                run["ppl_ratio"] = run["perplexity"] / dense["perplexity"]
+                run["ppl_ratio_per_text"] = [
+                    p / d for p, d in zip(run["per_text_perplexity"], dense["per_text_perplexity"], strict=True)
+                ]
+            row["compression_vs_dynamic"] = dense["bytes"]["per_token"] / row["bytes"]["per_token"]
+
+
 def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, texts=None) -> dict:
     """Run every configuration, write ``results.json``, ``report.md`` and ``pareto.png`` to ``config.out``;
     return the results. ``model``/``tokenizer``/``dictionary``/``texts`` may be passed in (tests)."""
@@ -97,11 +161,30 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
     model, tokenizer, dictionary, out = prepare("eval", config, model, tokenizer, dictionary)
     if config.encoder is not None:  # the cache codes with the encoder its dictionary's config names
         dictionary.config.encoder = config.encoder
-    if texts is None:
+    if texts is None and config.texts:
+        texts = file_texts(tokenizer, config.texts, config.context, config.prefill)
+    elif texts is None:
         texts = eval_texts(tokenizer, config.n_texts, config.context)
     prompts = passkey_suite(tokenizer, config)
     specs = cache_specs(model, dictionary, config)
     rows = []
+    results = {
+        "config": {k: v for k, v in asdict(config).items() if k != "progress"},
+        "model": getattr(model.config, "_name_or_path", config.model),
+        "dictionary": {
+            "path": config.dictionary,
+            **{k: v for k, v in asdict(dictionary.config).items() if k not in ("training", "evaluation")},
+        },
+        "texts": {
+            "source": config.texts or "embedded Wikipedia eval split",
+            "count": len(texts),
+            "tokens": [int(text.numel()) for text in texts],
+            "passkey_lengths": config.lengths(),
+            "passkey_depths": config.passkey_depths,
+            "passkey_trials": config.passkey_trials,
+        },
+        "rows": rows,
+    }
     for spec in tqdm(specs, desc="eval configurations", disable=not config.progress):
         row = {
             "name": spec.name,
@@ -119,32 +202,11 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
                 row["reason"] = f"failed while running: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 row["traceback"] = traceback.format_exc(limit=4)
         rows.append(row)
+        _add_ratios(rows)
+        # after every row: a long eval that is stopped keeps what it measured
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     model.set_attn_implementation("sdpa")
-    dense = next((r for r in rows if r["family"] == "dynamic" and r.get("perplexity")), None)
-    for row in rows:
-        if dense and row.get("perplexity"):
-            row["perplexity_ratio"] = row["perplexity"] / dense["perplexity"]
-            row["per_text_ratio"] = [
-                p / d for p, d in zip(row["per_text_perplexity"], dense["per_text_perplexity"], strict=True)
-            ]
-            row["compression_vs_dynamic"] = dense["bytes"]["per_token"] / row["bytes"]["per_token"]
-    results = {
-        "config": {k: v for k, v in asdict(config).items() if k != "progress"},
-        "model": getattr(model.config, "_name_or_path", config.model),
-        "dictionary": {
-            "path": config.dictionary,
-            **{k: v for k, v in asdict(dictionary.config).items() if k not in ("training", "evaluation")},
-        },
-        "texts": {
-            "count": len(texts),
-            "tokens_each": int(texts[0].numel()),
-            "passkey_lengths": config.lengths(),
-            "passkey_depths": config.passkey_depths,
-            "passkey_trials": config.passkey_trials,
-        },
-        "rows": rows,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     plot_pareto(rows, out / "pareto.png", config)
+    plot_amortised(rows, out / "pareto_amortised.png", config)
     (out / "report.md").write_text(render_report(results))
     return results

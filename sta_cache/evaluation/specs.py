@@ -1,15 +1,25 @@
-"""The cache configurations ``sta-cache eval`` compares: DynamicCache, SparseSemanticCache budgets and
-transformers' QuantizedCache backends, each with how to build a fresh cache."""
+"""The cache configurations ``sta-cache eval`` compares: DynamicCache, SparseSemanticCache budgets, the quantizer
+baselines of :mod:`sta_cache.baselines` and transformers' QuantizedCache backends, each with how to build a fresh
+cache.
+
+Baselines are named ``backend:bits`` (``quanto:4``, ``hqq:2``, ``fp8``), ``rotated:BITS`` (the rotated Lloyd-Max
+quantizer, e.g. ``rotated:2.5``; one run per rotation seed, averaged) and ``kivi:BITS[:GROUP]`` (group 32 unless
+given).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import Cache
 
+from .. import geometry
+from ..baselines import KiviCache, RotatedQuantizedCache
+from ..baselines.kivi import DEFAULT_GROUP
+from ..baselines.rotated import split_bits
 from ..cache import SparseSemanticCache
 from ..configs import EvalConfig
 from ..dtypes import DTYPES, SHORT_NAMES
@@ -24,11 +34,12 @@ class CacheSpec:
     """One row of the eval table: how to build a fresh cache of it (``make``), or why it cannot be built here."""
 
     name: str
-    family: str  # dynamic | sta | quantized
+    family: str  # dynamic | sta | rotated | kivi | quantized
     attn: str  # the model's attention implementation while it runs
-    make: Callable[[], Cache] | None
+    make: Callable[..., Cache] | None  # make(seed=s) for each of ``seeds`` when there are seeds, else make()
     params: dict
     reason: str | None = None  # why it is unavailable
+    seeds: list[int] = field(default_factory=list)  # runs averaged into the row (the rotated quantizer's draws)
 
 
 def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
@@ -84,8 +95,39 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
                     )
                 )
     for baseline in config.baselines:
-        specs.append(_quantized_spec(model, baseline, config))
+        backend = baseline.partition(":")[0]
+        make_spec = {"rotated": _rotated_spec, "kivi": _kivi_spec}.get(backend, _quantized_spec)
+        specs.append(make_spec(model, baseline, config))
     return specs
+
+
+def _rotated_spec(model, baseline: str, config: EvalConfig) -> CacheSpec:
+    bits = float(baseline.partition(":")[2] or 3)
+    window = dict(residual_length=config.residual_length, num_sink_tokens=config.num_sink_tokens)
+    RotatedQuantizedCache(model.config, bits, **window)  # a bad rate is refused here, before anything runs
+
+    def make(seed: int) -> Cache:
+        return RotatedQuantizedCache(model.config, bits, seed=seed, **window)
+
+    base, wide = split_bits(bits, geometry.head_dim(model.config.get_text_config()))
+    channels = (
+        f"{wide} x {base + 1} + " if wide else ""
+    ) + f"{geometry.head_dim(model.config.get_text_config()) - wide} x {base}"
+    params = {"bits": bits, "channel_bits": channels, "window": config.residual_length, "sinks": config.num_sink_tokens}
+    return CacheSpec(f"Rotated {bits:g}-bit", "rotated", "sdpa", make, params, seeds=list(config.rotation_seeds))
+
+
+def _kivi_spec(model, baseline: str, config: EvalConfig) -> CacheSpec:
+    _, bits, group = (baseline.split(":") + ["", ""])[:3]
+    bits, group = int(bits or 2), int(group or DEFAULT_GROUP)
+    window = dict(residual_length=config.residual_length, num_sink_tokens=config.num_sink_tokens)
+    KiviCache(model.config, bits, group=group, **window)  # a bad group is refused here
+
+    def make() -> Cache:
+        return KiviCache(model.config, bits, group=group, **window)
+
+    params = {"bits": bits, "group": group, "window": config.residual_length, "sinks": config.num_sink_tokens}
+    return CacheSpec(f"KIVI-{bits} g{group}", "kivi", "sdpa", make, params)
 
 
 def _quantized_spec(model, baseline: str, config: EvalConfig) -> CacheSpec:
