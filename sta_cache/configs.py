@@ -135,8 +135,9 @@ class TrainConfig:
     batch_windows: int = option(4, "windows per model forward while collecting")
     shard: Shard = option(
         "data",
-        "under torchrun: data (each process reads its share of the text; pursuit statistics / gradients are "
-        "summed over processes) or layers (each process reads all the text and trains its share of the layers)",
+        "under torchrun: data (each process reads its share of the text; MOD statistics are summed and SAE "
+        "gradients averaged over the processes) or layers (each process reads all the text and trains its share "
+        "of the layers)",
     )
     seed: int = option(0, "random seed (a run resumed from its checkpoint gives the same weights)")
     dtype: WeightDtype = option("float32", "dtype of the saved weights")

@@ -1,5 +1,5 @@
 """`sta-cache train` over several processes (torch.distributed, gloo on this CPU, launched with torchrun): the
-dictionary equals one process's, split by data or by layers."""
+MOD dictionary equals one process's, split by data or by layers; the Top-K SAEs train data-parallel."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model
 from sta_cache import distributed
-from sta_cache.training import TrainConfig, train_dictionary
+from sta_cache.training import TrainConfig
+from sta_cache.training.loop import train_sae
+from sta_cache.training.reduction import Reduction
+
+ACROSS = Reduction(across_processes=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_train.py"
@@ -93,7 +97,23 @@ def test_layer_sharded_mod_equals_one_process_and_sae_trains_every_layer(one_pro
     assert set(per_layer) == {"0", "1"} and all(row["key"] > 0.5 for row in per_layer.values())
 
 
-def test_sae_refuses_a_data_split_with_a_clear_error(monkeypatch, text, tmp_path):
-    monkeypatch.setattr(distributed, "init_from_environment", lambda device="cpu": distributed.Ranks(0, 2))
-    with pytest.raises(ValueError, match="shard='layers'"):
-        train_dictionary(tiny_model("llama"), None, text, TrainConfig(method="sae"), tmp_path / "out")
+def test_data_parallel_sae_trains_like_one_process(text, tmp_path):
+    """The Top-K SAEs split by data: each process streams half of the text, the gradients are averaged (the run
+    refuses to save if the processes' weights differ), and the held-out error is that of one process's run on
+    the whole text, within the noise of a different batch order."""
+    single = run_job(tmp_path / "one", text, "--method", "sae")
+    config = run_job(tmp_path / "two", text, "--method", "sae", processes=2)
+    training = config["training"]
+    assert training["world_size"] == 2 and training["shard"] == "data"
+    assert training["tokens_per_process"] == [training["tokens"] // 2] * 2
+    assert (tmp_path / "two" / "shards" / "rank1" / "train_log.jsonl").is_file()  # each process logs its own run
+    for kind in ("key", "value"):
+        ours, reference = config["evaluation"][f"{kind}_fvu_topk"], single["evaluation"][f"{kind}_fvu_topk"]
+        assert ours < 1.25 * reference + 0.02, (kind, ours, reference)
+
+
+def test_sae_data_split_needs_a_window_per_process(monkeypatch):
+    monkeypatch.setattr(distributed, "world", lambda: distributed.Ranks(0, 2))
+    one_window = torch.ones(1, 64, dtype=torch.long)
+    with pytest.raises(ValueError, match="cannot be shared by 2 processes"):
+        train_sae(tiny_model("llama"), one_window, one_window, [0], TrainConfig(method="sae"), None, reduce=ACROSS)

@@ -8,16 +8,19 @@ Practice follows Gao et al. (2024): ``b_dec`` starts at the geometric median of 
 ``W_dec^T``, decoder rows stay unit norm (the gradient component along each row is removed before the Adam step,
 rows re-normalized after it), the loss is the normalized MSE, and dead atoms are revived by the AuxK loss.
 Checkpoints in the run folder hold the whole state (:mod:`.checkpoint`), so an interrupted run resumed gives the
-same weights.
+same weights. Over several processes (``torchrun``) each streams an equal share of the text into its own
+reservoirs and checkpoint, and the steps are data-parallel (:mod:`.sae`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..collect import iter_kv
 from ..configs import TrainConfig
 from ..dictionary import KINDS
@@ -25,6 +28,7 @@ from ..dtypes import DTYPES
 from ..geometry import kv_geometry
 from . import checkpoint
 from .heldout import evaluate_stack, summary
+from .reduction import LOCAL, Reduction
 from .result import MethodResult
 from .run import TIMERS, TrainingRun
 from .sae import PARAMETERS
@@ -40,13 +44,31 @@ def train_sae(
     config: TrainConfig,
     folder: checkpoint.RunFolder,
     *,
+    reduce: Reduction = LOCAL,
     progress: bool = True,
 ) -> MethodResult:
     """Train the Top-K SAEs of ``layers`` on the model's keys/values over ``windows``, evaluated on
-    ``eval_windows``. A checkpoint in ``folder`` is resumed; the result is the same as an uninterrupted run's."""
+    ``eval_windows``. A checkpoint in ``folder`` is resumed; the result is the same as an uninterrupted run's.
+
+    With ``reduce`` across processes, each process streams ``len(windows) // processes`` windows of its own (the
+    remainder of an uneven split is left out: every process must take the same number of steps), draws
+    ``batch_size // processes`` vectors per step and averages its gradients with the others': the steps and the
+    batch of one process's run, each process doing its share. ``folder`` is then this process's own."""
     _, heads, d = kv_geometry(model.config)
     per_window = (config.context - config.skip_first) * (1 if config.per_head else heads)
-    run = TrainingRun(config, layers, heads, d, len(windows), per_window)
+    batch_size = config.batch_size
+    if reduce.across_processes:
+        world = distributed.world()
+        each = len(windows) // world.size
+        if each == 0 or config.batch_size % world.size:
+            raise ValueError(
+                f"{len(windows)} training windows and batches of {config.batch_size} vectors cannot be shared by "
+                f"{world.size} processes: give more text (max_tokens), a batch_size divisible by {world.size}, "
+                "or use fewer processes"
+            )
+        windows = windows[world.rank * each : (world.rank + 1) * each]
+        config = dataclasses.replace(config, batch_size=config.batch_size // world.size)
+    run = TrainingRun(config, layers, heads, d, len(windows), per_window, reduce)
     collect = dict(
         layers=layers,
         key_space=config.key_space,
@@ -60,6 +82,12 @@ def train_sae(
         payload = folder.load_checkpoint()
         run.load_state_dict(payload["run"])
         log_bytes = int(payload["log_bytes"])
+    steps = reduce.gather(run.steps_done)
+    if len(set(steps)) > 1:
+        raise RuntimeError(
+            f"the processes' checkpoints stopped at different steps {steps} (interrupted while saving): "
+            "start over with restart (--restart)"
+        )
     folder.start(resuming, log_bytes)
     log = checkpoint.TrainLog(folder.log)
     try:
@@ -74,6 +102,7 @@ def train_sae(
     finally:
         log.close()
 
+    _check_same_weights(run, reduce)
     run.sae.round_to(DTYPES[config.dtype])
     per_encoder, evaluation, eval_seconds = _final_evaluation(run, heldout, eval_windows, config)
     log = checkpoint.TrainLog(folder.log)
@@ -90,7 +119,8 @@ def train_sae(
     }
     training = {
         "steps": run.total_steps,
-        "batch_size": config.batch_size,
+        "batch_size": batch_size,
+        "batch_size_per_process": config.batch_size,
         "epochs": config.epochs,
         "lr": config.lr,
         "aux_k": run.sae.aux_k,
@@ -98,10 +128,19 @@ def train_sae(
         "buffer_size": run.reservoir.size,
         "init": config.init,
         "b_dec_init": config.b_dec_init,
+        "tokens_per_process": reduce.gather(len(windows) * config.context),
         **{f"{name}_seconds": round(run.seconds[name], 1) for name in TIMERS},
         "eval_seconds": round(eval_seconds, 1),
     }
     return MethodResult(weights, training, evaluation, {"per_layer": per_encoder})
+
+
+def _check_same_weights(run: TrainingRun, reduce: Reduction) -> None:
+    """Data-parallel processes must end with the same weights (they average every step); refuse to save if not."""
+    sums = torch.stack([getattr(run.sae, name).detach().double().sum() for name in PARAMETERS])
+    parts = reduce.gather(sums)
+    if any(not torch.equal(part, parts[0]) for part in parts):
+        raise RuntimeError(f"the processes' SAE weights diverged (parameter sums {[p.tolist() for p in parts]})")
 
 
 def _heldout_vectors(model, run: TrainingRun, eval_windows: torch.Tensor, collect: dict, config: TrainConfig):

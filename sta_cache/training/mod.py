@@ -26,29 +26,10 @@ from ..dictionary import KINDS
 from ..geometry import kv_geometry
 from . import checkpoint
 from .heldout import omp_codes
+from .reduction import LOCAL, Reduction
 from .result import DictionaryKey, MethodResult
 
-__all__ = ["LOCAL", "Reduction", "learn_mod_dictionary", "mod_step", "omp_reconstruct", "train_mod"]
-
-
-@dataclass(frozen=True)
-class Reduction:
-    """How one process's partial results combine: over the process group (each process holds part of every
-    dictionary's vectors), or not at all (one process, or each process owning whole dictionaries)."""
-
-    across_processes: bool
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return distributed.all_reduce_sum_(tensor) if self.across_processes else tensor
-
-    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return distributed.broadcast_(tensor) if self.across_processes else tensor
-
-    def gather(self, obj) -> list:
-        return distributed.all_gather_objects(obj) if self.across_processes else [obj]
-
-
-LOCAL = Reduction(across_processes=False)
+__all__ = ["learn_mod_dictionary", "mod_step", "omp_reconstruct", "train_mod"]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 
 from ..configs import TrainConfig
 from ..dictionary import KINDS
+from .reduction import LOCAL, Reduction
 from .reservoir import Reservoir, reservoir_size
 from .sae import StackedTopKSAE
 
@@ -23,16 +24,26 @@ __all__ = ["INIT_VECTORS", "TIMERS", "TrainingRun"]
 
 class TrainingRun:
     """Dictionaries ``layers x KINDS x heads`` (one shared head unless ``config.per_head``), stacked in that
-    order; ``windows`` training windows of ``per_window`` vectors each are streamed in."""
+    order; ``windows`` training windows of ``per_window`` vectors each are streamed in (this process's, when
+    ``reduce`` averages its steps with other processes')."""
 
-    def __init__(self, config: TrainConfig, layers: list[int], heads: int, d: int, windows: int, per_window: int):
+    def __init__(
+        self,
+        config: TrainConfig,
+        layers: list[int],
+        heads: int,
+        d: int,
+        windows: int,
+        per_window: int,
+        reduce: Reduction = LOCAL,
+    ):
         self.config = config
         self.layers = layers
         self.hd = heads if config.per_head else 1
         self.S = len(layers) * len(KINDS) * self.hd
         k_of = {"key": config.k_key, "value": config.k_value}
         ks = [k_of[kind] for _ in layers for kind in KINDS for _ in range(self.hd)]
-        self.sae = StackedTopKSAE(self.S, d, config.n_atoms, ks, config)
+        self.sae = StackedTopKSAE(self.S, d, config.n_atoms, ks, config, reduce)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.reservoir = Reservoir(self.S, reservoir_size(config, self.S, d), d, self.generator)
         self.windows_done = 0

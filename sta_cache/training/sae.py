@@ -6,6 +6,10 @@ that one batched step (one ``bmm``, one ``embedding_bag``, one Adam update) trai
 dictionary ``s`` into a ``TopKSAE``. The encoder is the same (Top-K of ``(x - b_dec) @ W_enc + b_enc``, ReLU after
 the Top-K); what only training needs lives here: the AuxK loss on dead atoms, the decoder kept on the unit sphere
 through the Adam step, and a sparse backward through the chosen pre-activations.
+
+Data-parallel over several processes (``reduce`` across them): every process starts from rank 0's
+initialization, averages the gradients of its own batch with the others' before each Adam step and marks an atom
+fired when it fired anywhere, so the processes hold the same weights throughout.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from ..configs import TrainConfig
 from ..metrics import EPS, mean_cosine, mean_squared_norm, variance
 from ..sae import TopKSAE
+from .reduction import LOCAL, Reduction
 
 PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -28,9 +33,10 @@ class StackedTopKSAE:
     """``S`` independent Top-K SAEs trained as one: parameters stacked on a leading axis, dictionary ``s`` coding
     with ``ks[s]`` atoms."""
 
-    def __init__(self, S: int, d: int, n_atoms: int, ks: list[int], config: TrainConfig):
+    def __init__(self, S: int, d: int, n_atoms: int, ks: list[int], config: TrainConfig, reduce: Reduction = LOCAL):
         self.S, self.d, self.N = S, d, n_atoms
         self.config = config
+        self.reduce = reduce
         self.W_enc = torch.zeros(S, d, n_atoms, requires_grad=True)
         self.b_enc = torch.zeros(S, n_atoms, requires_grad=True)
         self.W_dec = torch.zeros(S, n_atoms, d, requires_grad=True)
@@ -87,6 +93,8 @@ class StackedTopKSAE:
         ).view_as(sample)
         scale = (centred * decoded).sum((1, 2)) / decoded.pow(2).sum((1, 2)).clamp_min(EPS)
         self.W_enc.mul_(scale.clamp_min(1e-6)[:, None, None])
+        for tensor in (*self.params, self.var):  # every process starts from rank 0's initialization
+            self.reduce.broadcast_(tensor)
 
     # ----------------------------------------------------------------------------- training
     def step(self, x: torch.Tensor, step: int, lr: float) -> dict[str, torch.Tensor]:
@@ -142,13 +150,17 @@ class StackedTopKSAE:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
+            for param in self.params:
+                if param.grad is not None:
+                    self.reduce.mean_(param.grad)
             grad, W = self.W_dec.grad, self.W_dec
             grad.sub_((grad * W).sum(-1, keepdim=True) * W)  # keep the step tangent to the unit sphere
         self.optimizer.step()
         with torch.no_grad():
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS))
             main = idx[..., :kmax].reshape(S, -1)
-            fired = torch.zeros(S, self.N).scatter_add_(-1, main, (coef > 0).float().reshape(S, -1)) > 0
+            fired = torch.zeros(S, self.N).scatter_add_(-1, main, (coef > 0).float().reshape(S, -1))
+            fired = self.reduce.sum_(fired) > 0
             self.last_fired.masked_fill_(fired, step)
             return {
                 "fvu": (mse.detach() / variance(x).clamp_min(EPS)),

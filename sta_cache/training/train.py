@@ -2,10 +2,11 @@
 a text, by either method (:mod:`.mod`, the default; :mod:`.loop`, Top-K SAEs), on one process or several.
 
 Under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) every process runs this same function. With
-``shard="data"`` each process collects its share of the text and the processes sum their MOD statistics, so the
-dictionary equals one process's up to float summation order; with ``shard="layers"`` each process reads all the
-text and trains its share of the layers in its own resumable run folder (``out_dir/shards/rank<r>``), and the
-parts are gathered. Rank 0 checks the result on held-out text and writes the dictionary.
+``shard="data"`` each process collects its share of the text, and the processes sum their MOD statistics (the
+dictionary equals one process's up to float summation order) or average their Top-K SAE gradients; with
+``shard="layers"`` each process reads all the text and trains its share of the layers in its own resumable run
+folder (``out_dir/shards/rank<r>``), and the parts are gathered. Rank 0 checks the result on held-out text and
+writes the dictionary.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from ..geometry import compressible_layers, kv_geometry
 from ..text import TextSource
 from . import checkpoint
 from .loop import train_sae
-from .mod import Reduction, train_mod
+from .mod import train_mod
 from .quality import heldout_quality
+from .reduction import Reduction
 from .result import MethodResult
 
 __all__ = ["train_dictionary"]
@@ -60,18 +62,17 @@ def train_dictionary(
     geometry = kv_geometry(model.config)
     layers = compressible_layers(model.config)
     by_layers = config.shard == "layers" and world.size > 1
-    if config.method == "sae" and world.size > 1 and not by_layers:
-        raise ValueError("method='sae' is split over processes by layers: pass shard='layers' (--shard layers)")
+    sae_by_data = config.method == "sae" and world.size > 1 and not by_layers  # per-process reservoirs and steps
     if by_layers and world.size > len(layers):
         raise ValueError(
             f"shard='layers' over {world.size} processes needs as many layers, the model has {len(layers)}"
         )
     own_layers = layers[world.rank :: world.size] if by_layers else layers
-    run_dir = out_dir / "shards" / f"rank{world.rank}" if by_layers else out_dir
+    run_dir = out_dir / "shards" / f"rank{world.rank}" if by_layers or sae_by_data else out_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = checkpoint.RunFolder(run_dir, checkpoint.fingerprint(config, geometry, own_layers, source, eval_source))
     show = progress and world.main
-    if resume and folder.finished() and not by_layers:
+    if resume and folder.finished() and not by_layers and not sae_by_data:
         return KVDictionary.load_folder(out_dir)
     if not resume:
         folder.checkpoint.unlink(missing_ok=True)
@@ -86,7 +87,8 @@ def train_dictionary(
             model, windows, own_layers, config, folder, reduce=reduce, writer=world.main or by_layers, progress=show
         )
     else:
-        result = train_sae(model, windows, eval_windows, own_layers, config, folder, progress=show)
+        reduce = Reduction(across_processes=sae_by_data)
+        result = train_sae(model, windows, eval_windows, own_layers, config, folder, reduce=reduce, progress=show)
     if by_layers:
         part = _assemble(model, config, own_layers, source, windows, eval_source, result, world)
         part.save_pretrained(run_dir)
@@ -101,7 +103,7 @@ def train_dictionary(
         quality = heldout_quality(model, dictionary, eval_windows, sequence, config, progress=show)
         dictionary.config.evaluation = {**result.evaluation, **quality}
         dictionary.save_pretrained(out_dir, dtype=None if config.dtype == "float32" else DTYPES[config.dtype])
-        if not by_layers:
+        if not by_layers and not sae_by_data:
             folder.finish({"summary": dictionary.config.evaluation, **result.report})
     distributed.barrier()
     return KVDictionary.load_folder(out_dir)
