@@ -9,36 +9,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from char_text import CharTokenizer, tiny_llama
 
 from sta_cache.training import TrainConfig, train_dictionary
-
-VOCAB = 97
-
-
-class CharTokenizer:
-    """One id per character, BOS=1 in front when special tokens are asked for."""
-
-    bos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=True, verbose=False):
-        ids = [3 + ord(c) % (VOCAB - 3) for c in text]
-        return {"input_ids": ([1] if add_special_tokens else []) + ids}
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def main() -> None:

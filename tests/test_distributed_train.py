@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from char_text import write_words
 from safetensors.torch import load_file
 
 from conftest import tiny_model
@@ -24,7 +24,6 @@ ACROSS = Reduction(across_processes=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_train.py"
-WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
 
 
 def run_job(out: Path, text: Path, *args: str, processes: int = 1) -> dict:
@@ -46,11 +45,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(1500)]
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_words(tmp_path_factory.mktemp("text") / "text.txt")
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_train import CharTokenizer, tiny_llama
+from char_text import CharTokenizer, tiny_llama, write_words
 from safetensors.torch import load_file
 
 from conftest import VOCAB, tiny_model
@@ -19,8 +18,6 @@ from sta_cache.compat import cache_kwargs
 from sta_cache.metrics import fraction_of_variance_unexplained as fvu
 from sta_cache.text import TextSource
 from sta_cache.training import TrainConfig, checkpoint, learn_mod_dictionary, omp_reconstruct, train_dictionary
-
-WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
 
 
 def test_mod_learns_a_planted_sparse_dictionary():
@@ -78,11 +75,7 @@ def mod_config(**overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def words(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(400)]
-    path = tmp_path_factory.mktemp("words") / "words.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_words(tmp_path_factory.mktemp("words") / "words.txt", lines=400, seed=1)
 
 
 def test_default_method_is_mod_with_omp_codes_and_bad_settings_are_refused():

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from char_text import VOCAB, CharTokenizer, tiny_llama, write_words
 from safetensors.torch import load_file
-from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.collect import iter_kv, rotary_for_layer, token_windows, verify_rotary
@@ -17,35 +17,6 @@ from sta_cache.compat import cache_kwargs
 from sta_cache.geometry import compressible_layers
 from sta_cache.kernels.reference import apply_rope
 from sta_cache.training import TrainConfig, checkpoint, evaluate_dictionary, train_dictionary
-
-VOCAB = 97
-WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
-
-
-class CharTokenizer:
-    """One id per character, BOS=1 in front when special tokens are asked for (like Llama's tokenizer)."""
-
-    bos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=True, verbose=False):
-        ids = [3 + ord(c) % (VOCAB - 3) for c in text]
-        return {"input_ids": ([1] if add_special_tokens else []) + ids}
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,11 +35,7 @@ def model() -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(1500)]
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_words(tmp_path_factory.mktemp("text") / "text.txt")
 
 
 def small_config(**overrides) -> TrainConfig:
