@@ -63,16 +63,17 @@ def train_dictionary(
     layers = compressible_layers(model.config)
     by_layers = config.shard == "layers" and world.size > 1
     sae_by_data = config.method == "sae" and world.size > 1 and not by_layers  # per-process reservoirs and steps
+    own_folders = by_layers or sae_by_data  # each process runs, checkpoints and resumes in a folder of its own
     if by_layers and world.size > len(layers):
         raise ValueError(
             f"shard='layers' over {world.size} processes needs as many layers, the model has {len(layers)}"
         )
     own_layers = layers[world.rank :: world.size] if by_layers else layers
-    run_dir = out_dir / "shards" / f"rank{world.rank}" if by_layers or sae_by_data else out_dir
+    run_dir = out_dir / "shards" / f"rank{world.rank}" if own_folders else out_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = checkpoint.RunFolder(run_dir, checkpoint.fingerprint(config, geometry, own_layers, source, eval_source))
     show = progress and world.main
-    if resume and folder.finished() and not by_layers and not sae_by_data:
+    if resume and folder.finished() and not own_folders:
         return KVDictionary.load_folder(out_dir)
     if not resume:
         folder.checkpoint.unlink(missing_ok=True)
@@ -103,7 +104,7 @@ def train_dictionary(
         quality = heldout_quality(model, dictionary, eval_windows, sequence, config, progress=show)
         dictionary.config.evaluation = {**result.evaluation, **quality}
         dictionary.save_pretrained(out_dir, dtype=None if config.dtype == "float32" else DTYPES[config.dtype])
-        if not by_layers and not sae_by_data:
+        if not own_folders:
             folder.finish({"summary": dictionary.config.evaluation, **result.report})
     distributed.barrier()
     return KVDictionary.load_folder(out_dir)
@@ -132,7 +133,7 @@ def _gather_layers(result: MethodResult, layers: list[int]) -> MethodResult:
     """Every process's dictionaries and records, merged (each process trained some of ``layers``)."""
     parts = distributed.all_gather_objects(result)
     weights = {key: value for part in parts for key, value in part.weights.items()}
-    missing = sorted({layer for layer in layers} - {layer for layer, _, _ in weights})
+    missing = sorted(set(layers) - {layer for layer, _, _ in weights})
     if missing:
         raise RuntimeError(f"no process trained layers {missing}")
     training = {"per_process": [part.training for part in parts]}
