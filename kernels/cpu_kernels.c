@@ -1,14 +1,14 @@
 /* CPU kernels of the cache (see cpu_kernels.py, which builds and loads this file): decode-into-attention over Top-K
- * codes and OMP encode-on-append, reproducing reference.py's _compressed_key_scores, _compressed_value_output and
- * omp_encode_reference.
+ * codes (sta_attention, reproducing reference.py's sparse_attention_reference in one call) and OMP
+ * encode-on-append (reproducing omp_encode_reference).
  *
  * Each kernel streams the codes once, a block of tokens at a time: indices (uint8 / int16 / int32 / int64, or
  * bit-packed) and coefficients (float32 / float16 / bfloat16, or one-byte floats through a 256-entry table) are
  * widened into small buffers that stay in L1, and every query row sharing a KV head is served from that block.
  * Nothing of size [tokens, k, d] is ever materialised, which is what the PyTorch path cannot avoid.
  *
- * Work is split over (batch x KV head, token block) with OpenMP; the value kernel gives each thread its own
- * atom-space accumulator and sums them at the end, so no two threads write the same memory.
+ * Work is split with OpenMP over (batch x KV head, token block) and query rows; the value pass gives each thread
+ * its own atom-space accumulator and sums them at the end, so no two threads write the same memory.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -112,31 +112,25 @@ static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int3
     } }
 }
 
-/* Post-RoPE keys: score[bh, r, t] = sum_j coef[t, j] * atom_scores[bh, r, idx[t, j]] (atom_scores = q . D^T). */
-void sta_key_scores_post(const codes_t *codes, const float *atom_scores, int64_t slabs, int64_t rows,
-                         int64_t n_atoms, float *out, int threads) {
-    const int64_t tokens = codes->tokens, k = codes->k, per_block = block_tokens(codes->k);
-    const int64_t blocks = (tokens + per_block - 1) / per_block;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < slabs * blocks; item++) {
-        int32_t idx[BLOCK_CODES];
-        float coef[BLOCK_CODES];
-        const int64_t bh = item / blocks, t0 = (item % blocks) * per_block;
-        const int64_t n = tokens - t0 < per_block ? tokens - t0 : per_block;
-        load_block(codes, bh, t0, n, idx, coef);
-        for (int64_t r = 0; r < rows; r++) {
-            const float *table = atom_scores + (bh * rows + r) * n_atoms;
-            float *score = out + (bh * rows + r) * tokens + t0;
-            for (int64_t t = 0; t < n; t++) {
-                const int32_t *ti = idx + t * k;
-                const float *tc = coef + t * k;
-                float s = 0.0f;
-                for (int64_t j = 0; j < k; j++) s += tc[j] * table[ti[j]];
-                score[t] = s;
-            }
-        }
-    }
-}
+/* ------------------------------------------------------------------------------------- decode-into-attention */
+
+/* Everything attention reads of one layer besides its codes (cpu_kernels.py fills it from a CompressedKV). Dense
+ * tensors are float32 and C-contiguous; a slab is one (batch, KV head), BH = batch * heads of them, each with
+ * `rows` query rows: row r of a slab is query r % query_len of query head r / query_len of its group. */
+typedef struct {
+    const float *queries;                     /* [BH, rows, d] */
+    const float *sink_keys, *sink_values;     /* [BH, sinks, d] */
+    const float *window_keys, *window_values; /* [BH, window, d] */
+    const uint8_t *mask;                      /* [batch, query_len, length], nonzero = may attend; NULL: all may */
+    const float *key_atoms, *key_bias;        /* [Hd, N, d], [Hd, d]; Hd (dictionaries) 1 or heads */
+    const float *value_atoms, *value_bias;
+    const float *atom_scores;                 /* post-RoPE key codes: q . D^T, [BH, rows, N]; NULL: pre-RoPE */
+    const int32_t *positions;                 /* pre-RoPE key codes: [batch, C], rows of the cos/sin tables */
+    const float *cos_table, *sin_table;       /* [positions, d / 2] */
+    float rope_scaling, scaling, softcap;     /* softcap 0: none */
+    int64_t batch, heads, rows, query_len, dim, sinks, window;
+    int64_t key_dictionaries, key_n_atoms, value_dictionaries, value_n_atoms;
+} attention_t;
 
 /* Eight floats (or ints) as one value: GCC/Clang vector extensions, lowered to what the target has (AVX: one
  * register). */
@@ -150,14 +144,86 @@ static inline vec8 load8(const float *p) {
     return v;
 }
 
-/* Pre-RoPE keys, one block of tokens of one (batch, KV head) slab: rebuild key = bias + sum_j coef_j atom_j, rotate
- * it to its position (rotate-half convention; cos/sin rows [d/2] per position), scale, and dot it with every
- * query row of the KV head. Eight lanes at a time, head_dim a multiple of 16; inlined with DIM a compile-time
- * constant for the common head sizes (0: any multiple of 16), so that the key stays in registers. */
+static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
+
+static inline float sum8(vec8 v) {
+    float s = 0.0f;
+    for (int lane = 0; lane < 8; lane++) s += v[lane];
+    return s;
+}
+
+/* e^x in eight lanes (Cephes' expf: Cody-Waite reduction by ln 2, a degree-6 polynomial, the power of two put in
+ * the exponent bits; ~1 ulp), 0 below -87 (e^-87 is near float's smallest normal), which includes -inf: masked
+ * slots. The softmax spends most of its time here, and a scalar expf call per slot cost more than all the rest of
+ * a long context's attention. */
+static inline vec8 exp8(vec8 x) {
+    const ivec8 live = x >= -87.0f, high = x > 88.0f;
+    x = (vec8)(((ivec8)x & live) | ((ivec8)((vec8){0} - 87.0f) & ~live));
+    x = (vec8)(((ivec8)x & ~high) | ((ivec8)((vec8){0} + 88.0f) & high));
+    const vec8 magic = (vec8){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const vec8 n = (x * 1.44269504088896341f + magic) - magic;
+    const vec8 r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    vec8 p = (vec8){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const ivec8 power = (__builtin_convertvector(n, ivec8) + 127) << 23;
+    return (vec8)(((ivec8)(p * (vec8)power)) & live);
+}
+
+/* x . y over `dim` floats, dim a multiple of 8. */
+static inline float dot8(const float *x, const float *y, int64_t dim) {
+    vec8 acc = load8(x) * load8(y);
+    for (int64_t i = 8; i < dim; i += 8) acc += load8(x + i) * load8(y + i);
+    return sum8(acc);
+}
+
+/* out += w * x over `dim` floats, dim a multiple of 8. */
+static inline void axpy8(float *out, float w, const float *x, int64_t dim) {
+    const vec8 wv = (vec8){0} + w;
+    for (int64_t i = 0; i < dim; i += 8) store8(out + i, load8(out + i) + wv * load8(x + i));
+}
+
+/* Post-RoPE key codes: score[r, t] = q_r . bias + sum_j coef[t, j] * atom_scores[r, idx[t, j]] for every row of
+ * every slab, written at column `sinks` of each score row (`length` floats apart). */
+static void key_scores_post(const codes_t *codes, const attention_t *a, float *scores, int64_t length, int threads) {
+    const int64_t tokens = codes->tokens, k = codes->k, per_block = block_tokens(codes->k);
+    const int64_t blocks = (tokens + per_block - 1) / per_block, slabs = a->batch * a->heads, dim = a->dim;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < slabs * blocks; item++) {
+        int32_t idx[BLOCK_CODES];
+        float coef[BLOCK_CODES];
+        const int64_t bh = item / blocks, t0 = (item % blocks) * per_block;
+        const int64_t n = tokens - t0 < per_block ? tokens - t0 : per_block;
+        const int64_t dictionary = a->key_dictionaries == 1 ? 0 : bh % a->heads;
+        load_block(codes, bh, t0, n, idx, coef);
+        for (int64_t r = 0; r < a->rows; r++) {
+            const int64_t row = bh * a->rows + r;
+            const float *table = a->atom_scores + row * a->key_n_atoms;
+            const float bias = dot8(a->queries + row * dim, a->key_bias + dictionary * dim, dim);
+            float *score = scores + row * length + a->sinks + t0;
+            for (int64_t t = 0; t < n; t++) {
+                const int32_t *ti = idx + t * k;
+                const float *tc = coef + t * k;
+                float s = 0.0f;
+                for (int64_t j = 0; j < k; j++) s += tc[j] * table[ti[j]];
+                score[t] = bias + s;
+            }
+        }
+    }
+}
+
+/* Pre-RoPE keys, one block of tokens of one slab: rebuild key = bias + sum_j coef_j atom_j, rotate it to its
+ * position (rotate-half convention; cos/sin rows [d/2] per position), scale, and dot it with every query row of
+ * the slab into out[r * stride + t]. Eight lanes at a time, head_dim a multiple of 16; inlined with DIM a
+ * compile-time constant for the common head sizes (0: any multiple of 16), so that the key stays in registers. */
 static inline __attribute__((always_inline)) void pre_rope_block(
     const int32_t *idx, const float *coef, int64_t n, int64_t k, const float *atoms, const float *bias,
     const int32_t *positions, const float *cos_table, const float *sin_table, float rope_scaling,
-    const float *queries, int64_t rows, int64_t tokens, float *out, const int64_t DIM, int64_t dim_any) {
+    const float *queries, int64_t rows, int64_t stride, float *out, const int64_t DIM, int64_t dim_any) {
     const int64_t dim = DIM ? DIM : dim_any, vectors = dim / 8, half = vectors / 2;
     for (int64_t t = 0; t < n; t++) {
         vec8 key[MAX_VECTORS], rotated[MAX_VECTORS];
@@ -178,39 +244,34 @@ static inline __attribute__((always_inline)) void pre_rope_block(
             const float *q = queries + r * dim;
             vec8 acc = rotated[0] * load8(q);
             for (int64_t v = 1; v < vectors; v++) acc += rotated[v] * load8(q + 8 * v);
-            float s = 0.0f;
-            for (int lane = 0; lane < 8; lane++) s += acc[lane];
-            out[r * tokens + t] = s;
+            out[r * stride + t] = sum8(acc);
         }
     }
 }
 
-/* Pre-RoPE key scores of every (batch, KV head) slab -> out[bh, r, t]. Work items are (batch, token block) and
- * the KV heads run inside, so each block's cos/sin rows are read from memory once for all heads. */
-void sta_key_scores_pre(const codes_t *codes, const float *queries, const float *atoms, const float *bias,
-                        int64_t slabs, int64_t heads, int64_t dictionary_heads, int64_t rows, int64_t n_atoms,
-                        int64_t dim, const int32_t *positions, const float *cos_table, const float *sin_table,
-                        float rope_scaling, float *out, int threads) {
+/* Pre-RoPE key scores of every slab, written like key_scores_post's. Work items are (batch, token block) and the
+ * KV heads run inside, so each block's cos/sin rows are read from memory once for all heads. */
+static void key_scores_pre(const codes_t *codes, const attention_t *a, float *scores, int64_t length, int threads) {
     /* 128 tokens' cos/sin rows (32 KiB at head_dim 64) stay in L1/L2 while every KV head reads them */
-    const int64_t tokens = codes->tokens, k = codes->k;
+    const int64_t tokens = codes->tokens, k = codes->k, dim = a->dim, n_atoms = a->key_n_atoms;
     const int64_t per_block = block_tokens(codes->k) < 128 ? block_tokens(codes->k) : 128;
-    const int64_t blocks = (tokens + per_block - 1) / per_block, batches = slabs / heads;
+    const int64_t blocks = (tokens + per_block - 1) / per_block;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < batches * blocks; item++) {
+    for (int64_t item = 0; item < a->batch * blocks; item++) {
         int32_t idx[BLOCK_CODES];
         float coef[BLOCK_CODES];
         const int64_t batch = item / blocks, t0 = (item % blocks) * per_block;
         const int64_t n = tokens - t0 < per_block ? tokens - t0 : per_block;
-        const int32_t *block_positions = positions + batch * tokens + t0;
-        for (int64_t head = 0; head < heads; head++) {
-            const int64_t bh = batch * heads + head, dictionary = dictionary_heads == 1 ? 0 : head;
-            const float *a = atoms + dictionary * n_atoms * dim, *b = bias + dictionary * dim;
-            const float *q = queries + bh * rows * dim;
-            float *o = out + bh * rows * tokens + t0;
+        const int32_t *block_positions = a->positions + batch * tokens + t0;
+        for (int64_t head = 0; head < a->heads; head++) {
+            const int64_t bh = batch * a->heads + head, dictionary = a->key_dictionaries == 1 ? 0 : head;
+            const float *atoms = a->key_atoms + dictionary * n_atoms * dim, *bias = a->key_bias + dictionary * dim;
+            const float *q = a->queries + bh * a->rows * dim;
+            float *o = scores + bh * a->rows * length + a->sinks + t0;
             load_block(codes, bh, t0, n, idx, coef);
-#define PRE_ROPE_BLOCK(DIM)                                                                                  \
-    pre_rope_block(idx, coef, n, k, a, b, block_positions, cos_table, sin_table, rope_scaling, q, rows, tokens, o, \
-                   DIM, dim)
+#define PRE_ROPE_BLOCK(DIM)                                                                                    \
+    pre_rope_block(idx, coef, n, k, atoms, bias, block_positions, a->cos_table, a->sin_table, a->rope_scaling, q, \
+                   a->rows, length, o, DIM, dim)
             switch (dim) {
             case 64: PRE_ROPE_BLOCK(64); break;
             case 128: PRE_ROPE_BLOCK(128); break;
@@ -222,24 +283,81 @@ void sta_key_scores_pre(const codes_t *codes, const float *queries, const float 
     }
 }
 
-/* Tokens [start, stop) of slab bh into acc[n_atoms][width], from weights w[tokens][width] (rows padded with zeros
- * to `width`). With few rows (decode: the query heads of one KV head) the width is a compile-time 4, 8 or 16, so
- * every (token, atom) update is one fixed-width vector multiply-add. */
+/* One score row of `length` slots (sinks | codes | window, the codes' scores already in place): the dense scores,
+ * scaling, softcap and mask, then the softmax. The dense slots' share of the output goes to `out`, the codes'
+ * normalised weights stay in the row for the value pass, and their sum is returned (the share of the value bias).
+ * A row that may attend to nothing gets zero weights, as in the reference. */
+static float softmax_row(const attention_t *a, int64_t bh, int64_t r, int64_t codes, float *row, float *out) {
+    const int64_t dim = a->dim, sinks = a->sinks, window = a->window, length = sinks + codes + window;
+    const float *q = a->queries + (bh * a->rows + r) * dim;
+    const float *sink_keys = a->sink_keys + bh * sinks * dim, *window_keys = a->window_keys + bh * window * dim;
+    for (int64_t s = 0; s < sinks; s++) row[s] = dot8(q, sink_keys + s * dim, dim);
+    for (int64_t w = 0; w < window; w++) row[sinks + codes + w] = dot8(q, window_keys + w * dim, dim);
+    const int64_t batch = bh / a->heads, query = r % a->query_len;
+    const uint8_t *visible = a->mask ? a->mask + (batch * a->query_len + query) * length : NULL;
+    for (int64_t j = 0; j < length; j++) row[j] *= a->scaling;
+    if (a->softcap != 0.0f)
+        for (int64_t j = 0; j < length; j++) row[j] = tanhf(row[j] / a->softcap) * a->softcap;
+    if (visible)
+        for (int64_t j = 0; j < length; j++) row[j] = visible[j] ? row[j] : -INFINITY;
+    float peak = -INFINITY;
+    for (int64_t j = 0; j < length; j++) peak = row[j] > peak ? row[j] : peak;
+    float total = 0.0f;
+    if (peak == -INFINITY) { /* nothing visible */
+        for (int64_t j = 0; j < length; j++) row[j] = 0.0f;
+    } else {
+        vec8 sum = {0};
+        int64_t j = 0;
+        for (; j + 8 <= length; j += 8) {
+            const vec8 e = exp8(load8(row + j) - peak);
+            store8(row + j, e);
+            sum += e;
+        }
+        total = sum8(sum);
+        for (; j < length; j++) {
+            row[j] = expf(row[j] - peak);
+            total += row[j];
+        }
+    }
+    const float scale = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
+    const float *sink_values = a->sink_values + bh * sinks * dim;
+    const float *window_values = a->window_values + bh * window * dim;
+    for (int64_t s = 0; s < sinks; s++) axpy8(out, row[s] * scale, sink_values + s * dim, dim);
+    for (int64_t w = 0; w < window; w++) axpy8(out, row[sinks + codes + w] * scale, window_values + w * dim, dim);
+    float code_weight = 0.0f;
+    for (int64_t t = sinks; t < sinks + codes; t++) {
+        row[t] *= scale;
+        code_weight += row[t];
+    }
+    return code_weight;
+}
+
+/* Tokens [start, stop) of slab bh into acc[n_atoms][WIDTH], from the codes' weights of the slab's `rows` query
+ * rows (w: row 0's first code slot, rows `stride` floats apart). The weights of TRANSPOSED tokens at a time are
+ * copied token-major into a small buffer, lanes past `rows` zero, so that with few rows (decode: the query heads
+ * of one KV head) every (token, atom) update is one multiply-add of a compile-time 4, 8 or 16 lanes. */
+#define TRANSPOSED 64
 #define ACCUMULATE(NAME, WIDTH)                                                                                  \
-    static void NAME(const codes_t *c, const float *w, int64_t bh, int64_t start, int64_t stop, int64_t width,   \
-                     float *acc) {                                                                               \
+    static void NAME(const codes_t *c, const float *w, int64_t stride, int64_t rows, int64_t bh, int64_t start,  \
+                     int64_t stop, float *acc) {                                                                 \
         int32_t idx[BLOCK_CODES];                                                                                \
-        float coef[BLOCK_CODES];                                                                                 \
-        const int64_t k = c->k, per_block = block_tokens(c->k), lanes = (WIDTH) ? (WIDTH) : width;              \
+        float coef[BLOCK_CODES], wt[TRANSPOSED * (WIDTH)];                                                       \
+        const int64_t k = c->k, per_block = block_tokens(c->k);                                                  \
         for (int64_t t0 = start; t0 < stop; t0 += per_block) {                                                   \
             const int64_t n = stop - t0 < per_block ? stop - t0 : per_block;                                     \
             load_block(c, bh, t0, n, idx, coef);                                                                 \
-            for (int64_t t = 0; t < n; t++) {                                                                    \
-                const float *wt = w + (t0 + t) * lanes;                                                          \
-                for (int64_t j = 0; j < k; j++) {                                                                \
-                    float *slot = acc + (int64_t)idx[t * k + j] * lanes;                                         \
-                    const float cj = coef[t * k + j];                                                            \
-                    _Pragma("omp simd") for (int64_t r = 0; r < lanes; r++) slot[r] += cj * wt[r];               \
+            for (int64_t u0 = 0; u0 < n; u0 += TRANSPOSED) {                                                     \
+                const int64_t m = n - u0 < TRANSPOSED ? n - u0 : TRANSPOSED;                                     \
+                for (int64_t r = 0; r < (WIDTH); r++)                                                            \
+                    for (int64_t t = 0; t < m; t++) wt[t * (WIDTH) + r] = r < rows ? w[r * stride + t0 + u0 + t] : 0.0f; \
+                for (int64_t t = 0; t < m; t++) {                                                                \
+                    const float *wtt = wt + t * (WIDTH);                                                         \
+                    for (int64_t j = 0; j < k; j++) {                                                            \
+                        float *slot = acc + (int64_t)idx[(u0 + t) * k + j] * (WIDTH);                           \
+                        const float cj = coef[(u0 + t) * k + j];                                                 \
+                        _Pragma("omp simd") for (int64_t r = 0; r < (WIDTH); r++) slot[r] += cj * wtt[r];        \
+                    }                                                                                            \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
@@ -247,48 +365,88 @@ void sta_key_scores_pre(const codes_t *codes, const float *queries, const float 
 ACCUMULATE(accumulate_4, 4)
 ACCUMULATE(accumulate_8, 8)
 ACCUMULATE(accumulate_16, 16)
-ACCUMULATE(accumulate_any, 0)
 
-/* Values: out[bh, r, n] = sum over tokens t and slots j with idx[t, j] = n of weights[bh, t, r] * coef[t, j].
- * `weights` is [BH, tokens, width]: one token's rows side by side, zero-padded to `width` >= rows (4, 8 and 16
- * take the vectorised paths). Long contexts are split into one token range per thread, each with a private
- * accumulator; returns nonzero if the accumulators could not be allocated. */
-int sta_value_accumulate(const codes_t *codes, const float *weights, int64_t slabs, int64_t rows, int64_t width,
-                         int64_t n_atoms, float *out, int threads) {
-    const int64_t tokens = codes->tokens;
-    const int64_t parts = threads > 1 && tokens >= 4 * block_tokens(codes->k) ? threads : 1;
-    const int64_t slab_size = n_atoms * width, span = (tokens + parts - 1) / parts;
-    float *acc = (float *)calloc((size_t)(parts * slabs * slab_size), sizeof *acc);
-    if (acc == NULL) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < parts * slabs; item++) {
-        const int64_t part = item / slabs, bh = item % slabs;
-        const int64_t start = part * span, stop = start + span < tokens ? start + span : tokens;
-        const float *w = weights + bh * tokens * width;
-        float *mine = acc + item * slab_size;
-        if (start >= stop) continue;
-        switch (width) {
-        case 4: accumulate_4(codes, w, bh, start, stop, width, mine); break;
-        case 8: accumulate_8(codes, w, bh, start, stop, width, mine); break;
-        case 16: accumulate_16(codes, w, bh, start, stop, width, mine); break;
-        default: accumulate_any(codes, w, bh, start, stop, width, mine);
-        }
-    }
-    /* sum the parts and transpose [n][width] -> [rows][n] */
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < slabs; bh++) {
-        for (int64_t r = 0; r < rows; r++) {
-            float *target = out + (bh * rows + r) * n_atoms;
-            for (int64_t n = 0; n < n_atoms; n++) {
-                float sum = 0.0f;
-                for (int64_t part = 0; part < parts; part++)
-                    sum += acc[(part * slabs + bh) * slab_size + n * width + r];
-                target[n] = sum;
+/* accumulate_4/8/16 for any number of rows (chunks of queries): acc[n_atoms][rows], weights read in place. */
+static void accumulate_any(const codes_t *c, const float *w, int64_t stride, int64_t rows, int64_t bh, int64_t start,
+                           int64_t stop, float *acc) {
+    int32_t idx[BLOCK_CODES];
+    float coef[BLOCK_CODES];
+    const int64_t k = c->k, per_block = block_tokens(c->k);
+    for (int64_t t0 = start; t0 < stop; t0 += per_block) {
+        const int64_t n = stop - t0 < per_block ? stop - t0 : per_block;
+        load_block(c, bh, t0, n, idx, coef);
+        for (int64_t t = 0; t < n; t++) {
+            for (int64_t j = 0; j < k; j++) {
+                float *slot = acc + (int64_t)idx[t * k + j] * rows;
+                const float cj = coef[t * k + j];
+                for (int64_t r = 0; r < rows; r++) slot[r] += cj * w[r * stride + t0 + t];
             }
         }
     }
+}
+
+/* Tokens per thread below which the value pass does not split a slab's tokens over threads. */
+#define SPLIT_TOKENS 512
+
+/* Attention of every query row over sinks | codes | window -> out[BH, rows, d], in four parallel passes: the
+ * codes' key scores; per row the dense scores, softmax and the dense slots' output; the codes' weights
+ * accumulated per atom (long contexts split into one token range per thread, each with a private accumulator);
+ * per slab the atom weights times the value dictionary, plus the value bias. Nothing of size [tokens, k, d] is
+ * materialised. Returns nonzero if the scratch buffers could not be allocated. */
+int sta_attention(const attention_t *a, const codes_t *keys, const codes_t *values, float *out, int threads) {
+    const int64_t slabs = a->batch * a->heads, rows = a->rows, codes = keys->tokens, dim = a->dim;
+    const int64_t n_atoms = a->value_n_atoms, length = a->sinks + codes + a->window;
+    const int64_t width = rows <= 4 ? 4 : rows <= 8 ? 8 : rows <= 16 ? 16 : rows;
+    const int64_t parts = threads > 1 && codes >= (int64_t)threads * SPLIT_TOKENS ? threads : 1;
+    const int64_t slab_atoms = n_atoms * width, span = (codes + parts - 1) / parts;
+    float *scores = malloc((size_t)(slabs * rows * length) * sizeof *scores);
+    float *code_weight = malloc((size_t)(slabs * rows) * sizeof *code_weight);
+    float *acc = calloc((size_t)(parts * slabs * slab_atoms) + 1, sizeof *acc);
+    const int failed = scores == NULL || code_weight == NULL || acc == NULL;
+    if (failed) goto done;
+    if (codes) {
+        if (a->atom_scores) key_scores_post(keys, a, scores, length, threads);
+        else key_scores_pre(keys, a, scores, length, threads);
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < slabs * rows; item++) {
+        const int64_t bh = item / rows, r = item % rows;
+        code_weight[item] = softmax_row(a, bh, r, codes, scores + item * length, out + item * dim);
+    }
+    if (codes == 0) goto done;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < parts * slabs; item++) {
+        const int64_t part = item / slabs, bh = item % slabs;
+        const int64_t start = part * span, stop = start + span < codes ? start + span : codes;
+        const float *w = scores + bh * rows * length + a->sinks;
+        float *mine = acc + item * slab_atoms;
+        if (start >= stop) continue;
+        switch (width) {
+        case 4: accumulate_4(values, w, length, rows, bh, start, stop, mine); break;
+        case 8: accumulate_8(values, w, length, rows, bh, start, stop, mine); break;
+        case 16: accumulate_16(values, w, length, rows, bh, start, stop, mine); break;
+        default: accumulate_any(values, w, length, rows, bh, start, stop, mine);
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < slabs; bh++) {
+        const int64_t dictionary = a->value_dictionaries == 1 ? 0 : bh % a->heads;
+        const float *atoms = a->value_atoms + dictionary * n_atoms * dim, *bias = a->value_bias + dictionary * dim;
+        for (int64_t n = 0; n < n_atoms; n++) {
+            for (int64_t r = 0; r < rows; r++) {
+                float weight = 0.0f;
+                for (int64_t part = 0; part < parts; part++)
+                    weight += acc[(part * slabs + bh) * slab_atoms + n * width + r];
+                if (weight != 0.0f) axpy8(out + (bh * rows + r) * dim, weight, atoms + n * dim, dim);
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) axpy8(out + (bh * rows + r) * dim, code_weight[bh * rows + r], bias, dim);
+    }
+done:
+    free(scores);
+    free(code_weight);
     free(acc);
-    return 0;
+    return failed;
 }
 
 /* ------------------------------------------------------------------------------------------ encode-on-append */

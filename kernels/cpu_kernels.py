@@ -3,8 +3,9 @@
 PyTorch's CPU path pays for intermediates on every decode step: a CSR matrix of the codes, keys rebuilt as
 ``[tokens, d]``, a ``[rows, tokens * k]`` scatter into atom space. The C kernels stream each token's codes once
 and keep everything else in registers and L1; packed indices and one-byte coefficients are widened in the same
-pass. Sinks, the recent window and the softmax stay in PyTorch (:func:`reference.attend`). OMP encoding runs per
-group of 8 vectors without any per-step tensor operation (:func:`omp_encode`).
+pass. Attention is one call (:func:`sparse_attention`): sinks, codes, window, softmax and output, with no PyTorch
+op between the passes, which at short contexts cost more than the arithmetic. OMP encoding runs per group of 8
+vectors without any per-step tensor operation (:func:`omp_encode`).
 
 The source is compiled once per machine with the system C compiler (``$CC``, else ``cc``/``gcc``; ``-O3
 -march=native -fopenmp`` where accepted) into the sta_cache cache folder and loaded with ctypes; ctypes releases the
@@ -41,7 +42,6 @@ import torch
 from .reference import (
     PURSUITS,
     CompressedKV,
-    attend,
     byte_float_table,
     omp_encode_reference,
     rope_cos_sin,
@@ -66,6 +66,38 @@ _COEFFICIENT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _TABLE8 = 3
 
 
+_ATTENTION_POINTERS = (
+    "queries",
+    "sink_keys",
+    "sink_values",
+    "window_keys",
+    "window_values",
+    "mask",
+    "key_atoms",
+    "key_bias",
+    "value_atoms",
+    "value_bias",
+    "atom_scores",
+    "positions",
+    "cos_table",
+    "sin_table",
+)
+_ATTENTION_SIZES = (
+    "batch",
+    "heads",
+    "rows",
+    "query_len",
+    "dim",
+    "sinks",
+    "window",
+    "key_dictionaries",
+    "key_n_atoms",
+    "value_dictionaries",
+    "value_n_atoms",
+)
+_DENSE = ("sink_keys", "sink_values", "window_keys", "window_values")
+
+
 class CPUKernelUnavailable(RuntimeError):
     """No C compiler, or the kernels did not build or load on this machine."""
 
@@ -83,6 +115,16 @@ class _Codes(ctypes.Structure):
         ("index_bits", ctypes.c_int32),
         ("packed_row", ctypes.c_int32),
         ("coefficient_kind", ctypes.c_int32),
+    ]
+
+
+class _Attention(ctypes.Structure):
+    """Mirror of ``attention_t`` in cpu_kernels.c."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in _ATTENTION_POINTERS),
+        *((name, ctypes.c_float) for name in ("rope_scaling", "scaling", "softcap")),
+        *((name, ctypes.c_int64) for name in _ATTENTION_SIZES),
     ]
 
 
@@ -175,7 +217,7 @@ def _build(compiler: str, folder: Path, name: str) -> None:
         built, digest = Path(scratch) / name, Path(scratch) / f"{name}.sha256"
         errors = []
         for flags in ATTEMPTS:
-            status, output = _compile([compiler, *flags, str(SOURCE), "-o", str(built)])
+            status, output = _compile([compiler, *flags, str(SOURCE), "-lm", "-o", str(built)])
             if status == 0:
                 break
             errors.append(output.strip())
@@ -193,9 +235,7 @@ def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     codes = ctypes.POINTER(_Codes)
     signatures = {
-        "sta_key_scores_post": ([codes, p, i64, i64, i64, p, i32], None),
-        "sta_key_scores_pre": ([codes, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, i32], None),
-        "sta_value_accumulate": ([codes, p, i64, i64, i64, i64, p, i32], ctypes.c_int),
+        "sta_attention": ([ctypes.POINTER(_Attention), codes, codes, p, i32], ctypes.c_int),
         "sta_omp_encode": ([p, p, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
         "sta_omp_encode_gram": ([p, p, p, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
     }
@@ -349,79 +389,6 @@ def _check(kv: CompressedKV) -> None:
             raise ValueError(f"the 'cpu' backend runs on CPU tensors; {name} is on {getattr(kv, name).device}")
 
 
-def compressed_key_scores(q: torch.Tensor, kv: CompressedKV) -> torch.Tensor:
-    """As :func:`reference._compressed_key_scores`: ``q [B, Hkv, R, d]`` -> scores ``[B, Hkv, R, C]``."""
-    _check(kv)
-    b, h, rows, d = q.shape
-    c = kv.num_compressed
-    n_atoms = kv.key_atoms.shape[1]
-    q = q.float().contiguous()
-    codes, alive = _codes(kv.key_indices, kv.key_coefficients, kv.packed_index_bits)
-    out = torch.empty(b, h, rows, c, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    bias = kv.key_bias.float().contiguous()
-    if kv.key_positions is None:
-        atom_scores = (q @ kv.key_atoms.float().transpose(-1, -2).unsqueeze(0)).contiguous()  # [B, Hkv, R, N]
-        library().sta_key_scores_post(
-            ctypes.byref(codes), atom_scores.data_ptr(), b * h, rows, n_atoms, out.data_ptr(), threads
-        )
-        return out + q @ bias.view(1, -1, d, 1)
-    positions = kv.key_positions.to(torch.int32).contiguous()
-    lowest, highest = int(positions.min()), int(positions.max())
-    if lowest >= 0:
-        cos, sin = rope_table(highest + 1, kv.rope_inv_freq)
-    else:  # angles of negative positions are computed directly, the table starting at the lowest one
-        cos, sin = rope_cos_sin(torch.arange(lowest, highest + 1), kv.rope_inv_freq)
-        positions = (positions - lowest).contiguous()
-    atoms = kv.key_atoms.float().contiguous()
-    library().sta_key_scores_pre(
-        ctypes.byref(codes),
-        q.data_ptr(),
-        atoms.data_ptr(),
-        bias.data_ptr(),
-        b * h,
-        h,
-        atoms.shape[0],
-        rows,
-        n_atoms,
-        d,
-        positions.data_ptr(),
-        cos.contiguous().data_ptr(),
-        sin.contiguous().data_ptr(),
-        float(kv.rope_scaling),
-        out.data_ptr(),
-        threads,
-    )
-    return out
-
-
-def compressed_value_output(weights: torch.Tensor, kv: CompressedKV) -> torch.Tensor:
-    """As :func:`reference._compressed_value_output`: ``weights [B, Hkv, R, C]`` -> output ``[B, Hkv, R, d]``,
-    accumulated in atom space by the C kernel and multiplied by the value dictionary once."""
-    _check(kv)
-    b, h, rows, c = weights.shape
-    n_atoms = kv.value_atoms.shape[1]
-    width = next((lanes for lanes in (4, 8, 16) if rows <= lanes), rows)  # the kernel's vector widths
-    by_token = weights.new_zeros(b, h, c, width, dtype=torch.float32)  # one token's rows side by side, padded
-    by_token[..., :rows] = weights.transpose(-1, -2)
-    codes, alive = _codes(kv.value_indices, kv.value_coefficients, kv.packed_index_bits)
-    atom_weights = torch.empty(b, h, rows, n_atoms, dtype=torch.float32)
-    failed = library().sta_value_accumulate(
-        ctypes.byref(codes),
-        by_token.data_ptr(),
-        b * h,
-        rows,
-        width,
-        n_atoms,
-        atom_weights.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if failed:
-        raise MemoryError("the value kernel could not allocate its accumulators")
-    out = atom_weights @ kv.value_atoms.float().unsqueeze(0)
-    return out + weights.sum(-1, keepdim=True) * kv.value_bias.float().view(1, -1, 1, kv.value_bias.shape[-1])
-
-
 def omp_encode(
     x: torch.Tensor,
     atoms: torch.Tensor,
@@ -507,5 +474,62 @@ def gram_threshold(n_atoms: int, head_dim: int, k: int, pursuit: str = "omp") ->
 def sparse_attention(
     query: torch.Tensor, kv: CompressedKV, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
 ) -> torch.Tensor:
-    """:func:`reference.sparse_attention_reference` with the compressed tokens handled by the C kernels."""
-    return attend(query, kv, mask, scaling, softcap, compressed_key_scores, compressed_value_output)
+    """:func:`reference.sparse_attention_reference` in one call of the C kernel ``sta_attention``: scores over
+    sinks, codes and window, softmax, and the output, with the codes' values accumulated in atom space and
+    multiplied by the value dictionary once."""
+    _check(kv)
+    b, hq, lq, d = query.shape
+    h = kv.window_keys.shape[1]
+    rows = hq // h * lq
+    q = query.float().reshape(b, h, rows, d).contiguous()
+    # what the struct points into, kept alive until the kernel has returned
+    alive = {
+        "queries": q,
+        **{name: getattr(kv, name).float().contiguous() for name in _DENSE},
+        "key_atoms": kv.key_atoms.float().contiguous(),
+        "key_bias": kv.key_bias.float().contiguous(),
+        "value_atoms": kv.value_atoms.float().contiguous(),
+        "value_bias": kv.value_bias.float().contiguous(),
+    }
+    if mask is not None:
+        alive["mask"] = mask.to(torch.uint8).contiguous()
+    c = kv.num_compressed
+    if c and kv.key_positions is None:  # post-RoPE codes: scores gathered from one q . D^T product per row
+        alive["atom_scores"] = (q @ alive["key_atoms"].transpose(-1, -2).unsqueeze(0)).contiguous()
+    elif c:
+        positions = kv.key_positions.to(torch.int32).contiguous()
+        lowest, highest = int(positions.min()), int(positions.max())
+        if lowest >= 0:
+            cos, sin = rope_table(highest + 1, kv.rope_inv_freq)
+        else:  # angles of negative positions are computed directly, the table starting at the lowest one
+            cos, sin = rope_cos_sin(torch.arange(lowest, highest + 1), kv.rope_inv_freq)
+            positions = (positions - lowest).contiguous()
+        alive.update(positions=positions, cos_table=cos.contiguous(), sin_table=sin.contiguous())
+    key_codes, key_alive = _codes(kv.key_indices, kv.key_coefficients, kv.packed_index_bits)
+    value_codes, value_alive = _codes(kv.value_indices, kv.value_coefficients, kv.packed_index_bits)
+    attention = _Attention(
+        *(alive[name].data_ptr() if name in alive else None for name in _ATTENTION_POINTERS),
+        float(kv.rope_scaling),
+        float(scaling),
+        float(softcap or 0.0),
+        b,
+        h,
+        rows,
+        lq,
+        d,
+        kv.num_sinks,
+        kv.num_window,
+        *kv.key_atoms.shape[:2],
+        *kv.value_atoms.shape[:2],
+    )
+    out = torch.empty(b, h, rows, d, dtype=torch.float32)
+    failed = library().sta_attention(
+        ctypes.byref(attention),
+        ctypes.byref(key_codes),
+        ctypes.byref(value_codes),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError("the attention kernel could not allocate its scratch buffers")
+    return out.view(b, hq, lq, d).to(query.dtype)

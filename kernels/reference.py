@@ -6,8 +6,7 @@ the pieces every backend shares.
   ``backend="torch"`` path, which ``"auto"`` takes where neither kernel applies (no C compiler, a head_dim the C
   kernels do not take, a device without Triton). They compute in float32 whatever the storage dtype is.
 * Shared by all backends and by training: ``CompressedKV`` (what attention reads of one layer), the RoPE tables
-  and rotations (``rope_table``, ``apply_rope``, ``undo_rope``), the CSR code matrix, ``attend`` (the softmax
-  over ``sinks | codes | window`` into which the C kernels plug their two compressed-token ops).
+  and rotations (``rope_table``, ``apply_rope``, ``undo_rope``), the CSR code matrix.
 
 Two choices keep this path fast without changing a result: codes are multiplied as one CSR sparse matrix
 (:func:`code_matrix`; a sparse-dense matmul instead of materialising ``[..., k, d]`` gathered atoms, about 6x
@@ -270,12 +269,6 @@ def sparse_attention_reference(
     """Attention of ``query [B, Hq, Lq, d]`` over ``kv`` without rebuilding compressed values (and, for post-RoPE
     key codes, without rebuilding compressed keys). ``mask`` is bool ``[B, Lq, L]`` (True = may attend) in slot
     order, or None for full visibility. Rows that may attend to nothing return zeros. Returns ``[B, Hq, Lq, d]``."""
-    return attend(query, kv, mask, scaling, softcap, _compressed_key_scores, _compressed_value_output)
-
-
-def attend(query, kv, mask, scaling, softcap, key_scores, value_output) -> torch.Tensor:
-    """:func:`sparse_attention_reference` with the two compressed-token ops passed in: ``key_scores(q, kv)`` and
-    ``value_output(weights, kv)`` (the fused CPU kernels swap in here; sinks, window and softmax stay PyTorch)."""
     b, hq, lq, d = query.shape
     h = kv.window_keys.shape[1]
     groups = hq // h
@@ -285,7 +278,7 @@ def attend(query, kv, mask, scaling, softcap, key_scores, value_output) -> torch
         torch.cat(
             [
                 q @ kv.sink_keys.float().transpose(-1, -2),
-                key_scores(q, kv) if c else q.new_zeros(b, h, groups * lq, 0),
+                _compressed_key_scores(q, kv) if c else q.new_zeros(b, h, groups * lq, 0),
                 q @ kv.window_keys.float().transpose(-1, -2),
             ],
             dim=-1,
@@ -302,5 +295,5 @@ def attend(query, kv, mask, scaling, softcap, key_scores, value_output) -> torch
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     out = weights[..., :s] @ kv.sink_values.float() + weights[..., s + c :] @ kv.window_values.float()
     if c:
-        out = out + value_output(weights[..., s : s + c], kv)
+        out = out + _compressed_value_output(weights[..., s : s + c], kv)
     return out.reshape(b, hq, lq, d).to(query.dtype)

@@ -201,11 +201,11 @@ def test_a_library_without_the_kernels_is_not_used(monkeypatch, home, tmp_path, 
     """A library that lacks the kernels' symbols raised a raw AttributeError; now it is CPUKernelUnavailable, on
     which "auto" falls back with one warning, and its digest is dropped so that the next process rebuilds it."""
     log = fake_compiler(monkeypatch, tmp_path, f'cp "{libraries["empty"]}" "$out"')
-    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="has no sta_key_scores_post"):
+    with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="has no sta_attention"):
         cpu_kernels.library()
     assert not library_path(home).with_name(library_path(home).name + ".sha256").exists()
     messages = loader_warnings(lambda: [dispatch.resolve_backend("auto", CPU, 64) for _ in range(3)])
-    assert len(messages) == 1 and "has no sta_key_scores_post" in messages[0]
+    assert len(messages) == 1 and "has no sta_attention" in messages[0]
     assert dispatch.resolve_backend("auto", CPU, 64) == "torch"
     with pytest.raises(cpu_kernels.CPUKernelUnavailable, match="backend='cpu' needs the C kernels.*has no sta_"):
         dispatch.resolve_backend("cpu", CPU, 64)
