@@ -14,6 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import distributed, geometry
 from .attention import hand_over
+from .budgets import best_budget
 from .configs import Pursuit
 from .dictionary import KVDictionary
 from .geometry import FULL_ATTENTION, SLIDING_LAYER_TYPES
@@ -169,6 +170,9 @@ class SparseSemanticCache(Cache):
     unless it says otherwise). ``coefficient_dtype`` stores coefficients in another float dtype than the model's
     (a ``torch.dtype``, e.g. ``torch.float8_e4m3fn``; not a string; values beyond its range are clamped, with a
     warning); ``pack_indices=True`` packs each index into ceil(log2 N) bits (N <= 65536).
+    ``bits_per_element=B`` chooses those four instead: the setting with the lowest held-out perplexity ratio at or
+    under B bits per element among those the dictionary records as measured (``dictionary.config.measured``,
+    written by ``sta-cache eval --record-budgets``); ``cache.budget`` says which and what it measured.
     ``backend`` is ``"auto"`` (Triton on CUDA; on the CPU the fused C kernels, built once with the system C
     compiler, or PyTorch where they cannot be built), ``"torch"``, ``"triton"`` or ``"cpu"`` (the C kernels).
     ``value_pursuit`` says how a pursuit dictionary codes values: ``"mp"`` (default) picks atoms by matching
@@ -196,9 +200,10 @@ class SparseSemanticCache(Cache):
         config: PretrainedConfig | None = None,
         model: torch.nn.Module | None = None,
         coefficient_dtype: torch.dtype | None = None,
-        pack_indices: bool = False,
+        pack_indices: bool | None = None,
         backend: str = "auto",
         value_pursuit: Pursuit = "mp",
+        bits_per_element: float | None = None,
     ):
         if not isinstance(dictionary, KVDictionary):
             load = isinstance(dictionary, (str, os.PathLike))
@@ -209,8 +214,22 @@ class SparseSemanticCache(Cache):
         config = model_config(config, model)
         self.ranks = distributed.tensor_parallel(model) if model is not None else distributed.world()
         meta = dictionary.config
+        self.budget = None
+        if bits_per_element is not None:
+            given = dict(k_key=k_key, k_value=k_value, coefficient_dtype=coefficient_dtype, pack_indices=pack_indices)
+            named = [name for name, value in given.items() if value is not None]
+            if named:
+                raise ValueError(
+                    f"bits_per_element chooses k_key, k_value, coefficient_dtype and pack_indices from the "
+                    f"dictionary's measured budgets; do not also pass {', '.join(named)}"
+                )
+            self.budget = best_budget(meta.measured_budgets, bits_per_element)
+            chosen = self.budget.cache_arguments()
+            k_key, k_value = chosen["k_key"], chosen["k_value"]
+            coefficient_dtype, pack_indices = chosen["coefficient_dtype"], chosen["pack_indices"]
         k_key = meta.k_key if k_key is None else k_key
         k_value = meta.k_value if k_value is None else k_value
+        pack_indices = False if pack_indices is None else pack_indices
         check_cache_arguments(
             n_atoms=meta.n_atoms,
             k_key=k_key,

@@ -238,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", type=_budget_list, default=None, help="k_key/k_value list (default 4/8,8/16,16/32)"
     )
     evaluate.add_argument(
+        "--target-bits",
+        type=_float_list,
+        default=None,
+        help="bits per element, e.g. 2,3: one STA row each with the dictionary's best measured budget at or under "
+        "it, as SparseSemanticCache(..., bits_per_element=B) picks it (alone, it replaces --budgets' default)",
+    )
+    evaluate.add_argument(
+        "--record-budgets",
+        action="store_true",
+        default=None,
+        help="write the STA rows' bits per element and perplexity ratios into the dictionary folder's config.json "
+        "('measured'), where bits_per_element= and --target-bits choose from (a local folder, not a Hub id)",
+    )
+    evaluate.add_argument(
         "--paths", type=_str_list, default=None, help="attention paths for STA, among sta,sdpa (default both)"
     )
     evaluate.add_argument(
@@ -355,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
         config = EvalConfig.preset(args.quick, **{**options, "out": str(args.out)})
+        if config.record_budgets and not (Path(args.dictionary) / "config.json").is_file():
+            print(
+                f"sta-cache eval: error: --record-budgets writes into a dictionary folder, and {args.dictionary!r} is "
+                "not one",
+                file=sys.stderr,
+            )
+            return 2
         try:
             run_eval(config)
         except TextFileError as error:

@@ -251,6 +251,9 @@ class EvalConfig:
     num_sink_tokens: int = 4
     texts: list[str] | None = None  # UTF-8 files evaluated instead of the embedded held-out split (one text each)
     budgets: list[tuple[int, int]] = field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUDGETS])
+    # bits per element: one STA row each, the dictionary's best measured budget at or under it (bits_per_element=)
+    target_bits: list[float] = field(default_factory=list)
+    record_budgets: bool = False  # write the STA rows' measurements into the dictionary folder's config.json
     paths: list[str] = field(default_factory=lambda: ["sta", "sdpa"])  # attention paths for SparseSemanticCache
     sdpa_budgets: list[tuple[int, int]] | None = None  # budgets also run on "sdpa" (None: all budgets)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
@@ -279,6 +282,9 @@ class EvalConfig:
             if name is not None:
                 check_choice("coefficient dtype", name, CoefficientDtype)
         check_choice("passkey_feed", self.passkey_feed, PasskeyFeed)
+        for bits in self.target_bits:
+            if not bits > 0:
+                raise ValueError(f"target bits per element must be positive, got {bits}")
         if not self.rotation_seeds:
             raise ValueError("rotation_seeds must name at least one seed")
 
@@ -301,6 +307,8 @@ class EvalConfig:
                 rotation_seeds=[0, 1],
             )
         base.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("target_bits") and overrides.get("budgets") is None:
+            base["budgets"] = []  # --target-bits alone evaluates exactly the budgets it chooses
         return cls(**base)
 
     def lengths(self) -> list[int]:

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .budgets import MeasuredBudget
 from .configs import Encoder, KeySpace, check_choice
 from .memory import storage_bytes
 from .sae import TopKSAE
@@ -59,6 +60,7 @@ class KVDictionaryConfig:
     rope_scaling: float = 1.0
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    measured: list[dict] = field(default_factory=list)  # MeasuredBudget fields: what bits_per_element chooses from
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -97,6 +99,21 @@ class KVDictionaryConfig:
         for name in ("training", "evaluation"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"{name} must be a JSON object (a dict), got {getattr(self, name)!r}")
+        if not isinstance(self.measured, list) or not all(isinstance(row, dict) for row in self.measured):
+            raise TypeError(f"measured must be a list of JSON objects, got {self.measured!r}")
+        for budget in self.measured_budgets:
+            check_int("a measured budget's k_key", budget.k_key, minimum=1, maximum=self.n_atoms, bound=" (n_atoms)")
+            check_int(
+                "a measured budget's k_value", budget.k_value, minimum=1, maximum=self.n_atoms, bound=" (n_atoms)"
+            )
+
+    @property
+    def measured_budgets(self) -> list[MeasuredBudget]:
+        """The storage settings this dictionary was measured at (``sta-cache eval --record-budgets``)."""
+        try:
+            return [MeasuredBudget(**row) for row in self.measured]
+        except TypeError as error:  # a missing or unknown field
+            raise TypeError(f"a measured budget has the wrong fields: {error}") from None
 
     @property
     def num_dictionary_heads(self) -> int:

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sta_cache"
 # training/, evaluation/, cli) may import the core, never the other way round.
 CORE = (
     "attention",
+    "budgets",
     "cache",
     "compat",
     "configs",

@@ -228,7 +228,7 @@ def run_analysis(config: AnalyzeConfig, model=None, tokenizer=None, dictionary=N
         "model": getattr(model.config, "_name_or_path", config.model),
         "dictionary": {
             "path": config.dictionary,
-            **{k: v for k, v in asdict(meta).items() if k not in ("training", "evaluation")},
+            **{k: v for k, v in asdict(meta).items() if k not in ("training", "evaluation", "measured")},
         },
         "encoder": config.encoder or meta.encoder,
         "heldout": {

@@ -15,6 +15,8 @@ def _fmt(value, spec: str = ".3f", missing: str = "—") -> str:
 
 def _setting(row: dict) -> str:
     p = row["params"]
+    if row["family"] == "sta" and "k_key" not in p:
+        return f"bits_per_element={p['target_bits']:g}: no measured budget fits"
     if row["family"] == "sta":
         extra = f", coef {p['coefficient_dtype']}" + (", packed idx" if p.get("pack_indices") else "")
         return f"N={p['n_atoms']} {p.get('encoder', '')}, window {p['window']} + {p['sinks']} sinks{extra}"

@@ -14,7 +14,8 @@ files) fed the way generation feeds a cache (a prefill, then chunks; see
 A configuration with rotation seeds is run once per seed; its row holds the mean and each seed's results.
 It writes ``results.json``, ``report.md`` (the table), ``pareto.png`` (perplexity ratio vs bits per element) and
 ``pareto_amortised.png``. A baseline whose backend cannot be installed or fails here is kept in the table as
-unavailable, with the reason.
+unavailable, with the reason. With ``record_budgets`` the STA rows' bits per element and ratios are merged into
+the dictionary folder's config.json, where ``bits_per_element=`` chooses from them (:mod:`sta_cache.budgets`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import time
 import traceback
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from statistics import fmean
 
 import torch
 from tqdm.auto import tqdm
 
+from ..budgets import measured_budgets, record_budgets
 from ..configs import EvalConfig
 from ..embedded import eval_texts
 from .bytes import amortised_bits_per_element, cache_bytes
@@ -157,6 +160,11 @@ def _add_ratios(rows: list[dict]) -> None:
 def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, texts=None) -> dict:
     """Run every configuration, write ``results.json``, ``report.md`` and ``pareto.png`` to ``config.out``;
     return the results. ``model``/``tokenizer``/``dictionary``/``texts`` may be passed in (tests)."""
+    if config.record_budgets and not (Path(config.dictionary or "") / "config.json").is_file():
+        raise ValueError(
+            f"--record-budgets writes into a dictionary folder, and {config.dictionary!r} is not one: save the "
+            "dictionary to a folder (KVDictionary.save_pretrained) and evaluate that"
+        )
     torch.manual_seed(config.seed)
     model, tokenizer, dictionary, out = prepare("eval", config, model, tokenizer, dictionary)
     if config.encoder is not None:  # the cache codes with the encoder its dictionary's config names
@@ -173,7 +181,7 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
         "model": getattr(model.config, "_name_or_path", config.model),
         "dictionary": {
             "path": config.dictionary,
-            **{k: v for k, v in asdict(dictionary.config).items() if k not in ("training", "evaluation")},
+            **{k: v for k, v in asdict(dictionary.config).items() if k not in ("training", "evaluation", "measured")},
         },
         "texts": {
             "source": config.texts or "embedded Wikipedia eval split",
@@ -209,4 +217,8 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
     plot_pareto(rows, out / "pareto.png", config)
     plot_amortised(rows, out / "pareto_amortised.png", config)
     (out / "report.md").write_text(render_report(results))
+    if config.record_budgets:
+        results["recorded_budgets"] = [
+            b.to_dict() for b in record_budgets(config.dictionary, measured_budgets(results))
+        ]
     return results

@@ -20,6 +20,7 @@ from .. import geometry
 from ..baselines import KiviCache, RotatedQuantizedCache
 from ..baselines.kivi import DEFAULT_GROUP
 from ..baselines.rotated import split_bits
+from ..budgets import best_budget
 from ..cache import SparseSemanticCache
 from ..configs import EvalConfig
 from ..dtypes import DTYPES, SHORT_NAMES
@@ -50,55 +51,87 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
             "dynamic",
             "sdpa",
             lambda: DynamicCache(config=model.config),
-            {"dtype": str(model.dtype).replace("torch.", "")},
+            {"dtype": _dtype_name(model.dtype)},
         )
     ]
-    window = dict(residual_length=config.residual_length, num_sink_tokens=config.num_sink_tokens)
     sdpa_budgets = None if config.sdpa_budgets is None else {tuple(b) for b in config.sdpa_budgets}
     for k_key, k_value in config.budgets:
         for dtype_name in config.coefficient_dtypes:
             for path in config.paths:
                 if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
                     continue
-                dtype = DTYPES.get(dtype_name)
-
-                def make(k_key=k_key, k_value=k_value, dtype=dtype):  # defaults bind this iteration's values
-                    return SparseSemanticCache(
-                        dictionary,
-                        k_key=k_key,
-                        k_value=k_value,
-                        config=model.config,
-                        coefficient_dtype=dtype,
-                        pack_indices=config.pack_indices,
-                        value_pursuit=config.value_pursuit,
-                        **window,
-                    )
-
+                storage = dict(k_key=k_key, k_value=k_value, coefficient_dtype=DTYPES.get(dtype_name))
                 dtype_label = f", {SHORT_NAMES[dtype_name]}" if dtype_name else ""
+                params = dict(k_key=k_key, k_value=k_value, coefficient_dtype=dtype_name or _dtype_name(model.dtype))
                 specs.append(
-                    CacheSpec(
+                    _sta_spec(
+                        model,
+                        dictionary,
+                        config,
                         f"STA {k_key}/{k_value}{dtype_label} ({path})",
-                        "sta",
                         path,
-                        make,
-                        {
-                            "k_key": k_key,
-                            "k_value": k_value,
-                            "window": config.residual_length,
-                            "sinks": config.num_sink_tokens,
-                            "n_atoms": dictionary.config.n_atoms,
-                            "encoder": dictionary.config.encoder,
-                            "value_pursuit": config.value_pursuit,
-                            "coefficient_dtype": dtype_name or str(model.dtype).replace("torch.", ""),
-                            "pack_indices": config.pack_indices,
-                        },
+                        {**storage, "pack_indices": config.pack_indices},
+                        {**params, "pack_indices": config.pack_indices},
                     )
                 )
+    for bits in config.target_bits:
+        try:
+            budget = best_budget(dictionary.config.measured_budgets, bits)
+        except ValueError as error:
+            specs.append(CacheSpec(f"STA <= {bits:g} bits", "sta", "sta", None, {"target_bits": bits}, str(error)))
+            continue
+        for path in config.paths:
+            label = f"STA <= {bits:g} bits: {budget.k_key}/{budget.k_value}, {SHORT_NAMES[budget.coefficient_dtype]}"
+            specs.append(
+                _sta_spec(
+                    model,
+                    dictionary,
+                    config,
+                    f"{label} ({path})",
+                    path,
+                    {"bits_per_element": bits},
+                    {**budget.cache_arguments(), "coefficient_dtype": budget.coefficient_dtype, "target_bits": bits},
+                )
+            )
     for baseline in config.baselines:
         backend = baseline.partition(":")[0]
         make_spec = {"rotated": _rotated_spec, "kivi": _kivi_spec}.get(backend, _quantized_spec)
         specs.append(make_spec(model, baseline, config))
     return specs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _sta_spec(model, dictionary, config: EvalConfig, name: str, path: str, storage: dict, params: dict) -> CacheSpec:
+    """A SparseSemanticCache row: ``storage`` are its storage arguments (budget, coefficient dtype, packing, or
+    ``bits_per_element``), ``params`` what the table records of them."""
+
+    def make() -> Cache:
+        return SparseSemanticCache(
+            dictionary,
+            config=model.config,
+            value_pursuit=config.value_pursuit,
+            residual_length=config.residual_length,
+            num_sink_tokens=config.num_sink_tokens,
+            **storage,
+        )
+
+    return CacheSpec(
+        name,
+        "sta",
+        path,
+        make,
+        {
+            **params,
+            "window": config.residual_length,
+            "sinks": config.num_sink_tokens,
+            "n_atoms": dictionary.config.n_atoms,
+            "encoder": dictionary.config.encoder,
+            "value_pursuit": config.value_pursuit,
+        },
+    )
 
 
 def _rotated_spec(model, baseline: str, config: EvalConfig) -> CacheSpec:
