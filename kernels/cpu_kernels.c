@@ -737,14 +737,16 @@ static inline void matching_update(const float *g, float *alpha, float c, int64_
  * N * (step + 1) multiply-adds per step instead of N * d. With r the residual and q the orthonormal directions
  * of the picked atoms, D r_s = D r_(s-1) - p_s D q_s and D q_s = (G[a_s] - sum_(i<s) u_is D q_i) / |.|, so
  * only one row of G = D D^T is read per step; the next pick's argmax runs in the same pass. targets [m][d] (bias
- * subtracted), atoms [n][d] unit rows, correlations [m][n] = targets . atoms^T (overwritten; a picked atom's entry
- * becomes NaN, which excludes it), gram [n][n]; n a multiple of 16, k <= n. The residual and the directions stay
+ * subtracted), atoms [n][d] unit rows, correlations [m][n] = targets . atoms^T, float32 or, with
+ * `bf16_correlations`, bfloat16 (half the bytes of the largest array of the call, from a matmul twice as fast
+ * where the CPU has bfloat16 dot products); each row is widened into a private float32 copy that the steps
+ * update (a picked atom's entry becomes NaN, which excludes it); gram [n][n]; n a multiple of 16, k <= n. The residual and the directions stay
  * exact in float32 as in sta_omp_encode: only the choice of atoms reads the correlations. With `matching` the
  * picks read the matching-pursuit residual instead (as sta_omp_encode's): D r_s = D r_(s-1) - c_s G[a_s], with c_s
  * the pick's correlation, N multiply-adds per step and no D q_i at all. */
-int sta_omp_encode_gram(const float *targets, const float *atoms, float *correlations, const float *gram, int64_t m,
-                        int64_t n_atoms, int64_t dim, int64_t k, float eps, int matching, int64_t *out_indices,
-                        float *out_coefficients, int threads) {
+int sta_omp_encode_gram(const float *targets, const float *atoms, const void *correlations, int bf16_correlations,
+                        const float *gram, int64_t m, int64_t n_atoms, int64_t dim, int64_t k, float eps, int matching,
+                        int64_t *out_indices, float *out_coefficients, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -753,7 +755,8 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
         float *basis = (float *)malloc(sizeof(float) * (size_t)(k * dim));
         float *upper = (float *)malloc(sizeof(float) * (size_t)(k * k));
         float *projections = (float *)malloc(sizeof(float) * (size_t)k);
-        if (!projected || !basis || !upper || !projections) {
+        float *alpha = (float *)malloc(sizeof(float) * (size_t)n_atoms); /* one vector's correlations */
+        if (!projected || !basis || !upper || !projections || !alpha) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -762,7 +765,12 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
 #pragma omp for schedule(static)
             for (int64_t v = 0; v < m; v++) {
                 float residual[MAX_HEAD_DIM];
-                float *alpha = correlations + v * n_atoms;
+                if (bf16_correlations) {
+                    const uint16_t *row = (const uint16_t *)correlations + v * n_atoms;
+                    for (int64_t a = 0; a < n_atoms; a++) alpha[a] = bits_to_float((uint32_t)row[a] << 16);
+                } else {
+                    memcpy(alpha, (const float *)correlations + v * n_atoms, sizeof(float) * (size_t)n_atoms);
+                }
                 int64_t *picked = out_indices + v * k;
                 memcpy(residual, targets + v * dim, sizeof(float) * (size_t)dim);
                 memset(upper, 0, sizeof(float) * (size_t)(k * k));
@@ -805,6 +813,7 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, float *correla
             }
         }
         free(projected);
+        free(alpha);
         free(basis);
         free(upper);
         free(projections);

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import math
 import os
@@ -128,14 +129,19 @@ class _Attention(ctypes.Structure):
     ]
 
 
-def _machine_tag() -> str:
-    """What ``-march=native`` depends on: a build is reused only on a CPU with the same features."""
+def _cpu_flags() -> list[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             features = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
     except OSError:
         features = ""
-    return f"{platform.machine()} {platform.processor()} {features}"
+    return features.partition(":")[2].split()
+
+
+def _machine_tag() -> str:
+    """What ``-march=native`` depends on: a build is reused only on a CPU with the same features."""
+    return f"{platform.machine()} {platform.processor()} {' '.join(_cpu_flags())}"
 
 
 def _library_name(compiler: str) -> str:
@@ -237,7 +243,7 @@ def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     signatures = {
         "sta_attention": ([ctypes.POINTER(_Attention), codes, codes, p, i32], ctypes.c_int),
         "sta_omp_encode": ([p, p, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
-        "sta_omp_encode_gram": ([p, p, p, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
+        "sta_omp_encode_gram": ([p, p, p, i32, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
     }
     for symbol, (argtypes, restype) in signatures.items():
         try:
@@ -397,6 +403,7 @@ def omp_encode(
     eps: float = 1e-6,
     method: str = "auto",
     pursuit: str = "omp",
+    correlation_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`reference.omp_encode_reference` with the same ``pursuit`` (same picks up to float rounding on
     near-ties), in C. ``x [M, d]`` -> ``(indices int64 [M, k], coefficients [M, k])``. Dictionaries whose N is not a
@@ -405,7 +412,9 @@ def omp_encode(
     ``method="direct"`` correlates every residual with all N atoms at every step (N * d multiply-adds per step);
     ``"gram"`` correlates each vector with the atoms once (one matmul for all of them), forms the Gram matrix
     ``atoms atoms^T`` and updates the correlations from it (N * (step + 1) per step for OMP, N for MP, plus
-    N^2 * d per call); ``"auto"`` picks ``"gram"`` when the call has enough vectors to amortise the Gram matrix."""
+    N^2 * d per call); ``"auto"`` picks ``"gram"`` when the call has enough vectors to amortise the Gram matrix.
+    ``correlation_dtype`` is the Gram kernel's correlation matmul: ``torch.float32``, ``torch.bfloat16``, or None
+    for :func:`bf16_correlations`' choice for this CPU."""
     n_atoms, d = atoms.shape
     if method not in ("auto", "direct", "gram"):
         raise ValueError(f"method must be 'auto', 'direct' or 'gram', got {method!r}")
@@ -423,13 +432,17 @@ def omp_encode(
     atoms = atoms.float().contiguous()
     indices = torch.empty(m, k, dtype=torch.long)
     coefficients = torch.empty(m, k, dtype=torch.float32)
+    if correlation_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"correlation_dtype must be torch.float32, torch.bfloat16 or None, got {correlation_dtype}")
     if method == "gram":
-        correlations = target @ atoms.T
+        bf16 = bf16_correlations() if correlation_dtype is None else correlation_dtype == torch.bfloat16
+        correlations = target.bfloat16() @ atoms.T.bfloat16() if bf16 else target @ atoms.T
         gram = atoms @ atoms.T
         failed = library().sta_omp_encode_gram(
             target.data_ptr(),
             atoms.data_ptr(),
             correlations.data_ptr(),
+            int(bf16),
             gram.data_ptr(),
             m,
             n_atoms,
@@ -460,6 +473,15 @@ def omp_encode(
     if failed:
         raise MemoryError("the OMP kernel could not allocate its scratch memory")
     return indices, coefficients.to(x.dtype)
+
+
+@functools.cache
+def bf16_correlations() -> bool:
+    """Whether the Gram kernel's correlation matmul runs in bfloat16 by default: where the CPU has bfloat16 dot
+    products (x86 ``avx512_bf16`` / ``amx_bf16``: the matmul then takes about a third of float32's time and the
+    kernel reads half the bytes). Only the picks read the correlations; the coefficients stay exact float32 least
+    squares (LAB_NOTES.md has what bfloat16 picks cost in perplexity)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
 
 
 def gram_threshold(n_atoms: int, head_dim: int, k: int, pursuit: str = "omp") -> int:
