@@ -1,0 +1,62 @@
+"""Time to first token on the CPU: the prefill of a held-out prompt (one forward, the prompt's coding included for
+SparseSemanticCache) for DynamicCache and for SparseSemanticCache with float32 and with bfloat16 correlations in
+the Gram encoder, alternating the three ``--reps`` times so that the machine's drift hits each alike.
+
+    python benchmarks/bench_prefill.py --prompts 1024,4096 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from sta_cache import KVDictionary, SparseSemanticCache
+from sta_cache.collect import token_windows
+from sta_cache.compat import cache_kwargs
+from sta_cache.embedded import load_model, wikipedia_text
+from sta_cache.kernels import cpu_kernels
+
+SETUPS = ("DynamicCache (sdpa)", "STA 8/16, float32 correlations", "STA 8/16, bfloat16 correlations")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dictionary", default="sta-cache/SmolLM2-135M-Instruct")
+    parser.add_argument("--prompts", default="1024,4096", help="prompt lengths in tokens")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model("smollm2")
+    dictionary = KVDictionary.from_pretrained(args.dictionary)
+    default = cpu_kernels.bf16_correlations
+    print("| prompt | " + " | ".join(SETUPS) + " |\n| ---: |" + " ---: |" * len(SETUPS))
+    for length in [int(n) for n in args.prompts.split(",")]:
+        prompt = token_windows(tokenizer, wikipedia_text("eval"), length, 1)
+        seconds = {name: [] for name in SETUPS}
+        for _ in range(args.reps):
+            for name in SETUPS:
+                if name.startswith("DynamicCache"):
+                    model.set_attn_implementation("sdpa")
+                    cache = DynamicCache(config=model.config)
+                else:
+                    model.set_attn_implementation("sta")
+                    cache = SparseSemanticCache(dictionary, config=model.config)
+                    bf16 = "bfloat16" in name
+                    cpu_kernels.bf16_correlations = lambda bf16=bf16: bf16  # what omp_encode asks by default
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    model(prompt, **cache_kwargs(model, cache))
+                    seconds[name].append(time.perf_counter() - start)
+        cpu_kernels.bf16_correlations = default
+        base = statistics.median(seconds[SETUPS[0]])
+        cells = [f"{statistics.median(v):.2f} (×{statistics.median(v) / base:.2f})" for v in seconds.values()]
+        print(f"| {length:,} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
