@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache
 from sta_cache.compat import cache_kwargs
+from sta_cache.kernels import cpu_kernels
 from sta_cache.kernels.reference import omp_encode_reference
 
 
@@ -306,9 +307,12 @@ COMPACT = {"coefficient_dtype": torch.float8_e4m3fn, "pack_indices": True}
         ("cpu", "pre_rope", "omp", COMPACT),  # the Triton kernels take unpacked 16/32-bit codes only (README: Defaults)
     ],
 )
-def test_kernel_backends_match_torch_backend_end_to_end(backend, key_space, encoder, storage):
+def test_kernel_backends_match_torch_backend_end_to_end(backend, key_space, encoder, storage, monkeypatch):
     """backend="triton" (here under TRITON_INTERPRET=1) and backend="cpu" (the C kernels) encode and attend like
-    the PyTorch path in a model, with left padding, and with fp8 coefficients and packed indices."""
+    the PyTorch path in a model, with left padding, and with fp8 coefficients and packed indices. The C encoder's
+    picks are compared from float32 correlations: its bfloat16 default (where the CPU has bfloat16 dot products)
+    breaks near-ties differently, which tests/test_kernels.py bounds and the eval measures (LAB_NOTES.md)."""
+    monkeypatch.setattr(cpu_kernels, "bf16_correlations", lambda: False)
     model = tiny_model("qwen2", "sta")
     dictionary = make_dictionary(model, key_space=key_space, encoder=encoder)
     ids = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(7))
