@@ -174,11 +174,28 @@ static inline vec8 exp8(vec8 x) {
     return (vec8)(((ivec8)(p * (vec8)power)) & live);
 }
 
-/* x . y over `dim` floats, dim a multiple of 8. */
-static inline float dot8(const float *x, const float *y, int64_t dim) {
-    vec8 acc = load8(x) * load8(y);
-    for (int64_t i = 8; i < dim; i += 8) acc += load8(x + i) * load8(y + i);
-    return sum8(acc);
+/* Sixteen floats (or ints) as one value: one AVX-512 register, two AVX ones. */
+typedef float vec16 __attribute__((vector_size(64)));
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+
+/* sum of x[e] * y[e] over dim (a multiple of 16) in 16-float vectors, summed by a shuffle tree */
+static inline float dot16(const float *x, const float *y, int64_t dim) {
+    vec16 acc = {0};
+    for (int64_t e = 0; e < dim; e += 16) {
+        vec16 a, b;
+        memcpy(&a, x + e, sizeof a);
+        memcpy(&b, y + e, sizeof b);
+        acc += a * b;
+    }
+#ifdef __AVX512F__
+    __m512 total;
+    memcpy(&total, &acc, sizeof total);
+    return _mm512_reduce_add_ps(total);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < 16; i++) sum += acc[i];
+    return sum;
+#endif
 }
 
 /* out += w * x over `dim` floats, dim a multiple of 8. */
@@ -203,7 +220,7 @@ static void key_scores_post(const codes_t *codes, const attention_t *a, float *s
         for (int64_t r = 0; r < a->rows; r++) {
             const int64_t row = bh * a->rows + r;
             const float *table = a->atom_scores + row * a->key_n_atoms;
-            const float bias = dot8(a->queries + row * dim, a->key_bias + dictionary * dim, dim);
+            const float bias = dot16(a->queries + row * dim, a->key_bias + dictionary * dim, dim);
             float *score = scores + row * length + a->sinks + t0;
             for (int64_t t = 0; t < n; t++) {
                 const int32_t *ti = idx + t * k;
@@ -291,8 +308,8 @@ static float softmax_row(const attention_t *a, int64_t bh, int64_t r, int64_t co
     const int64_t dim = a->dim, sinks = a->sinks, window = a->window, length = sinks + codes + window;
     const float *q = a->queries + (bh * a->rows + r) * dim;
     const float *sink_keys = a->sink_keys + bh * sinks * dim, *window_keys = a->window_keys + bh * window * dim;
-    for (int64_t s = 0; s < sinks; s++) row[s] = dot8(q, sink_keys + s * dim, dim);
-    for (int64_t w = 0; w < window; w++) row[sinks + codes + w] = dot8(q, window_keys + w * dim, dim);
+    for (int64_t s = 0; s < sinks; s++) row[s] = dot16(q, sink_keys + s * dim, dim);
+    for (int64_t w = 0; w < window; w++) row[sinks + codes + w] = dot16(q, window_keys + w * dim, dim);
     const int64_t batch = bh / a->heads, query = r % a->query_len;
     const uint8_t *visible = a->mask ? a->mask + (batch * a->query_len + query) * length : NULL;
     for (int64_t j = 0; j < length; j++) row[j] *= a->scaling;
@@ -455,8 +472,6 @@ done:
  * panels[n / 16][d][16] (contiguous 16-atom slices of every dimension): each slice is one 16-float vector (one
  * AVX-512 register, two AVX ones) loaded once for all the group's residuals, and a panel is read sequentially. */
 #define OMP_GROUP 8
-typedef float vec16 __attribute__((vector_size(64)));
-typedef int32_t ivec16 __attribute__((vector_size(64)));
 static void correlate(const float *panels, int64_t n_atoms, int64_t dim, const float *residuals, float *corr) {
     for (int64_t a = 0; a < n_atoms; a += 16) {
         const float *panel = panels + a * dim;
@@ -489,26 +504,6 @@ static int64_t argmax_first(const float *c, int64_t n) {
     for (int i = 1; i < 8; i++)
         if (best[i] > best[lane] || (best[i] == best[lane] && where[i] < where[lane])) lane = i;
     return where[lane];
-}
-
-/* sum of x[e] * y[e] over dim (a multiple of 16) in 16-float vectors, summed by a shuffle tree */
-static inline float dot16(const float *x, const float *y, int64_t dim) {
-    vec16 acc = {0};
-    for (int64_t e = 0; e < dim; e += 16) {
-        vec16 a, b;
-        memcpy(&a, x + e, sizeof a);
-        memcpy(&b, y + e, sizeof b);
-        acc += a * b;
-    }
-#ifdef __AVX512F__
-    __m512 total;
-    memcpy(&total, &acc, sizeof total);
-    return _mm512_reduce_add_ps(total);
-#else
-    float sum = 0.0f;
-    for (int i = 0; i < 16; i++) sum += acc[i];
-    return sum;
-#endif
 }
 
 /* One pursuit step's least-squares bookkeeping, shared by both kernels: orthogonalise the picked `atom` against
