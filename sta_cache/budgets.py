@@ -20,7 +20,19 @@ from .configs import CoefficientDtype, check_choice
 from .dtypes import DTYPES
 from .validation import check_flag, check_int, check_positive_float
 
-__all__ = ["MeasuredBudget", "best_budget", "measured_budgets", "merged", "record_budgets"]
+__all__ = [
+    "MeasuredBudget",
+    "NotADictionaryFolder",
+    "best_budget",
+    "check_dictionary_folder",
+    "measured_budgets",
+    "merged",
+    "record_budgets",
+]
+
+
+class NotADictionaryFolder(ValueError):
+    """Budgets are recorded into a dictionary folder's config.json, and this is not one (a Hub id, a typo)."""
 
 
 @dataclass(frozen=True)
@@ -129,12 +141,21 @@ def merged(old: list[MeasuredBudget], new: list[MeasuredBudget]) -> list[Measure
     return sorted(by_setting.values(), key=lambda budget: (budget.bits_per_element, budget.ppl_ratio))
 
 
+def check_dictionary_folder(directory: str | os.PathLike | None) -> Path:
+    """The config.json of the dictionary folder ``directory``; NotADictionaryFolder if there is none."""
+    path = Path(directory or "") / "config.json"
+    if not path.is_file():
+        raise NotADictionaryFolder(
+            f"{str(directory)!r} is not a dictionary folder (no config.json), and budgets are recorded in one: save "
+            "the dictionary to a folder (KVDictionary.save_pretrained) and evaluate that"
+        )
+    return path
+
+
 def record_budgets(directory: str | os.PathLike, budgets: list[MeasuredBudget]) -> list[MeasuredBudget]:
     """Merge ``budgets`` into the ``measured`` list of the dictionary folder's config.json (a setting measured again
     replaces its old row; every other field is kept as it is) and return the list now recorded."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{directory} is not a dictionary folder (no config.json): budgets are recorded in one")
+    path = check_dictionary_folder(directory)
     data = json.loads(path.read_text())
     recorded = merged([MeasuredBudget(**row) for row in data.get("measured", [])], budgets)
     data["measured"] = [budget.to_dict() for budget in recorded]

@@ -363,22 +363,16 @@ def main(argv: list[str] | None = None) -> int:
         budget = results["suggested_budget"]
         print(f"suggested budget k_key={budget['k_key']} k_value={budget['k_value']}; report: {args.out / 'report.md'}")
     elif args.command == "eval":
+        from .budgets import NotADictionaryFolder
         from .configs import EvalConfig
         from .evaluation import run_eval
         from .evaluation.inputs import TextFileError
 
         options = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
         config = EvalConfig.preset(args.quick, **{**options, "out": str(args.out)})
-        if config.record_budgets and not (Path(args.dictionary) / "config.json").is_file():
-            print(
-                f"sta-cache eval: error: --record-budgets writes into a dictionary folder, and {args.dictionary!r} is "
-                "not one",
-                file=sys.stderr,
-            )
-            return 2
         try:
             run_eval(config)
-        except TextFileError as error:
+        except (TextFileError, NotADictionaryFolder) as error:
             print(f"sta-cache eval: error: {error}", file=sys.stderr)
             return 2
         print((args.out / "report.md").read_text())

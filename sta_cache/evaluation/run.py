@@ -25,13 +25,12 @@ import time
 import traceback
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 from statistics import fmean
 
 import torch
 from tqdm.auto import tqdm
 
-from ..budgets import measured_budgets, record_budgets
+from ..budgets import check_dictionary_folder, measured_budgets, record_budgets
 from ..configs import EvalConfig
 from ..embedded import eval_texts
 from .bytes import amortised_bits_per_element, cache_bytes
@@ -160,11 +159,8 @@ def _add_ratios(rows: list[dict]) -> None:
 def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, texts=None) -> dict:
     """Run every configuration, write ``results.json``, ``report.md`` and ``pareto.png`` to ``config.out``;
     return the results. ``model``/``tokenizer``/``dictionary``/``texts`` may be passed in (tests)."""
-    if config.record_budgets and not (Path(config.dictionary or "") / "config.json").is_file():
-        raise ValueError(
-            f"--record-budgets writes into a dictionary folder, and {config.dictionary!r} is not one: save the "
-            "dictionary to a folder (KVDictionary.save_pretrained) and evaluate that"
-        )
+    if config.record_budgets:
+        check_dictionary_folder(config.dictionary)  # before anything runs
     torch.manual_seed(config.seed)
     model, tokenizer, dictionary, out = prepare("eval", config, model, tokenizer, dictionary)
     if config.encoder is not None:  # the cache codes with the encoder its dictionary's config names
