@@ -214,6 +214,28 @@ def test_omp_gram_codes_are_as_good_as_the_reference_on_a_coherent_dictionary(
     assert rel_err(coefficients, lstsq) < 1e-3
 
 
+@pytest.mark.parametrize("pursuit", ["omp", "mp"])
+def test_omp_gram_gives_a_duplicate_atom_no_coefficient(pursuit: str) -> None:
+    """k = N with one atom twice: the copy adds no direction, so its coefficient is 0, as in the reference, and the
+    others are the least-squares fit. The Gram kernel sees the copy's new direction only as 1 minus its squared
+    overlaps, float32 rounding (~1e-7) rather than the reference's ~1e-8 norm: taken for a direction, that noise
+    would give both copies huge coefficients of opposite sign."""
+    g = gen(5)
+    atoms = unit_atoms(g, 16, 64)
+    atoms[9] = atoms[2]
+    x, b_dec = randn(g, 20, 64), randn(g, 64, scale=0.1)
+    indices, coefficients = cpu_kernels.omp_encode(
+        x, atoms, b_dec, 16, method="gram", pursuit=pursuit, correlation_dtype=torch.float32
+    )
+    ref_indices, ref_coefficients = reference.omp_encode_reference(x, atoms, b_dec, 16, pursuit=pursuit)
+    check_indices(indices, 16)
+    copies = (indices == 2) | (indices == 9)
+    assert (copies.sum(-1) == 2).all()
+    later_copy = copies & (copies.cumsum(-1) == 2)
+    assert (coefficients[later_copy] == 0).all()
+    assert rel_err(decode_rows(indices, coefficients, atoms), decode_rows(ref_indices, ref_coefficients, atoms)) < 1e-5
+
+
 def test_omp_auto_uses_the_gram_kernel_for_many_vectors(monkeypatch) -> None:
     calls = []
     library = cpu_kernels.library()
