@@ -8,9 +8,11 @@ are timed (after one warm-up step). SparseSemanticCache encodes the tokens that 
 step over 16 steps (encoding amortised: what generation really pays per token) and the encoder's cost per token
 over all layers, at 16 tokens per call (decode) and at 1,024 (a prompt, coded layer by layer during the prefill).
 
-``--generate 1024,4096,16384`` times ``model.generate`` end to end from held-out prompts of those lengths, one
-greedy run per cache and prompt to the largest of ``--new-tokens`` (64,512): time to the first token and to each
-of ``--new-tokens``, against DynamicCache's on the same prompt (``--generate-only`` skips the step table).
+``--generate 1024,4096,16384`` times ``model.generate`` end to end from held-out prompts of those lengths, greedy
+to the largest of ``--new-tokens`` (64,512): time to the first token and to each of ``--new-tokens``, against
+DynamicCache's on the same prompt, in ``--reps`` rounds that each run every cache in turn (medians; each ratio is
+the median of the rounds' ratios, so drift of the machine between rounds cancels). ``--generate-only`` skips the
+step table.
 
 Rows marked ``torch`` attend and encode through the PyTorch path, ``cpu`` through the C kernels
 (kernels/cpu_kernels.c). Post-RoPE rows use ``--post-rope-dictionary`` (scores gathered from one
@@ -21,7 +23,7 @@ Rows marked ``torch`` attend and encode through the PyTorch path, ``cpu`` throug
 
     python benchmarks/bench_decode_cpu.py --contexts 1024,4096,16384,32768 --threads 2 \
         --quality eval_fp32/results.json eval_fp8/results.json
-    python benchmarks/bench_decode_cpu.py --generate 1024,4096,16384 --new-tokens 64,512 --generate-only
+    python benchmarks/bench_decode_cpu.py --generate 1024,4096 --new-tokens 64 --reps 3 --generate-only
 """
 
 from __future__ import annotations
@@ -125,6 +127,25 @@ def generate_timing(model, prompt: torch.Tensor, make, new_tokens: list[int]) ->
     return rows
 
 
+def generate_rows(rounds: list[dict[str, list[dict]]], length: int) -> list[dict]:
+    """One row per cache and count of new tokens: the median over rounds of each timing, and of each ratio to
+    DynamicCache's timing in the same round (a round runs every cache in turn, so drift of the machine between
+    rounds cancels in the ratios); every round's values are kept beside the medians."""
+    rows = []
+    for name in rounds[0]:
+        for i, n in enumerate(rounds[0][name]):
+            runs = [r[name][i] for r in rounds]
+            dynamic = [r["DynamicCache (sdpa)"][i] for r in rounds]
+            row = {"cache": name, "prompt_tokens": length, "new_tokens": n["new_tokens"], "rounds": len(runs)}
+            for key in ("first_token_s", "total_s", "tokens_per_s", "decode_tokens_per_s"):
+                row[key] = statistics.median(run[key] for run in runs)
+            for key, ratio in (("first_token_s", "first_token_vs_dynamic"), ("total_s", "total_vs_dynamic")):
+                each = [run[key] / base[key] for run, base in zip(runs, dynamic, strict=True)]
+                row[ratio], row[f"{ratio}_each_round"] = statistics.median(each), each
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -141,9 +162,17 @@ def main() -> None:
         default="64,512",
         help="for --generate: report the time to each of these tokens (one run to the largest)",
     )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=1,
+        help="for --generate: rounds of every cache in turn; the table gives medians, ratios paired within a round",
+    )
     parser.add_argument("--generate-only", action="store_true", help="skip the decode-step table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
     args = parser.parse_args()
+    if args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     config = model.config.get_text_config()
@@ -228,29 +257,26 @@ def main() -> None:
     new_tokens = sorted(int(n) for n in args.new_tokens.split(","))
     for length in [int(c) for c in args.generate.split(",") if c]:
         prompt = token_windows(tokenizer, wikipedia_text("eval"), length, 1)
-        for name in generate_setups:
-            attention, make, _, _ = setups[name]
-            model.set_attn_implementation(attention)
-            for timing in generate_timing(model, prompt, make, new_tokens):
-                row = {"cache": name, "prompt_tokens": length, **timing}
-                generated.append(row)
-                print(
-                    f"{name:38s} prompt {length:6d}  first token {row['first_token_s']:6.2f} s  "
-                    f"{row['new_tokens']:4d} tokens {row['total_s']:7.2f} s  {row['tokens_per_s']:5.1f} tokens/s",
-                    flush=True,
-                )
-            write()
+        rounds = []  # rounds[r][name]: that cache's timings in round r, one per count of new_tokens
+        for _ in range(args.reps):
+            rounds.append({})
+            for name in generate_setups:
+                attention, make, _, _ = setups[name]
+                model.set_attn_implementation(attention)
+                rounds[-1][name] = generate_timing(model, prompt, make, new_tokens)
+                for timing in rounds[-1][name]:
+                    print(
+                        f"{name:38s} prompt {length:6d}  first token {timing['first_token_s']:6.2f} s  "
+                        f"{timing['new_tokens']:4d} tokens {timing['total_s']:7.2f} s  "
+                        f"{timing['tokens_per_s']:5.1f} tokens/s",
+                        flush=True,
+                    )
+        generated += generate_rows(rounds, length)
+        write()
     dense = {row["context"]: row for row in rows if row["cache"].startswith("DynamicCache")}
     for row in rows:
         row["mean_vs_dynamic"] = row["mean_ms"] / dense[row["context"]]["mean_ms"]
         row["compression"] = dense[row["context"]]["bytes_per_token"] / row["bytes_per_token"]
-    baseline = {
-        (row["prompt_tokens"], row["new_tokens"]): row for row in generated if row["cache"].startswith("DynamicCache")
-    }
-    for row in generated:
-        base = baseline[row["prompt_tokens"], row["new_tokens"]]
-        row["first_token_vs_dynamic"] = row["first_token_s"] / base["first_token_s"]
-        row["total_vs_dynamic"] = row["total_s"] / base["total_s"]
     write()
     if rows:
         plot(rows, args.out / "decode_latency.png")
@@ -285,7 +311,8 @@ def print_step_table(rows: list[dict], args) -> None:
 
 def print_generate_table(generated: list[dict]) -> None:
     print(
-        "\nmodel.generate, greedy, from a held-out Wikipedia prompt; one run per (cache, prompt) to the most tokens\n"
+        "\nmodel.generate, greedy, from a held-out Wikipedia prompt; per (cache, prompt) the median of "
+        f"{generated[0]['rounds']} run(s) to the most tokens, ratios paired within a round\n"
     )
     print(
         "| cache | prompt tokens | new tokens | first token s | x DynamicCache | total s | x DynamicCache | tokens/s |"
