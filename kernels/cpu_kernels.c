@@ -19,19 +19,22 @@
 #endif
 
 enum { INDEX_U8 = 0, INDEX_I16 = 1, INDEX_I32 = 2, INDEX_I64 = 3, INDEX_PACKED = 4 };
-enum { COEF_F32 = 0, COEF_F16 = 1, COEF_BF16 = 2, COEF_TABLE8 = 3 };
+enum { COEF_F32 = 0, COEF_F16 = 1, COEF_BF16 = 2, COEF_TABLE8 = 3, COEF_LEVELS = 4 };
 
-/* One kind's codes, [BH, tokens, k] (indices: [BH, tokens, row_bytes] when packed), C-contiguous. */
+/* One kind's codes, [BH, tokens, k] (indices: [BH, tokens, packed_row] when packed; coefficients: [BH, tokens,
+ * level_row] for COEF_LEVELS), C-contiguous. */
 typedef struct {
     const void *indices;
     const void *coefficients;
-    const float *table8; /* the 256 values of a one-byte float format, for COEF_TABLE8 */
+    const float *table8; /* the 256 values of a one-byte float format: COEF_TABLE8's coefficients, COEF_LEVELS' scale */
     int64_t tokens;
     int32_t k;
     int32_t index_kind;
     int32_t index_bits; /* INDEX_PACKED only */
     int32_t packed_row; /* bytes per token, INDEX_PACKED only */
     int32_t coefficient_kind;
+    int32_t level_bits; /* COEF_LEVELS only */
+    int32_t level_row;  /* bytes per token, COEF_LEVELS only */
 } codes_t;
 
 /* Block of tokens decoded at a time: BLOCK_CODES indices + coefficients (32 KiB) stay in L1. */
@@ -107,8 +110,24 @@ static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int3
     case COEF_BF16: { const uint16_t *p = (const uint16_t *)c->coefficients + first * k;
         for (int64_t i = 0; i < count; i++) coef[i] = bits_to_float((uint32_t)p[i] << 16);
         break; }
-    default: { const uint8_t *p = (const uint8_t *)c->coefficients + first * k;
+    case COEF_TABLE8: { const uint8_t *p = (const uint8_t *)c->coefficients + first * k;
         for (int64_t i = 0; i < count; i++) coef[i] = c->table8[p[i]];
+        break; }
+    default: { /* per token: a one-byte float scale, then k levels of level_bits bits from bit 0 of the next byte,
+                * each stored plus 2^(bits-1) - 1 (packing.py, pack_levels); a level spans at most 2 bytes */
+        const int64_t row = c->level_row;
+        const uint32_t bits = (uint32_t)c->level_bits, mask = (1u << bits) - 1u;
+        const float offset = (float)((1 << (bits - 1)) - 1);
+        const uint8_t *p = (const uint8_t *)c->coefficients + first * row;
+        for (int64_t t = 0; t < n; t++, p += row) {
+            const float scale = c->table8[p[0]];
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t bit = j * bits, byte = 1 + (bit >> 3);
+                uint32_t word = p[byte];
+                if (byte + 1 < row) word |= (uint32_t)p[byte + 1] << 8;
+                coef[t * k + j] = ((float)((word >> (bit & 7)) & mask) - offset) * scale;
+            }
+        }
     } }
 }
 

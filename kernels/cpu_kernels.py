@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .reference import (
+    LEVEL_SCALE_DTYPE,
     PURSUITS,
     CompressedKV,
     byte_float_table,
@@ -65,6 +66,7 @@ _INDEX_KINDS = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
 _PACKED = 4
 _COEFFICIENT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _TABLE8 = 3
+_LEVELS = 4
 
 
 _ATTENTION_POINTERS = (
@@ -116,6 +118,8 @@ class _Codes(ctypes.Structure):
         ("index_bits", ctypes.c_int32),
         ("packed_row", ctypes.c_int32),
         ("coefficient_kind", ctypes.c_int32),
+        ("level_bits", ctypes.c_int32),
+        ("level_row", ctypes.c_int32),
     ]
 
 
@@ -342,10 +346,12 @@ def reset() -> None:
         _outcome = None
 
 
-def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -> tuple[_Codes, list[torch.Tensor]]:
-    """Describe ``[B, H, C, k]`` codes to C; returns the struct and the tensors it points into, which the caller
-    keeps alive until the kernel has returned."""
-    k = coefficients.shape[-1]
+def _codes(
+    indices: torch.Tensor, coefficients: torch.Tensor, k: int, index_bits: int, level_bits: int
+) -> tuple[_Codes, list[torch.Tensor]]:
+    """Describe ``[B, H, C, k]`` codes to C (``index_bits``: indices bit-packed; ``level_bits``: coefficients as
+    packed levels, packing.py); returns the struct and the tensors it points into, which the caller keeps alive
+    until the kernel has returned."""
     indices = indices.contiguous()
     if index_bits:
         if indices.dtype != torch.uint8:
@@ -356,7 +362,12 @@ def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -
     else:
         raise ValueError(f"unsupported index dtype {indices.dtype}")
     table = None
-    if coefficients.dtype in _COEFFICIENT_KINDS:
+    if level_bits:
+        if coefficients.dtype != torch.uint8:
+            raise ValueError("coefficient levels must be uint8 rows")
+        coefficient_kind, table = _LEVELS, byte_float_table(LEVEL_SCALE_DTYPE)
+        coefficients = coefficients.contiguous()
+    elif coefficients.dtype in _COEFFICIENT_KINDS:
         coefficient_kind = _COEFFICIENT_KINDS[coefficients.dtype]
         coefficients = coefficients.contiguous()
     elif coefficients.dtype.itemsize == 1 and coefficients.dtype.is_floating_point:
@@ -374,6 +385,8 @@ def _codes(indices: torch.Tensor, coefficients: torch.Tensor, index_bits: int) -
         index_bits,
         indices.shape[-1],
         coefficient_kind,
+        level_bits,
+        coefficients.shape[-1],
     )
     return codes, [indices, coefficients, table]
 
@@ -527,8 +540,12 @@ def sparse_attention(
             cos, sin = rope_cos_sin(torch.arange(lowest, highest + 1), kv.rope_inv_freq)
             positions = (positions - lowest).contiguous()
         alive.update(positions=positions, cos_table=cos.contiguous(), sin_table=sin.contiguous())
-    key_codes, key_alive = _codes(kv.key_indices, kv.key_coefficients, kv.packed_index_bits)
-    value_codes, value_alive = _codes(kv.value_indices, kv.value_coefficients, kv.packed_index_bits)
+    key_codes, key_alive = _codes(
+        kv.key_indices, kv.key_coefficients, kv.k("key"), kv.packed_index_bits, kv.packed_level_bits
+    )
+    value_codes, value_alive = _codes(
+        kv.value_indices, kv.value_coefficients, kv.k("value"), kv.packed_index_bits, kv.packed_level_bits
+    )
     attention = _Attention(
         *(alive[name].data_ptr() if name in alive else None for name in _ATTENTION_POINTERS),
         float(kv.rope_scaling),

@@ -179,6 +179,9 @@ def undo_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
     return out if scaling == 1.0 else out / scaling
 
 
+LEVEL_SCALE_DTYPE = torch.float8_e4m3fn  # the per-vector scale of coefficients stored as levels (packing.py)
+
+
 @dataclass
 class CompressedKV:
     """One layer's cache as decode-into-attention reads it. Slots are ordered ``sinks | compressed | window``.
@@ -186,8 +189,10 @@ class CompressedKV:
     Dense parts are ``[B, Hkv, L, d]``; codes are ``[B, Hkv, C, k]``; dictionaries are ``[Hd, N, d]`` atoms and
     ``[Hd, d]`` biases with ``Hd`` 1 or ``Hkv``. ``key_positions [B, C]`` is set when keys were coded before RoPE;
     then compressed keys are rebuilt and rotated to their position with ``rope_inv_freq`` / ``rope_scaling``.
-    ``packed_index_bits`` > 0 means the indices are still bit-packed (``uint8 [B, Hkv, C, bytes]``, packing.py):
-    only the fused CPU kernels read them so; every other op gets them unpacked.
+    ``packed_index_bits`` > 0 means the indices are still bit-packed (``uint8 [B, Hkv, C, bytes]``, packing.py),
+    ``packed_level_bits`` > 0 that the coefficients are still levels on a scale (``uint8 [B, Hkv, C, bytes]``,
+    packing.py's ``pack_levels``), with ``k_key`` / ``k_value`` atoms per vector: only the fused CPU kernels read
+    them so; every other op gets them unpacked.
     """
 
     sink_keys: torch.Tensor
@@ -206,6 +211,15 @@ class CompressedKV:
     rope_inv_freq: torch.Tensor | None = None
     rope_scaling: float = 1.0
     packed_index_bits: int = 0
+    packed_level_bits: int = 0
+    k_key: int = 0
+    k_value: int = 0
+
+    def k(self, kind: str) -> int:
+        """Atoms per ``kind`` ("key" or "value") vector: ``k_key`` / ``k_value`` if set, else the last dim of the
+        (unpacked) coefficients."""
+        given = self.k_key if kind == "key" else self.k_value
+        return given or (self.key_coefficients if kind == "key" else self.value_coefficients).shape[-1]
 
     @property
     def num_sinks(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .configs import CoefficientDtype, check_choice
-from .dtypes import DTYPES
+from .dtypes import coefficient_arguments
 from .validation import check_flag, check_int, check_positive_float
 
 __all__ = [
@@ -70,7 +70,7 @@ class MeasuredBudget:
         return {
             "k_key": self.k_key,
             "k_value": self.k_value,
-            "coefficient_dtype": DTYPES[self.coefficient_dtype],
+            **coefficient_arguments(self.coefficient_dtype),
             "pack_indices": self.pack_indices,
         }
 

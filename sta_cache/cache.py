@@ -169,8 +169,10 @@ class SparseSemanticCache(Cache):
     ``k_key`` / ``k_value`` (ints from 1 to the dictionary's N atoms) default to the dictionary's budget (8 / 16
     unless it says otherwise). ``coefficient_dtype`` stores coefficients in another float dtype than the model's
     (a ``torch.dtype``, e.g. ``torch.float8_e4m3fn``; not a string; values beyond its range are clamped, with a
-    warning); ``pack_indices=True`` packs each index into ceil(log2 N) bits (N <= 65536).
-    ``bits_per_element=B`` chooses those four instead: the setting with the lowest held-out perplexity ratio at or
+    warning); ``coefficient_bits=b`` (2 to 8) stores each vector's coefficients as signed b-bit levels on one
+    float8 scale instead (4 bits at 8/8 measured the best use of bits near 2 bits per element, README "Quality");
+    ``pack_indices=True`` packs each index into ceil(log2 N) bits (N <= 65536).
+    ``bits_per_element=B`` chooses those instead: the setting with the lowest held-out perplexity ratio at or
     under B bits per element among those the dictionary records as measured (``dictionary.config.measured``,
     written by ``sta-cache eval --record-budgets``); ``cache.budget`` says which and what it measured.
     ``backend`` is ``"auto"`` (Triton on CUDA; on the CPU the fused C kernels, built once with the system C
@@ -200,6 +202,7 @@ class SparseSemanticCache(Cache):
         config: PretrainedConfig | None = None,
         model: torch.nn.Module | None = None,
         coefficient_dtype: torch.dtype | None = None,
+        coefficient_bits: int | None = None,
         pack_indices: bool | None = None,
         backend: str = "auto",
         value_pursuit: Pursuit = "mp",
@@ -216,17 +219,24 @@ class SparseSemanticCache(Cache):
         meta = dictionary.config
         self.budget = None
         if bits_per_element is not None:
-            given = dict(k_key=k_key, k_value=k_value, coefficient_dtype=coefficient_dtype, pack_indices=pack_indices)
+            given = dict(
+                k_key=k_key,
+                k_value=k_value,
+                coefficient_dtype=coefficient_dtype,
+                coefficient_bits=coefficient_bits,
+                pack_indices=pack_indices,
+            )
             named = [name for name, value in given.items() if value is not None]
             if named:
                 raise ValueError(
-                    f"bits_per_element chooses k_key, k_value, coefficient_dtype and pack_indices from the "
+                    f"bits_per_element chooses k_key, k_value, the coefficients' storage and pack_indices from the "
                     f"dictionary's measured budgets; do not also pass {', '.join(named)}"
                 )
             self.budget = best_budget(meta.measured_budgets, bits_per_element)
             chosen = self.budget.cache_arguments()
             k_key, k_value = chosen["k_key"], chosen["k_value"]
-            coefficient_dtype, pack_indices = chosen["coefficient_dtype"], chosen["pack_indices"]
+            coefficient_dtype, coefficient_bits = chosen["coefficient_dtype"], chosen["coefficient_bits"]
+            pack_indices = chosen["pack_indices"]
         k_key = meta.k_key if k_key is None else k_key
         k_value = meta.k_value if k_value is None else k_value
         pack_indices = False if pack_indices is None else pack_indices
@@ -241,6 +251,7 @@ class SparseSemanticCache(Cache):
             pack_indices=pack_indices,
             backend=backend,
             value_pursuit=value_pursuit,
+            coefficient_bits=coefficient_bits,
         )
         self.dictionary = dictionary
         self.k_key, self.k_value = k_key, k_value
@@ -266,6 +277,7 @@ class SparseSemanticCache(Cache):
                         num_sink_tokens=num_sink_tokens,
                         encode_batch=encode_batch,
                         coefficient_dtype=coefficient_dtype,
+                        coefficient_bits=coefficient_bits,
                         pack_indices=pack_indices,
                         backend=backend,
                         value_pursuit=value_pursuit,

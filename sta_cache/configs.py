@@ -19,7 +19,10 @@ Pursuit = Literal["omp", "mp"]
 AtomInit = Literal["data", "random"]
 BiasInit = Literal["geometric_median", "mean", "zero"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
-CoefficientDtype = Literal["float32", "float16", "bfloat16", "float8_e4m3fn"]
+# How a cache stores coefficients: a float dtype, or intB: B-bit levels on a float8 scale per vector
+CoefficientDtype = Literal[
+    "float32", "float16", "bfloat16", "float8_e4m3fn", "int2", "int3", "int4", "int5", "int6", "int7", "int8"
+]
 TrainMethod = Literal["mod", "sae"]  # how `sta-cache train` learns atoms (TrainConfig)
 Shard = Literal["data", "layers"]  # how `sta-cache train` splits its work over torchrun processes
 PasskeyFeed = Literal["generate", "chunked"]  # one prefill as model.generate, or prefill + chunks as perplexity

@@ -15,7 +15,16 @@ from .distributed import Ranks, kv_heads_of_rank
 from .kernels import dispatch
 from .kernels.reference import CompressedKV, apply_rope, decode_reference, undo_rope
 from .memory import owned, storage_bytes
-from .packing import index_bits, pack_indices, packed_bytes, unpack_indices
+from .packing import (
+    index_bits,
+    level_row_bytes,
+    levels_clip,
+    pack_indices,
+    pack_levels,
+    packed_bytes,
+    unpack_indices,
+    unpack_levels,
+)
 from .validation import check_cache_arguments
 
 T = TypeVar("T")
@@ -72,6 +81,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         num_sink_tokens: int,
         encode_batch: int = 1,
         coefficient_dtype: torch.dtype | None = None,
+        coefficient_bits: int | None = None,
         pack_indices: bool = False,
         backend: str = "auto",
         value_pursuit: Pursuit = "mp",
@@ -87,6 +97,7 @@ class SparseSemanticLayer(CacheLayerMixin):
             num_sink_tokens=num_sink_tokens,
             encode_batch=encode_batch,
             coefficient_dtype=coefficient_dtype,
+            coefficient_bits=coefficient_bits,
             pack_indices=pack_indices,
             backend=backend,
             value_pursuit=value_pursuit,
@@ -102,6 +113,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.num_dictionary_heads = len(dictionary.key)
         self.ranks = ranks or Ranks()
         self.requested_coefficient_dtype = coefficient_dtype
+        self.coefficient_bits = coefficient_bits  # coefficients as levels on a float8 scale per vector (packing.py)
         self.pack_indices = pack_indices
         self.requested_backend = backend
         self.attention_reads_codes = False  # set by the "sta" attention function
@@ -144,7 +156,9 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.sae, self.rope_inv_freq, self.backend = sae, rope_inv_freq, backend
         self.kv_heads = kv_heads
         self.dtype, self.device = key_states.dtype, device
-        self.coefficient_dtype = self.requested_coefficient_dtype or key_states.dtype
+        self.coefficient_dtype = (
+            torch.uint8 if self.coefficient_bits else self.requested_coefficient_dtype or key_states.dtype
+        )
         self._warn_if_codes_outweigh(dense_bytes=2 * head_dim * key_states.element_size())
         empty = key_states.new_empty(batch, heads, 0, head_dim)  # not a view: it would hold the prompt's storage
         self.keys, self.values = empty, empty
@@ -157,7 +171,9 @@ class SparseSemanticLayer(CacheLayerMixin):
             index_shape = (batch, heads, 0, packed_bytes(k, self.n_atoms) if self.pack_indices else k)
             self.codes[kind] = (
                 torch.zeros(index_shape, dtype=self.stored_index_dtype, device=self.device),
-                torch.zeros(batch, heads, 0, k, dtype=self.coefficient_dtype, device=self.device),
+                torch.zeros(
+                    batch, heads, 0, self.coefficient_width(k), dtype=self.coefficient_dtype, device=self.device
+                ),
             )
         if self.key_space == "pre_rope":
             self.key_positions = torch.zeros(batch, 0, dtype=torch.int32, device=self.device)
@@ -170,15 +186,26 @@ class SparseSemanticLayer(CacheLayerMixin):
         for kind in KINDS:
             k = self.k[kind]
             index = packed_bytes(k, self.n_atoms) if self.pack_indices else k * self.stored_index_dtype.itemsize
-            total += index + k * self.coefficient_dtype.itemsize
+            total += index + self.coefficient_width(k) * self.coefficient_dtype.itemsize
         return total
+
+    def coefficient_width(self, k: int) -> int:
+        """Last dim of one kind's stored coefficients: k, or the bytes of a row of k levels."""
+        return level_row_bytes(k, self.coefficient_bits) if self.coefficient_bits else k
+
+    @property
+    def coefficient_storage(self) -> str:
+        """How coefficients are stored, in words: a dtype's name, or "4-bit levels" and the like."""
+        if self.coefficient_bits:
+            return f"{self.coefficient_bits}-bit levels"
+        return str(self.coefficient_dtype).removeprefix("torch.")
 
     def _warn_if_codes_outweigh(self, dense_bytes: int) -> None:
         code_bytes = self.code_bytes_per_token()
         if code_bytes >= dense_bytes:
             warnings.warn(
                 f"SparseSemanticCache with k_key={self.k['key']}, k_value={self.k['value']} and "
-                f"{str(self.coefficient_dtype).removeprefix('torch.')} coefficients stores {code_bytes} bytes per "
+                f"{self.coefficient_storage} coefficients stores {code_bytes} bytes per "
                 f"token and KV head, the dense key and value it replaces take {dense_bytes}: this cache is larger "
                 "than a DynamicCache. Lower k_key / k_value, or store coefficient_dtype=torch.float8_e4m3fn with "
                 "pack_indices=True.",
@@ -338,11 +365,17 @@ class SparseSemanticLayer(CacheLayerMixin):
             ]
             indices = torch.stack([i.view(batch, n, k) for i, _ in per_head], dim=1)
             coefficients = torch.stack([c.view(batch, n, k) for _, c in per_head], dim=1)
-        if self.coefficient_dtype.itemsize < 4:
-            coefficients = self._clamp_to_coefficient_dtype(coefficients)
+        if self.coefficient_bits:
+            if not self.warned_clamping and levels_clip(coefficients, self.coefficient_bits):
+                self._warn_clamping(f"{self.coefficient_bits}-bit levels on a float8 scale")
+            coefficients = pack_levels(coefficients, self.coefficient_bits)
+        elif self.coefficient_dtype.itemsize < 4:
+            coefficients = self._clamp_to_coefficient_dtype(coefficients).to(self.coefficient_dtype)
+        else:
+            coefficients = coefficients.to(self.coefficient_dtype)
         if self.pack_indices:
-            return pack_indices(indices, self.n_atoms), coefficients.to(self.coefficient_dtype)
-        return indices.to(self.stored_index_dtype), coefficients.to(self.coefficient_dtype)
+            return pack_indices(indices, self.n_atoms), coefficients
+        return indices.to(self.stored_index_dtype), coefficients
 
     def _clamp_to_coefficient_dtype(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Clamp float32 coefficients to the range of a narrower coefficient dtype, which a cast would turn into
@@ -350,31 +383,39 @@ class SparseSemanticLayer(CacheLayerMixin):
         accuracy."""
         limit = torch.finfo(self.coefficient_dtype).max
         if not self.warned_clamping and bool((coefficients.abs() > limit).any()):
-            warnings.warn(
-                f"layer {self.layer_idx}: coefficients beyond the range of {self.coefficient_dtype} (|c| > {limit:g}) "
-                "were clamped to it; these tokens are coded less accurately. Store a wider coefficient_dtype (e.g. "
-                "torch.float32, or None for the model's dtype) if this happens often.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.warned_clamping = True
+            self._warn_clamping(f"{self.coefficient_dtype} (|c| > {limit:g})")
         return coefficients.clamp(-limit, limit)
+
+    def _warn_clamping(self, storage: str) -> None:
+        warnings.warn(
+            f"layer {self.layer_idx}: coefficients beyond the range of {storage} were clamped to it; these tokens "
+            "are coded less accurately. Store a wider coefficient_dtype (e.g. torch.float32, or None for the "
+            "model's dtype) if this happens often.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.warned_clamping = True
 
     def _indices(self, kind: str) -> torch.Tensor:
         stored = self.codes[kind][0]
         return unpack_indices(stored, self.k[kind], self.n_atoms) if self.pack_indices else stored
 
+    def _coefficients(self, kind: str) -> torch.Tensor:
+        stored = self.codes[kind][1]
+        return unpack_levels(stored, self.k[kind], self.coefficient_bits) if self.coefficient_bits else stored
+
     def compressed_view(self, packed: bool = False) -> CompressedKV:
-        """The layer as decode-into-attention reads it; ``packed=True`` leaves bit-packed indices packed (for the
-        fused CPU kernels, which unpack them as they stream)."""
+        """The layer as decode-into-attention reads it; ``packed=True`` leaves bit-packed indices and coefficient
+        levels packed (for the fused CPU kernels, which unpack them as they stream)."""
         keep_packed = packed and self.pack_indices
+        keep_levels = packed and bool(self.coefficient_bits)
         return CompressedKV(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
             key_indices=self.codes["key"][0] if keep_packed else self._indices("key"),
-            key_coefficients=self.codes["key"][1],
+            key_coefficients=self.codes["key"][1] if keep_levels else self._coefficients("key"),
             value_indices=self.codes["value"][0] if keep_packed else self._indices("value"),
-            value_coefficients=self.codes["value"][1],
+            value_coefficients=self.codes["value"][1] if keep_levels else self._coefficients("value"),
             window_keys=self.keys,
             window_values=self.values,
             key_atoms=self.sae["key"]["W_dec"],
@@ -385,6 +426,9 @@ class SparseSemanticLayer(CacheLayerMixin):
             rope_inv_freq=self.rope_inv_freq if self.key_space == "pre_rope" else None,
             rope_scaling=self.rope_scaling,
             packed_index_bits=index_bits(self.n_atoms) if keep_packed else 0,
+            packed_level_bits=self.coefficient_bits if keep_levels else 0,
+            k_key=self.k["key"],
+            k_value=self.k["value"],
         )
 
     def dense_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,13 @@
-"""Bit-packing of atom indices: k indices of ceil(log2 N) bits each in ceil(k * bits / 8) bytes."""
+"""Bit-packing: k atom indices of ceil(log2 N) bits each in ceil(k * bits / 8) bytes, and coefficients as b-bit
+levels on a float8 scale per vector."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .kernels.reference import LEVEL_SCALE_DTYPE
 
 
 def index_bits(n_atoms: int) -> int:
@@ -42,3 +45,45 @@ def unpack_indices(packed: torch.Tensor, k: int, n_atoms: int) -> torch.Tensor:
     data = packed.index_select(-1, spans).view(*packed.shape[:-1], k, 3).int()
     joined = data[..., 0] | (data[..., 1] << 8) | (data[..., 2] << 16)
     return ((joined >> shift) & ((1 << bits) - 1)).long()
+
+
+# Coefficients as levels: each vector's k coefficients as signed b-bit integers times one float8 scale, in one
+# uint8 row per vector: the scale's byte, then the levels bit-packed as indices are.
+LEVEL_BITS = range(2, 9)
+
+
+def level_row_bytes(k: int, bits: int) -> int:
+    """Bytes of one vector's ``k`` coefficients at ``bits`` bits: the scale byte and the packed levels."""
+    return 1 + math.ceil(k * bits / 8)
+
+
+def pack_levels(coefficients: torch.Tensor, bits: int) -> torch.Tensor:
+    """``coefficients [..., k]`` -> ``uint8 [..., level_row_bytes(k, bits)]``: the scale (the largest |c| /
+    (2^(bits-1) - 1), rounded up to a float8_e4m3 so that no coefficient clips, at most its 448) and each
+    coefficient / scale rounded to a level in [-(2^(bits-1) - 1), 2^(bits-1) - 1], stored plus 2^(bits-1) - 1.
+    Coefficients beyond 448 levels clip: :func:`levels_clip` says when."""
+    if bits not in LEVEL_BITS:
+        raise ValueError(f"coefficient levels take 2 to 8 bits, got {bits}")
+    top = (1 << (bits - 1)) - 1
+    limit = torch.finfo(LEVEL_SCALE_DTYPE).max
+    exact = (coefficients.float().abs().amax(-1, keepdim=True) / top).clamp(max=limit)
+    scale = exact.to(LEVEL_SCALE_DTYPE)
+    short = scale.float() < exact  # rounded down: the next float8 up (positive bit patterns are ordered)
+    scale = torch.where(short, (scale.view(torch.uint8) + 1).view(LEVEL_SCALE_DTYPE), scale)
+    step = scale.float()
+    levels = torch.where(step > 0, coefficients.float() / torch.where(step > 0, step, 1.0), 0.0)
+    levels = levels.round().clamp(-top, top).long() + top
+    return torch.cat([scale.view(torch.uint8), pack_indices(levels, 1 << bits)], dim=-1)
+
+
+def levels_clip(coefficients: torch.Tensor, bits: int) -> bool:
+    """Whether :func:`pack_levels` clips some of ``coefficients`` (a scale beyond float8's largest)."""
+    top = (1 << (bits - 1)) - 1
+    return bool((coefficients.float().abs() > top * torch.finfo(LEVEL_SCALE_DTYPE).max).any())
+
+
+def unpack_levels(rows: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_levels` -> float32 ``[..., k]``."""
+    top = (1 << (bits - 1)) - 1
+    scale = rows[..., :1].contiguous().view(LEVEL_SCALE_DTYPE).float()
+    return (unpack_indices(rows[..., 1:], k, 1 << bits).float() - top) * scale

@@ -107,6 +107,7 @@ def check_cache_arguments(
     pack_indices: object,
     backend: object,
     value_pursuit: object = "mp",
+    coefficient_bits: object = None,
 ) -> None:
     """The arguments of a :class:`SparseSemanticCache` (and of each of its layers), for a dictionary of
     ``n_atoms`` atoms."""
@@ -116,6 +117,13 @@ def check_cache_arguments(
     check_int("num_sink_tokens", num_sink_tokens, minimum=0)
     check_int("encode_batch", encode_batch, minimum=1)
     check_coefficient_dtype(coefficient_dtype)
+    if coefficient_bits is not None:
+        check_int("coefficient_bits", coefficient_bits, minimum=2, maximum=8)
+        if coefficient_dtype is not None:
+            raise ValueError(
+                f"coefficient_bits={coefficient_bits} stores coefficients as levels on a float8 scale, "
+                f"coefficient_dtype={coefficient_dtype} as floats: pass one of them"
+            )
     check_flag("pack_indices", pack_indices)
     if pack_indices and index_bits(n_atoms) > MAX_PACKED_INDEX_BITS:
         raise ValueError(

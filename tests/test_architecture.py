@@ -88,9 +88,10 @@ def test_dtype_names_are_the_configs_choices() -> None:
     from typing import get_args
 
     from sta_cache.configs import CoefficientDtype, WeightDtype
-    from sta_cache.dtypes import DTYPES, SHORT_NAMES
+    from sta_cache.dtypes import DTYPES, LEVEL_NAMES, SHORT_NAMES
 
-    assert set(DTYPES) == set(SHORT_NAMES) == set(get_args(CoefficientDtype)) >= set(get_args(WeightDtype))
+    assert set(DTYPES) | set(LEVEL_NAMES) == set(SHORT_NAMES) == set(get_args(CoefficientDtype))
+    assert not set(DTYPES) & set(LEVEL_NAMES) and set(DTYPES) >= set(get_args(WeightDtype))
 
 
 def test_the_kernels_pursuits_are_the_configs_choices() -> None:

@@ -41,7 +41,7 @@ def test_the_lowest_ratio_at_or_under_the_bits_is_chosen() -> None:
     "change, error",
     [
         ({"k_key": 0}, "k_key"),
-        ({"coefficient_dtype": "int4"}, "coefficient_dtype"),
+        ({"coefficient_dtype": "int16"}, "coefficient_dtype"),
         ({"pack_indices": "yes"}, "pack_indices"),
         ({"bits_per_element": -2.0}, "bits_per_element"),
         ({"ppl_ratio": float("nan")}, "ppl_ratio"),
@@ -162,6 +162,51 @@ def test_eval_records_budgets_and_serves_them_by_target_bits(tmp_path) -> None:
     again = record_budgets(folder, [budget(4, 4, recorded[1].bits_per_element, 1.5)])
     assert [(b.k_key, b.ppl_ratio) for b in again][1] == (4, 1.5) and len(again) == 3
     assert [(b.k_key, b.k_value) for b in measured_budgets(second)] == [(expected.k_key, expected.k_value)]
+
+
+def test_level_coefficients_are_evaluated_recorded_and_served(tmp_path) -> None:
+    """`--coefficient-dtypes int4` evaluates coefficient_bits=4 caches; recorded, such a budget is served with
+    4-bit levels by bits_per_element=, storing the bits it measured."""
+    from test_analyze_eval import CharTokenizer, _ids
+
+    model = tiny_model("llama")
+    folder = tmp_path / "dictionary"
+    make_dictionary(model, encoder="omp").save_pretrained(folder)
+    result = run_eval(
+        EvalConfig(
+            out=str(tmp_path / "eval"),
+            dictionary=str(folder),
+            budgets=[(4, 4)],
+            coefficient_dtypes=["int4", "float8_e4m3fn"],
+            record_budgets=True,
+            prefill=32,
+            chunk=16,
+            residual_length=16,
+            num_sink_tokens=2,
+            paths=["sta"],
+            baselines=[],
+            passkey_trials=0,
+            progress=False,
+        ),
+        model=model,
+        tokenizer=CharTokenizer(),
+        dictionary=KVDictionary.from_pretrained(folder),
+        texts=[_ids(80, seed=s)[0] for s in range(2)],
+    )
+    levels, floats = result["rows"][1:]
+    assert levels["name"] == "STA 4/4, int4 (sta)" and levels["params"]["coefficient_dtype"] == "int4"
+    assert levels["bits_per_element"] < floats["bits_per_element"]
+    recorded = {b.coefficient_dtype: b for b in KVDictionary.from_pretrained(folder).config.measured_budgets}
+    assert recorded["int4"].bits_per_element == pytest.approx(levels["bits_per_element"], abs=1e-4)
+    dictionary = KVDictionary.from_pretrained(folder)
+    cache = SparseSemanticCache(dictionary, bits_per_element=recorded["int4"].bits_per_element)
+    assert cache.budget.coefficient_dtype == "int4"
+    assert all(layer.coefficient_bits == 4 for layer in cache.sparse_layers)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(dictionary.config.num_layers):
+        states = torch.randn(1, dictionary.config.num_kv_heads, 90, dictionary.config.head_dim, generator=generator)
+        cache.update(states, states.clone(), i)
+    assert cache_bytes(cache)["bits_per_element"] == pytest.approx(recorded["int4"].bits_per_element, abs=1e-4)
 
 
 def test_eval_refuses_to_record_into_a_hub_dictionary(tmp_path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
 from sta_cache.kernels import cpu_kernels, dispatch, reference
-from sta_cache.packing import index_bits, pack_indices
+from sta_cache.packing import index_bits, pack_indices, pack_levels, unpack_levels
 
 
 def compare(kv: reference.CompressedKV, reference_kv: reference.CompressedKV, query, mask, softcap=None) -> float:
@@ -62,6 +62,45 @@ def test_cpu_kernels_read_packed_indices_and_narrow_coefficients(n, coefficient_
         )
     query = randn(g, 2, 6, 1, 64)
     assert compare(stored, kv, query, make_mask("left", 2, 1, kv.length)) < TOL[F32]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("k_key, k_value", [(8, 16), (7, 5), (1, 3)])
+@pytest.mark.parametrize("packed_indices", [False, True])
+def test_cpu_kernels_read_coefficient_levels(bits, k_key, k_value, packed_indices) -> None:
+    """Coefficients as b-bit levels on a float8 scale per vector (packing.pack_levels; rows of 1 + ceil(k b / 8)
+    bytes, levels crossing byte boundaries for odd k and b) are widened inside the kernels: the output is the
+    reference's over the same levels unpacked in PyTorch, pre- and post-RoPE."""
+    for pre_rope in (False, True):
+        g = gen(bits * 100 + k_key * 10 + k_value + packed_indices + 2 * pre_rope)
+        kv = make_cache(g, 2, 3, 64, 2, 141, 7, 1000, k_key, k_value, 1, F32, pre_rope)
+        rows = {kind: pack_levels(getattr(kv, f"{kind}_coefficients") * 3, bits) for kind in ("key", "value")}
+        unpacked = kv.__class__(
+            **{
+                **vars(kv),
+                "key_coefficients": unpack_levels(rows["key"], k_key, bits),
+                "value_coefficients": unpack_levels(rows["value"], k_value, bits),
+            }
+        )
+        stored = kv.__class__(
+            **{
+                **vars(kv),
+                "key_coefficients": rows["key"],
+                "value_coefficients": rows["value"],
+                "packed_level_bits": bits,
+                "k_key": k_key,
+                "k_value": k_value,
+            }
+        )
+        if packed_indices:
+            stored.key_indices, stored.value_indices = (
+                pack_indices(t, 1000) for t in (kv.key_indices, kv.value_indices)
+            )
+            stored.packed_index_bits = index_bits(1000)
+        query = randn(g, 2, 6, 1, 64)
+        assert compare(stored, unpacked, query, make_mask("left", 2, 1, kv.length)) < TOL[F32]
+        with pytest.raises(ValueError, match="only the 'cpu' backend reads bit-packed indices and coefficient levels"):
+            dispatch.sparse_attention(query, stored, None, 0.125, None, "torch")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

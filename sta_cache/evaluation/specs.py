@@ -23,7 +23,7 @@ from ..baselines.rotated import split_bits
 from ..budgets import best_budget
 from ..cache import SparseSemanticCache
 from ..configs import EvalConfig
-from ..dtypes import DTYPES, SHORT_NAMES
+from ..dtypes import SHORT_NAMES, coefficient_arguments
 from .bytes import cache_bytes
 from .passkey import feed
 
@@ -60,7 +60,7 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
             for path in config.paths:
                 if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
                     continue
-                storage = dict(k_key=k_key, k_value=k_value, coefficient_dtype=DTYPES.get(dtype_name))
+                storage = dict(k_key=k_key, k_value=k_value, **coefficient_arguments(dtype_name))
                 dtype_label = f", {SHORT_NAMES[dtype_name]}" if dtype_name else ""
                 params = dict(k_key=k_key, k_value=k_value, coefficient_dtype=dtype_name or _dtype_name(model.dtype))
                 specs.append(
