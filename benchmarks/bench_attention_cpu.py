@@ -3,7 +3,8 @@
 ``torch`` is the PyTorch reference path (CSR matmuls and an atom-space scatter); ``cpu`` the fused C kernels
 (kernels/cpu_kernels.c). Both attend over 4 sinks + the codes + a 64-token window, for post-RoPE codes (scores
 gathered from one q . D^T product) and pre-RoPE codes (keys rebuilt, rotated and dotted), with the default
-storage (int16 indices, float32 coefficients) and the memory setting (10-bit packed indices, fp8 coefficients).
+storage (int16 indices, float32 coefficients), the memory setting (10-bit packed indices, fp8 coefficients) and
+``coefficient_bits=4`` (packed indices, 4-bit coefficient levels on a float8 scale per vector).
 sdpa attends over dense float32 keys and values of the same length. Each backend's output is checked against the
 reference before it is timed. Milliseconds per call (median of ``--reps``).
 
@@ -21,20 +22,25 @@ import torch.nn.functional as F
 
 from sta_cache.kernels import dispatch
 from sta_cache.kernels.reference import CompressedKV
-from sta_cache.packing import index_bits, pack_indices
+from sta_cache.packing import index_bits, pack_indices, pack_levels, unpack_indices, unpack_levels
 
 KV_HEADS, GROUPS, HEAD_DIM, N_ATOMS, K_KEY, K_VALUE, SINKS, WINDOW = 3, 3, 64, 1024, 8, 16, 4, 64
 
 
-def make_kv(context: int, pre_rope: bool, compact: bool) -> CompressedKV:
+STORAGES = ("int16 + fp32", "fp8 + packed", "4-bit levels + packed")  # default, memory setting, coefficient_bits=4
+
+
+def make_kv(context: int, pre_rope: bool, storage: str) -> CompressedKV:
     """Random codes for ``context`` tokens (sinks and window included), stored as the cache would store them."""
     compressed = context - SINKS - WINDOW
 
     def codes(k: int) -> tuple[torch.Tensor, torch.Tensor]:
         indices = torch.rand(KV_HEADS * compressed, N_ATOMS).topk(k, dim=-1).indices.view(1, KV_HEADS, compressed, k)
         coefficients = torch.randn(1, KV_HEADS, compressed, k) * k**-0.5
-        if compact:
+        if storage == "fp8 + packed":
             return pack_indices(indices, N_ATOMS), coefficients.to(torch.float8_e4m3fn)
+        if storage == "4-bit levels + packed":
+            return pack_indices(indices, N_ATOMS), pack_levels(coefficients, 4)
         return indices.to(torch.int16), coefficients
 
     (key_indices, key_coefficients), (value_indices, value_coefficients) = codes(K_KEY), codes(K_VALUE)
@@ -55,24 +61,30 @@ def make_kv(context: int, pre_rope: bool, compact: bool) -> CompressedKV:
         value_bias=torch.randn(1, HEAD_DIM) * 0.1,
         key_positions=torch.arange(SINKS, SINKS + compressed, dtype=torch.int32)[None] if pre_rope else None,
         rope_inv_freq=inv_freq if pre_rope else None,
-        packed_index_bits=index_bits(N_ATOMS) if compact else 0,
+        packed_index_bits=0 if storage == "int16 + fp32" else index_bits(N_ATOMS),
+        packed_level_bits=4 if storage == "4-bit levels + packed" else 0,
+        k_key=K_KEY,
+        k_value=K_VALUE,
     )
 
 
 def unpacked(kv: CompressedKV) -> CompressedKV:
-    """The same codes as the PyTorch path reads them (it unpacks indices first, and pays for that each step)."""
-    if not kv.packed_index_bits:
-        return kv
-    from sta_cache.packing import unpack_indices
-
-    return CompressedKV(
-        **{
-            **vars(kv),
-            "packed_index_bits": 0,
-            "key_indices": unpack_indices(kv.key_indices, K_KEY, N_ATOMS),
-            "value_indices": unpack_indices(kv.value_indices, K_VALUE, N_ATOMS),
-        }
-    )
+    """The same codes as the PyTorch path reads them (it unpacks indices and levels first, and pays for that each
+    step)."""
+    fields = dict(vars(kv))
+    if kv.packed_index_bits:
+        fields.update(
+            packed_index_bits=0,
+            key_indices=unpack_indices(kv.key_indices, K_KEY, N_ATOMS),
+            value_indices=unpack_indices(kv.value_indices, K_VALUE, N_ATOMS),
+        )
+    if kv.packed_level_bits:
+        fields.update(
+            packed_level_bits=0,
+            key_coefficients=unpack_levels(kv.key_coefficients, K_KEY, kv.packed_level_bits),
+            value_coefficients=unpack_levels(kv.value_coefficients, K_VALUE, kv.packed_level_bits),
+        )
+    return CompressedKV(**fields)
 
 
 def milliseconds(fn, reps: int) -> float:
@@ -104,16 +116,15 @@ def main() -> None:
 
         rows.setdefault("sdpa, dense fp32", []).append(milliseconds(dense, args.reps))
         for pre_rope in (False, True):
-            for compact in (False, True):
-                kv = make_kv(context, pre_rope, compact)
+            for storage in STORAGES:
+                kv = make_kv(context, pre_rope, storage)
                 expected = dispatch.sparse_attention(query, unpacked(kv), None, scale, None, "torch")
                 got = dispatch.sparse_attention(query, kv, None, scale, None, "cpu")
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-                storage = "fp8 + packed" if compact else "int16 + fp32"
                 space = "pre-RoPE" if pre_rope else "post-RoPE"
                 for backend in ("torch", "cpu"):
 
-                    def attend(kv=kv, backend=backend):  # the PyTorch path unpacks packed indices on every step
+                    def attend(kv=kv, backend=backend):  # the PyTorch path unpacks on every step
                         view = unpacked(kv) if backend == "torch" else kv
                         return dispatch.sparse_attention(query, view, None, scale, None, backend)
 

@@ -12,9 +12,21 @@ from conftest import make_dictionary, tiny_model
 from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.budgets import MeasuredBudget, best_budget, measured_budgets, record_budgets
 from sta_cache.dictionary import DictionaryFormatError
+from sta_cache.dtypes import coefficient_arguments
 from sta_cache.evaluation import EvalConfig, cache_bytes, run_eval
 
 SHIPPED = "sta-cache/SmolLM2-135M-Instruct"
+# A quick eval on a tiny model: short prefill and chunks, STA rows only
+TINY_EVAL = dict(
+    prefill=32,
+    chunk=16,
+    residual_length=16,
+    num_sink_tokens=2,
+    paths=["sta"],
+    baselines=[],
+    passkey_trials=0,
+    progress=False,
+)
 
 
 def budget(k_key: int, k_value: int, bits: float, ratio: float, dtype: str = "float8_e4m3fn") -> MeasuredBudget:
@@ -68,7 +80,9 @@ def test_the_shipped_dictionary_serves_a_size_and_stores_what_it_recorded(bits) 
     )
     layer = cache.sparse_layers[0]
     assert (layer.k["key"], layer.k["value"]) == (chosen.k_key, chosen.k_value)
-    assert layer.requested_coefficient_dtype == torch.float8_e4m3fn and layer.pack_indices
+    storage = coefficient_arguments(chosen.coefficient_dtype)
+    assert layer.requested_coefficient_dtype == storage["coefficient_dtype"] and layer.pack_indices
+    assert layer.coefficient_bits == storage["coefficient_bits"]
     generator = torch.Generator().manual_seed(int(bits * 10))
     for i in range(dictionary.config.num_layers):
         states = torch.randn(1, 3, 90, 64, generator=generator)
@@ -80,6 +94,8 @@ def test_bits_per_element_is_one_choice_not_four() -> None:
     dictionary = KVDictionary.from_pretrained(SHIPPED)
     with pytest.raises(ValueError, match="do not also pass k_key, pack_indices"):
         SparseSemanticCache(dictionary, bits_per_element=3, k_key=8, pack_indices=False)
+    with pytest.raises(ValueError, match="do not also pass coefficient_bits"):
+        SparseSemanticCache(dictionary, bits_per_element=3, coefficient_bits=4)
     with pytest.raises(ValueError, match="smallest is 4/8"):
         SparseSemanticCache(dictionary, bits_per_element=1)
     assert SparseSemanticCache(dictionary).budget is None
@@ -115,17 +131,7 @@ def test_eval_records_budgets_and_serves_them_by_target_bits(tmp_path) -> None:
     make_dictionary(model, encoder="omp").save_pretrained(folder)
     dictionary = KVDictionary.from_pretrained(folder)
     texts = [_ids(80, seed=s)[0] for s in range(2)]
-    common = dict(
-        dictionary=str(folder),
-        prefill=32,
-        chunk=16,
-        residual_length=16,
-        num_sink_tokens=2,
-        paths=["sta"],
-        baselines=[],
-        passkey_trials=0,
-        progress=False,
-    )
+    common = dict(dictionary=str(folder), **TINY_EVAL)
     first = run_eval(
         EvalConfig(out=str(tmp_path / "a"), budgets=[(2, 2), (4, 4), (8, 8)], record_budgets=True, **common),
         model=model,
@@ -179,14 +185,7 @@ def test_level_coefficients_are_evaluated_recorded_and_served(tmp_path) -> None:
             budgets=[(4, 4)],
             coefficient_dtypes=["int4", "float8_e4m3fn"],
             record_budgets=True,
-            prefill=32,
-            chunk=16,
-            residual_length=16,
-            num_sink_tokens=2,
-            paths=["sta"],
-            baselines=[],
-            passkey_trials=0,
-            progress=False,
+            **TINY_EVAL,
         ),
         model=model,
         tokenizer=CharTokenizer(),

@@ -117,18 +117,3 @@ def test_coefficient_levels_store_their_bits_and_stay_close():
     assert 0 < error[8] < error[4] < 0.1
     with pytest.warns(RuntimeWarning, match="layer 0: coefficients beyond the range of 4-bit levels"):
         layer._encode("key", torch.full((1, 2, 1, 16), 1e6))
-
-
-@pytest.mark.parametrize(
-    "arguments, error, match",
-    [
-        ({"coefficient_bits": 4, "coefficient_dtype": torch.float8_e4m3fn}, ValueError, "pass one of them"),
-        ({"coefficient_bits": 1}, ValueError, "coefficient_bits must be"),
-        ({"coefficient_bits": 9}, ValueError, "coefficient_bits must be"),
-        ({"coefficient_bits": "4"}, TypeError, "coefficient_bits must be"),
-    ],
-)
-def test_coefficient_bits_are_checked(arguments, error, match):
-    dictionary = make_dictionary(tiny_model("llama", "sta"), encoder="omp")
-    with pytest.raises(error, match=match):
-        SparseSemanticCache(dictionary, **arguments)
