@@ -337,7 +337,8 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.sinks_settled = True
 
     def _encode(self, kind: str, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Code ``states [B, H, n, d]`` with this layer's ``kind`` SAE(s) -> indices, coefficients ``[B, H, n, k]``."""
+        """Code ``states [B, H, n, d]`` with this layer's ``kind`` SAE(s) -> indices, coefficients ``[B, H, n, k]``
+        as stored (bit-packed indices and rows of coefficient levels have their own last dim)."""
         if states.numel() and not torch.isfinite(states.abs().amax()):  # NaN and inf reach the maximum: 6x faster
             raise ValueError(
                 f"layer {self.layer_idx}: non-finite {kind} states reached the encoder (NaN or inf in the model's "
