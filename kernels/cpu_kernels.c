@@ -786,9 +786,9 @@ static inline void matching_update(const float *g, float *alpha, float c, int64_
  * update (a picked atom's entry becomes NaN, which excludes it); gram [n][n]; n a multiple of 16, k <= n. Only
  * the choice of atoms reads the correlations; the least squares are exact in float32 but kept as a Cholesky factor
  * of the picks' Gram matrix (cholesky_step: entries of G and one atom . target per step) instead of sta_omp_encode's
- * Gram-Schmidt on d-dimensional vectors (which took 12-14% of its time at N = 1024, d = 64). With `matching` the picks read
- * the matching-pursuit residual instead (as sta_omp_encode's): D r_s = D r_(s-1) - c_s G[a_s], with c_s the pick's
- * correlation, N multiply-adds per step and no D q_i at all. */
+ * Gram-Schmidt on d-dimensional vectors (which took 12-14% of its time at N = 1024, d = 64). With `matching` the
+ * picks read the matching-pursuit residual instead (as sta_omp_encode's): D r_s = D r_(s-1) - c_s G[a_s], with c_s
+ * the pick's correlation, N multiply-adds per step and no D q_i at all. */
 int sta_omp_encode_gram(const float *targets, const float *atoms, const void *correlations, int bf16_correlations,
                         const float *gram, int64_t m, int64_t n_atoms, int64_t dim, int64_t k, float eps, int matching,
                         int64_t *out_indices, float *out_coefficients, int threads) {

@@ -52,6 +52,11 @@ def unpack_indices(packed: torch.Tensor, k: int, n_atoms: int) -> torch.Tensor:
 LEVEL_BITS = range(2, 9)
 
 
+def largest_level(bits: int) -> int:
+    """The largest |level| of ``bits``-bit levels, 2^(bits-1) - 1; levels are stored plus it."""
+    return (1 << (bits - 1)) - 1
+
+
 def level_row_bytes(k: int, bits: int) -> int:
     """Bytes of one vector's ``k`` coefficients at ``bits`` bits: the scale byte and the packed levels."""
     return 1 + math.ceil(k * bits / 8)
@@ -64,7 +69,7 @@ def pack_levels(coefficients: torch.Tensor, bits: int) -> torch.Tensor:
     Coefficients beyond 448 levels clip: :func:`levels_clip` says when."""
     if bits not in LEVEL_BITS:
         raise ValueError(f"coefficient levels take 2 to 8 bits, got {bits}")
-    top = (1 << (bits - 1)) - 1
+    top = largest_level(bits)
     limit = torch.finfo(LEVEL_SCALE_DTYPE).max
     exact = (coefficients.float().abs().amax(-1, keepdim=True) / top).clamp(max=limit)
     scale = exact.to(LEVEL_SCALE_DTYPE)
@@ -78,12 +83,12 @@ def pack_levels(coefficients: torch.Tensor, bits: int) -> torch.Tensor:
 
 def levels_clip(coefficients: torch.Tensor, bits: int) -> bool:
     """Whether :func:`pack_levels` clips some of ``coefficients`` (a scale beyond float8's largest)."""
-    top = (1 << (bits - 1)) - 1
+    top = largest_level(bits)
     return bool((coefficients.float().abs() > top * torch.finfo(LEVEL_SCALE_DTYPE).max).any())
 
 
 def unpack_levels(rows: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_levels` -> float32 ``[..., k]``."""
-    top = (1 << (bits - 1)) - 1
+    top = largest_level(bits)
     scale = rows[..., :1].contiguous().view(LEVEL_SCALE_DTYPE).float()
     return (unpack_indices(rows[..., 1:], k, 1 << bits).float() - top) * scale
