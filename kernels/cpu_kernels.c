@@ -18,15 +18,16 @@
 #include <immintrin.h>
 #endif
 
-enum { INDEX_U8 = 0, INDEX_I16 = 1, INDEX_I32 = 2, INDEX_I64 = 3, INDEX_PACKED = 4 };
+enum { INDEX_U8 = 0, INDEX_I16 = 1, INDEX_I32 = 2, INDEX_I64 = 3, INDEX_PACKED = 4, INDEX_IMPLICIT = 5 };
 enum { COEF_F32 = 0, COEF_F16 = 1, COEF_BF16 = 2, COEF_TABLE8 = 3, COEF_LEVELS = 4 };
 
-/* One kind's codes, [BH, tokens, k] (indices: [BH, tokens, packed_row] when packed; coefficients: [BH, tokens,
- * level_row] for COEF_LEVELS), C-contiguous. */
+/* One kind's codes, [BH, tokens, k] (indices: [BH, tokens, packed_row] when packed, none for INDEX_IMPLICIT, where
+ * slot j is atom j; coefficients: [BH, tokens, level_row] for COEF_LEVELS), C-contiguous. */
 typedef struct {
     const void *indices;
     const void *coefficients;
     const float *table8; /* the 256 values of a one-byte float format: COEF_TABLE8's coefficients, COEF_LEVELS' scale */
+    const float *level_values; /* COEF_LEVELS only: the value of each of the 2^level_bits level codes */
     int64_t tokens;
     int32_t k;
     int32_t index_kind;
@@ -75,6 +76,10 @@ static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int3
     case INDEX_I64: { const int64_t *p = (const int64_t *)c->indices + first * k;
         for (int64_t i = 0; i < count; i++) idx[i] = (int32_t)p[i];
         break; }
+    case INDEX_IMPLICIT:
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t j = 0; j < k; j++) idx[t * k + j] = (int32_t)j;
+        break;
     default: { /* little-endian bit stream per token, index j at bit j * bits (packing.py) */
         const int64_t row = c->packed_row;
         const uint32_t bits = (uint32_t)c->index_bits, mask = (1u << bits) - 1u;
@@ -113,11 +118,11 @@ static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int3
     case COEF_TABLE8: { const uint8_t *p = (const uint8_t *)c->coefficients + first * k;
         for (int64_t i = 0; i < count; i++) coef[i] = c->table8[p[i]];
         break; }
-    default: { /* per token: a one-byte float scale, then k levels of level_bits bits from bit 0 of the next byte,
-                * each stored plus 2^(bits-1) - 1 (packing.py, pack_levels); a level spans at most 2 bytes */
+    default: { /* per token: a one-byte float scale, then k level codes of level_bits bits from bit 0 of the next
+                * byte (packing.py, pack_level_rows); a code spans at most 2 bytes */
         const int64_t row = c->level_row;
         const uint32_t bits = (uint32_t)c->level_bits, mask = (1u << bits) - 1u;
-        const float offset = (float)((1 << (bits - 1)) - 1);
+        const float *values = c->level_values;
         const uint8_t *p = (const uint8_t *)c->coefficients + first * row;
         for (int64_t t = 0; t < n; t++, p += row) {
             const float scale = c->table8[p[0]];
@@ -125,7 +130,7 @@ static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int3
                 const int64_t bit = j * bits, byte = 1 + (bit >> 3);
                 uint32_t word = p[byte];
                 if (byte + 1 < row) word |= (uint32_t)p[byte + 1] << 8;
-                coef[t * k + j] = ((float)((word >> (bit & 7)) & mask) - offset) * scale;
+                coef[t * k + j] = values[(word >> (bit & 7)) & mask] * scale;
             }
         }
     } }

@@ -64,6 +64,7 @@ _PROC_FD = Path("/proc/self/fd").is_dir()
 
 _INDEX_KINDS = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
 _PACKED = 4
+_IMPLICIT = 5
 _COEFFICIENT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _TABLE8 = 3
 _LEVELS = 4
@@ -112,6 +113,7 @@ class _Codes(ctypes.Structure):
         ("indices", ctypes.c_void_p),
         ("coefficients", ctypes.c_void_p),
         ("table8", ctypes.c_void_p),
+        ("level_values", ctypes.c_void_p),
         ("tokens", ctypes.c_int64),
         ("k", ctypes.c_int32),
         ("index_kind", ctypes.c_int32),
@@ -347,13 +349,16 @@ def reset() -> None:
 
 
 def _codes(
-    indices: torch.Tensor, coefficients: torch.Tensor, k: int, index_bits: int, level_bits: int
+    indices: torch.Tensor, coefficients: torch.Tensor, k: int, index_bits: int, levels: torch.Tensor | None
 ) -> tuple[_Codes, list[torch.Tensor]]:
-    """Describe ``[B, H, C, k]`` codes to C (``index_bits``: indices bit-packed; ``level_bits``: coefficients as
-    packed levels, packing.py); returns the struct and the tensors it points into, which the caller keeps alive
-    until the kernel has returned."""
+    """Describe ``[B, H, C, k]`` codes to C (``index_bits``: indices bit-packed; indices of last dim 0: slot j is
+    atom j; ``levels``: coefficients as rows of a scale and packed level codes with these values, packing.py);
+    returns the struct and the tensors it points into, which the caller keeps alive until the kernel has
+    returned."""
     indices = indices.contiguous()
-    if index_bits:
+    if indices.shape[-1] == 0:
+        index_kind = _IMPLICIT
+    elif index_bits:
         if indices.dtype != torch.uint8:
             raise ValueError("packed indices must be uint8")
         index_kind = _PACKED
@@ -361,12 +366,15 @@ def _codes(
         index_kind = _INDEX_KINDS[indices.dtype]
     else:
         raise ValueError(f"unsupported index dtype {indices.dtype}")
-    table = None
-    if level_bits:
+    table, level_bits = None, 0
+    if levels is not None:
         if coefficients.dtype != torch.uint8:
             raise ValueError("coefficient levels must be uint8 rows")
+        level_bits = levels.numel().bit_length() - 1
+        if levels.numel() != 1 << level_bits:
+            raise ValueError(f"a level table has 2^bits values, got {levels.numel()}")
         coefficient_kind, table = _LEVELS, byte_float_table(LEVEL_SCALE_DTYPE)
-        coefficients = coefficients.contiguous()
+        coefficients, levels = coefficients.contiguous(), levels.float().contiguous()
     elif coefficients.dtype in _COEFFICIENT_KINDS:
         coefficient_kind = _COEFFICIENT_KINDS[coefficients.dtype]
         coefficients = coefficients.contiguous()
@@ -379,6 +387,7 @@ def _codes(
         indices.data_ptr(),
         coefficients.data_ptr(),
         table.data_ptr() if table is not None else None,
+        levels.data_ptr() if levels is not None else None,
         coefficients.shape[2],
         k,
         index_kind,
@@ -388,7 +397,7 @@ def _codes(
         level_bits,
         coefficients.shape[-1],
     )
-    return codes, [indices, coefficients, table]
+    return codes, [indices, coefficients, table, levels]
 
 
 MAX_HEAD_DIM = 1024  # the C kernels' per-token key buffers
@@ -540,11 +549,9 @@ def sparse_attention(
             cos, sin = rope_cos_sin(torch.arange(lowest, highest + 1), kv.rope_inv_freq)
             positions = (positions - lowest).contiguous()
         alive.update(positions=positions, cos_table=cos.contiguous(), sin_table=sin.contiguous())
-    key_codes, key_alive = _codes(
-        kv.key_indices, kv.key_coefficients, kv.k("key"), kv.packed_index_bits, kv.packed_level_bits
-    )
+    key_codes, key_alive = _codes(kv.key_indices, kv.key_coefficients, kv.k("key"), kv.packed_index_bits, kv.key_levels)
     value_codes, value_alive = _codes(
-        kv.value_indices, kv.value_coefficients, kv.k("value"), kv.packed_index_bits, kv.packed_level_bits
+        kv.value_indices, kv.value_coefficients, kv.k("value"), kv.packed_index_bits, kv.value_levels
     )
     attention = _Attention(
         *(alive[name].data_ptr() if name in alive else None for name in _ATTENTION_POINTERS),

@@ -113,7 +113,7 @@ def sparse_attention(
     """Decode-into-attention over ``sinks | codes | window``; see :func:`reference.sparse_attention_reference`."""
     if backend == "cpu":
         return cpu_kernels.sparse_attention(query, kv, mask, scaling, softcap)
-    if kv.packed_index_bits or kv.packed_level_bits:
+    if kv.packed_index_bits or kv.key_levels is not None or kv.value_levels is not None:
         raise ValueError("only the 'cpu' backend reads bit-packed indices and coefficient levels; unpack them first")
     if backend == "triton":
         from . import triton_attention

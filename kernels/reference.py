@@ -189,10 +189,12 @@ class CompressedKV:
     Dense parts are ``[B, Hkv, L, d]``; codes are ``[B, Hkv, C, k]``; dictionaries are ``[Hd, N, d]`` atoms and
     ``[Hd, d]`` biases with ``Hd`` 1 or ``Hkv``. ``key_positions [B, C]`` is set when keys were coded before RoPE;
     then compressed keys are rebuilt and rotated to their position with ``rope_inv_freq`` / ``rope_scaling``.
-    ``packed_index_bits`` > 0 means the indices are still bit-packed (``uint8 [B, Hkv, C, bytes]``, packing.py),
-    ``packed_level_bits`` > 0 that the coefficients are still levels on a scale (``uint8 [B, Hkv, C, bytes]``,
-    packing.py's ``pack_levels``), with ``k_key`` / ``k_value`` atoms per vector: only the fused CPU kernels read
-    them so; every other op gets them unpacked.
+    ``packed_index_bits`` > 0 means the indices are still bit-packed (``uint8 [B, Hkv, C, bytes]``, packing.py);
+    ``key_levels`` / ``value_levels`` (the value of each level code) that a kind's coefficients are still rows of a
+    float8 scale and packed level codes (``uint8 [B, Hkv, C, bytes]``, packing.py's ``pack_level_rows``), with
+    ``k_key`` / ``k_value`` atoms per vector: only the fused CPU kernels read them so; every other op gets them
+    unpacked. Indices with a last dim of 0 (values of the rotated coder, :mod:`sta_cache.rotated_values`) store
+    nothing: slot j of every vector is atom j.
     """
 
     sink_keys: torch.Tensor
@@ -211,7 +213,8 @@ class CompressedKV:
     rope_inv_freq: torch.Tensor | None = None
     rope_scaling: float = 1.0
     packed_index_bits: int = 0
-    packed_level_bits: int = 0
+    key_levels: torch.Tensor | None = None
+    value_levels: torch.Tensor | None = None
     k_key: int = 0
     k_value: int = 0
 

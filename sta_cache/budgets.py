@@ -1,11 +1,12 @@
 """A size, not knobs: the storage settings a dictionary was measured at, and the best of them for a bits target.
 
-A dictionary's ``config.json`` may list ``measured`` budgets: atoms per key and value, coefficient dtype and index
-packing, each with the bits per element and the held-out perplexity ratio that ``sta-cache eval`` measured for
-it (``sta-cache eval --record-budgets`` writes them). ``SparseSemanticCache(..., bits_per_element=B)`` serves the
-one with the lowest ratio at or under B bits. Bits per element are measured from the cache's stored tensors
-(indices, coefficients and the positions of pre-RoPE codes; :func:`evaluation.bytes.cache_bytes`), so a budget
-is a claim about this dictionary on the texts it was measured on, not a formula.
+A dictionary's ``config.json`` may list ``measured`` budgets: atoms per key and value (or the bits of rotated
+values), coefficient dtype and index packing, each with the bits per element and the held-out perplexity ratio
+that ``sta-cache eval`` measured for it (``sta-cache eval --record-budgets`` writes them).
+``SparseSemanticCache(..., bits_per_element=B)`` serves the one with the lowest ratio at or under B bits. Bits per
+element are measured from the cache's stored tensors (indices, coefficients and the positions of pre-RoPE codes;
+:func:`evaluation.bytes.cache_bytes`), so a budget is a claim about this dictionary on the texts it was measured
+on, not a formula.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "MeasuredBudget",
     "NotADictionaryFolder",
     "best_budget",
+    "budget_split",
     "check_dictionary_folder",
     "measured_budgets",
     "merged",
@@ -39,20 +41,27 @@ class NotADictionaryFolder(ValueError):
 class MeasuredBudget:
     """One storage setting of a dictionary and what it measured: ``bits_per_element`` of the compressed tokens,
     ``ppl_ratio`` (perplexity against DynamicCache over all texts) and its ``worst_text_ratio``, on ``evaluation``
-    (which texts, how many tokens, which window)."""
+    (which texts, how many tokens, which window). Values are ``k_value`` atoms, or rotated at ``value_bits`` bits
+    per coordinate (then ``k_value`` is None)."""
 
     k_key: int
-    k_value: int
+    k_value: int | None
     coefficient_dtype: CoefficientDtype
     pack_indices: bool
     bits_per_element: float
     ppl_ratio: float
     worst_text_ratio: float
     evaluation: str = ""
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_int("k_key", self.k_key, minimum=1)
-        check_int("k_value", self.k_value, minimum=1)
+        if self.value_bits is None:
+            check_int("k_value", self.k_value, minimum=1)
+        else:
+            check_int("value_bits", self.value_bits, minimum=2, maximum=8)
+            if self.k_value is not None:
+                raise ValueError(f"a budget with value_bits={self.value_bits} has no k_value, got {self.k_value}")
         check_choice("coefficient_dtype", self.coefficient_dtype, CoefficientDtype)
         check_flag("pack_indices", self.pack_indices)
         for name in ("bits_per_element", "ppl_ratio", "worst_text_ratio"):
@@ -61,21 +70,36 @@ class MeasuredBudget:
             raise TypeError(f"evaluation must be a string, got {self.evaluation!r}")
 
     @property
+    def split(self) -> str:
+        """``k_key/k_value``, or ``k_key/rB`` with values rotated at B bits."""
+        return budget_split(self.k_key, self.k_value, self.value_bits)
+
+    @property
     def label(self) -> str:
         packing = ", packed" if self.pack_indices else ""
-        return f"{self.k_key}/{self.k_value}, {self.coefficient_dtype}{packing} ({self.bits_per_element:.2f} bits)"
+        return f"{self.split}, {self.coefficient_dtype}{packing} ({self.bits_per_element:.2f} bits)"
 
     def cache_arguments(self) -> dict:
         """The ``SparseSemanticCache`` arguments of this setting."""
         return {
             "k_key": self.k_key,
             "k_value": self.k_value,
+            "value_bits": self.value_bits,
             **coefficient_arguments(self.coefficient_dtype),
             "pack_indices": self.pack_indices,
         }
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, ``value_bits`` only when set (configs written before it read the same)."""
+        data = asdict(self)
+        if self.value_bits is None:
+            del data["value_bits"]
+        return data
+
+
+def budget_split(k_key: int, k_value: int | None, value_bits: int | None) -> str:
+    """How a setting splits its atoms, in the eval's words: ``8/16``, or ``10/r3`` for values rotated at 3 bits."""
+    return f"{k_key}/{k_value}" if value_bits is None else f"{k_key}/r{value_bits}"
 
 
 def best_budget(budgets: list[MeasuredBudget], bits_per_element: float) -> MeasuredBudget:
@@ -117,6 +141,7 @@ def measured_budgets(results: dict) -> list[MeasuredBudget]:
             MeasuredBudget(
                 k_key=params["k_key"],
                 k_value=params["k_value"],
+                value_bits=params.get("value_bits"),
                 coefficient_dtype=params["coefficient_dtype"],
                 pack_indices=params["pack_indices"],
                 bits_per_element=round(row["bits_per_element"], 4),
@@ -133,6 +158,7 @@ def merged(old: list[MeasuredBudget], new: list[MeasuredBudget]) -> list[Measure
     setting = lambda budget: (  # noqa: E731
         budget.k_key,
         budget.k_value,
+        budget.value_bits,
         budget.coefficient_dtype,
         budget.pack_indices,
     )

@@ -180,7 +180,9 @@ class SparseSemanticCache(Cache):
     ``value_pursuit`` says how a pursuit dictionary codes values: ``"mp"`` (default) picks atoms by matching
     pursuit, ``"omp"`` by orthogonal matching pursuit, both with least-squares coefficients; "mp" costs a fraction
     of "omp" on the CPU at the same held-out perplexity (README "Speed"). Keys always use OMP: matching pursuit
-    loses measurably there.
+    loses measurably there. ``value_bits=b`` (2 to 8) stores values not as atoms but rotated and scalar-quantized,
+    b bits per coordinate and one float8 gain per vector (:mod:`sta_cache.rotated_values`; ``k_value`` then does not
+    apply): near-free to encode, and at equal bits as good as atoms or better (README "Quality").
     Every argument is checked here; a failed ``update`` leaves each layer as it was.
 
     Under tensor parallelism (``from_pretrained(..., tp_plan="auto")`` under ``torchrun``) each rank's cache holds
@@ -206,6 +208,7 @@ class SparseSemanticCache(Cache):
         pack_indices: bool | None = None,
         backend: str = "auto",
         value_pursuit: Pursuit = "mp",
+        value_bits: int | None = None,
         bits_per_element: float | None = None,
     ):
         if not isinstance(dictionary, KVDictionary):
@@ -225,20 +228,21 @@ class SparseSemanticCache(Cache):
                 coefficient_dtype=coefficient_dtype,
                 coefficient_bits=coefficient_bits,
                 pack_indices=pack_indices,
+                value_bits=value_bits,
             )
             named = [name for name, value in given.items() if value is not None]
             if named:
                 raise ValueError(
-                    f"bits_per_element chooses k_key, k_value, the coefficients' storage and pack_indices from the "
-                    f"dictionary's measured budgets; do not also pass {', '.join(named)}"
+                    f"bits_per_element chooses k_key, k_value or value_bits, the coefficients' storage and "
+                    f"pack_indices from the dictionary's measured budgets; do not also pass {', '.join(named)}"
                 )
             self.budget = best_budget(meta.measured_budgets, bits_per_element)
             chosen = self.budget.cache_arguments()
-            k_key, k_value = chosen["k_key"], chosen["k_value"]
+            k_key, k_value, value_bits = chosen["k_key"], chosen["k_value"], chosen["value_bits"]
             coefficient_dtype, coefficient_bits = chosen["coefficient_dtype"], chosen["coefficient_bits"]
             pack_indices = chosen["pack_indices"]
         k_key = meta.k_key if k_key is None else k_key
-        k_value = meta.k_value if k_value is None else k_value
+        k_value = meta.k_value if k_value is None and value_bits is None else k_value
         pack_indices = False if pack_indices is None else pack_indices
         check_cache_arguments(
             n_atoms=meta.n_atoms,
@@ -252,9 +256,10 @@ class SparseSemanticCache(Cache):
             backend=backend,
             value_pursuit=value_pursuit,
             coefficient_bits=coefficient_bits,
+            value_bits=value_bits,
         )
         self.dictionary = dictionary
-        self.k_key, self.k_value = k_key, k_value
+        self.k_key, self.k_value, self.value_bits = k_key, k_value, value_bits
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
         if config is not None:
             layer_types = check_model_fits(dictionary, config)
@@ -281,6 +286,7 @@ class SparseSemanticCache(Cache):
                         pack_indices=pack_indices,
                         backend=backend,
                         value_pursuit=value_pursuit,
+                        value_bits=value_bits,
                         ranks=self.ranks,
                     )
                 )

@@ -235,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sinks", dest="num_sink_tokens", type=int, default=None, help="dense sink tokens (default 4)"
     )
     evaluate.add_argument(
-        "--budgets", type=_budget_list, default=None, help="k_key/k_value list (default 4/8,8/16,16/32)"
+        "--budgets",
+        type=_budget_list,
+        default=None,
+        help="k_key/k_value list (default 4/8,8/16,16/32); k_key/rB for values rotated and scalar-quantized at B bits "
+        "per coordinate instead of coded by atoms (SparseSemanticCache(value_bits=B)), e.g. 8/16,10/r3",
     )
     evaluate.add_argument(
         "--target-bits",
@@ -337,12 +341,31 @@ def _float_list(value: str) -> list[float]:
     return [float(v) for v in _str_list(value)]
 
 
-def _budget_list(value: str) -> list[tuple[int, int]]:
+def _budget_list(value: str) -> list[tuple[int, int | None, int | None]]:
+    """``8/16,10/r3,12`` -> ``(k_key, k_value, None)`` or ``(k_key, None, value_bits)`` each (``12``: 12/12)."""
     budgets = []
     for item in _str_list(value):
         key, _, val = item.partition("/")
-        budgets.append((int(key), int(val or key)))
+        try:
+            if val.startswith("r"):
+                budgets.append((int(key), None, int(val[1:])))
+            else:
+                budgets.append((int(key), int(val or key), None))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"a budget is k_key/k_value (8/16) or k_key/rB (10/r3: values rotated at B bits), got {item!r}"
+            ) from None
     return budgets
+
+
+def _eval_options(args: argparse.Namespace) -> dict:
+    """EvalConfig fields from the parsed arguments: --budgets splits into atom and rotated-value budgets."""
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
+    budgets = options.pop("budgets")
+    if budgets is not None:
+        options["budgets"] = [(k_key, k_value) for k_key, k_value, bits in budgets if bits is None]
+        options["rotated_budgets"] = [(k_key, bits) for k_key, _, bits in budgets if bits is not None]
+    return {**options, "out": str(args.out)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation import run_eval
         from .evaluation.inputs import TextFileError
 
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
-        config = EvalConfig.preset(args.quick, **{**options, "out": str(args.out)})
+        config = EvalConfig.preset(args.quick, **_eval_options(args))
         try:
             run_eval(config)
         except (TextFileError, NotADictionaryFolder) as error:

@@ -254,6 +254,8 @@ class EvalConfig:
     num_sink_tokens: int = 4
     texts: list[str] | None = None  # UTF-8 files evaluated instead of the embedded held-out split (one text each)
     budgets: list[tuple[int, int]] = field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUDGETS])
+    # (k_key, value_bits) rows: key atoms, values rotated at value_bits bits per coordinate (rotated_values.py)
+    rotated_budgets: list[tuple[int, int]] = field(default_factory=list)
     # bits per element: one STA row each, the dictionary's best measured budget at or under it (bits_per_element=)
     target_bits: list[float] = field(default_factory=list)
     record_budgets: bool = False  # write the STA rows' measurements into the dictionary folder's config.json

@@ -103,9 +103,10 @@ class KVDictionaryConfig:
             raise TypeError(f"measured must be a list of JSON objects, got {self.measured!r}")
         for budget in self.measured_budgets:
             check_int("a measured budget's k_key", budget.k_key, minimum=1, maximum=self.n_atoms, bound=" (n_atoms)")
-            check_int(
-                "a measured budget's k_value", budget.k_value, minimum=1, maximum=self.n_atoms, bound=" (n_atoms)"
-            )
+            if budget.value_bits is None:
+                check_int(
+                    "a measured budget's k_value", budget.k_value, minimum=1, maximum=self.n_atoms, bound=" (n_atoms)"
+                )
 
     @property
     def measured_budgets(self) -> list[MeasuredBudget]:

@@ -22,9 +22,11 @@ from .packing import (
     pack_indices,
     pack_levels,
     packed_bytes,
+    uniform_levels,
     unpack_indices,
-    unpack_levels,
+    unpack_level_rows,
 )
+from .rotated_values import RotatedValueCoder
 from .validation import check_cache_arguments
 
 T = TypeVar("T")
@@ -47,7 +49,8 @@ class SparseSemanticLayer(CacheLayerMixin):
     * ``sinks``: the first ``num_sink_tokens`` real tokens of every row, dense. With left padding a row's pads sit
       before its first real token, so the sink region extends until every row has its sinks; a row with fewer
       pads keeps a few more dense tokens there.
-    * ``compressed``: ``k_key`` atom indices + coefficients per key and ``k_value`` per value, per KV head.
+    * ``compressed``: ``k_key`` atom indices + coefficients per key and ``k_value`` per value, per KV head; or,
+      with ``value_bits``, each value rotated and scalar-quantized (:mod:`.rotated_values`).
     * ``window``: the most recent ``residual_length`` tokens, dense, plus the tokens the current step appended.
 
     A token is encoded once, after it has left the window, at a later ``update`` (so the step that wrote it
@@ -73,7 +76,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         *,
         layer_idx: int,
         k_key: int,
-        k_value: int,
+        k_value: int | None,
         key_space: str,
         encoder: str,
         rope_scaling: float,
@@ -85,6 +88,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         pack_indices: bool = False,
         backend: str = "auto",
         value_pursuit: Pursuit = "mp",
+        value_bits: int | None = None,
         ranks: Ranks | None = None,
     ):
         super().__init__()
@@ -101,10 +105,12 @@ class SparseSemanticLayer(CacheLayerMixin):
             pack_indices=pack_indices,
             backend=backend,
             value_pursuit=value_pursuit,
+            value_bits=value_bits,
         )
         self.dictionary = dictionary
         self.layer_idx = layer_idx
-        self.k = {"key": k_key, "value": k_value}
+        self.value_bits = value_bits  # values rotated and scalar-quantized at these bits (rotated_values.py)
+        self.k = {"key": k_key, "value": k_value if value_bits is None else dictionary.key[0].d}
         self.key_space, self.encoder, self.rope_scaling = key_space, encoder, rope_scaling
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
         self.encode_batch = encode_batch
@@ -152,6 +158,12 @@ class SparseSemanticLayer(CacheLayerMixin):
         backend = dispatch.resolve_backend(self.requested_backend, device, head_dim)  # may raise: before any state
         used = ("W_dec", "b_dec") if self.encoder == "omp" else ("W_enc", "b_enc", "W_dec", "b_dec")
         sae = {kind: self.dictionary.on_device(kind, device, used, kv_heads) for kind in KINDS}
+        self.value_coder = None
+        if self.value_bits:  # the value "atoms" are the coder's rotation, slot j atom j; the bias centres them
+            self.value_coder = RotatedValueCoder(head_dim, self.value_bits, self.layer_idx, device)
+            bias = self.dictionary.on_device("value", device, ("b_dec",), kv_heads)["b_dec"]
+            rotation = self.value_coder.rotation.expand(bias.shape[0], head_dim, head_dim).contiguous()
+            sae["value"] = {"W_dec": rotation, "b_dec": bias, "levels": self.value_coder.codebook}
         rope_inv_freq = self.dictionary.rope_inv_freq.to(device)
         self.sae, self.rope_inv_freq, self.backend = sae, rope_inv_freq, backend
         self.kv_heads = kv_heads
@@ -167,12 +179,10 @@ class SparseSemanticLayer(CacheLayerMixin):
         self.sink_real = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self.window_positions, self.window_real = self.sink_positions, self.sink_real
         for kind in KINDS:
-            k = self.k[kind]
-            index_shape = (batch, heads, 0, packed_bytes(k, self.n_atoms) if self.pack_indices else k)
             self.codes[kind] = (
-                torch.zeros(index_shape, dtype=self.stored_index_dtype, device=self.device),
+                torch.zeros(batch, heads, 0, self.index_width(kind), dtype=self.stored_index_dtype, device=device),
                 torch.zeros(
-                    batch, heads, 0, self.coefficient_width(k), dtype=self.coefficient_dtype, device=self.device
+                    batch, heads, 0, self.coefficient_width(kind), dtype=self.stored_dtype(kind), device=device
                 ),
             )
         if self.key_space == "pre_rope":
@@ -184,14 +194,35 @@ class SparseSemanticLayer(CacheLayerMixin):
         pre-RoPE keys keep."""
         total = 4 if self.key_space == "pre_rope" else 0
         for kind in KINDS:
-            k = self.k[kind]
-            index = packed_bytes(k, self.n_atoms) if self.pack_indices else k * self.stored_index_dtype.itemsize
-            total += index + self.coefficient_width(k) * self.coefficient_dtype.itemsize
+            total += self.index_width(kind) * self.stored_index_dtype.itemsize
+            total += self.coefficient_width(kind) * self.stored_dtype(kind).itemsize
         return total
 
-    def coefficient_width(self, k: int) -> int:
+    def rotated(self, kind: str) -> bool:
+        """Whether ``kind``'s vectors are stored by the rotated value coder rather than as atoms."""
+        return kind == "value" and self.value_bits is not None
+
+    def index_width(self, kind: str) -> int:
+        """Last dim of one kind's stored indices: k, its packed bytes, or 0 (rotated values: slot j is atom j)."""
+        if self.rotated(kind):
+            return 0
+        return packed_bytes(self.k[kind], self.n_atoms) if self.pack_indices else self.k[kind]
+
+    def coefficient_width(self, kind: str) -> int:
         """Last dim of one kind's stored coefficients: k, or the bytes of a row of k levels."""
-        return level_row_bytes(k, self.coefficient_bits) if self.coefficient_bits else k
+        if self.rotated(kind):
+            return level_row_bytes(self.head_dim, self.value_bits)
+        return level_row_bytes(self.k[kind], self.coefficient_bits) if self.coefficient_bits else self.k[kind]
+
+    def stored_dtype(self, kind: str) -> torch.dtype:
+        """The dtype of one kind's stored coefficients (uint8 for rows of levels)."""
+        return torch.uint8 if self.rotated(kind) else self.coefficient_dtype
+
+    def level_values(self, kind: str) -> torch.Tensor | None:
+        """What each level code of ``kind``'s coefficients stands for, when they are stored as levels."""
+        if self.rotated(kind):
+            return self.value_coder.codebook
+        return uniform_levels(self.coefficient_bits).to(self.device) if self.coefficient_bits else None
 
     @property
     def coefficient_storage(self) -> str:
@@ -346,6 +377,11 @@ class SparseSemanticLayer(CacheLayerMixin):
             )
         batch, heads, n, d = states.shape
         k, sae, pursuit = self.k[kind], self.sae[kind], self.pursuit[kind]
+        if self.rotated(kind):
+            rows, clamped = self.value_coder.encode(states.float() - sae["b_dec"].view(1, -1, 1, d))
+            if clamped and not self.warned_clamping:
+                self._warn_clamping("the float8 gain of rotated values (448)")
+            return states.new_empty(batch, heads, n, 0, dtype=self.stored_index_dtype), rows
         if self.num_dictionary_heads == 1:
             one = {name: t[0] for name, t in sae.items()}
             indices, coefficients = dispatch.encode(
@@ -399,24 +435,27 @@ class SparseSemanticLayer(CacheLayerMixin):
 
     def _indices(self, kind: str) -> torch.Tensor:
         stored = self.codes[kind][0]
+        if self.rotated(kind):
+            return torch.arange(self.head_dim, device=self.device).expand(*stored.shape[:3], -1)
         return unpack_indices(stored, self.k[kind], self.n_atoms) if self.pack_indices else stored
 
     def _coefficients(self, kind: str) -> torch.Tensor:
-        stored = self.codes[kind][1]
-        return unpack_levels(stored, self.k[kind], self.coefficient_bits) if self.coefficient_bits else stored
+        stored, levels = self.codes[kind][1], self.level_values(kind)
+        return stored if levels is None else unpack_level_rows(stored, self.k[kind], levels)
 
     def compressed_view(self, packed: bool = False) -> CompressedKV:
         """The layer as decode-into-attention reads it; ``packed=True`` leaves bit-packed indices and coefficient
         levels packed (for the fused CPU kernels, which unpack them as they stream)."""
         keep_packed = packed and self.pack_indices
-        keep_levels = packed and bool(self.coefficient_bits)
+        levels = {kind: self.level_values(kind) if packed else None for kind in KINDS}
+        stored = {kind: (packed and self.rotated(kind)) or keep_packed for kind in KINDS}
         return CompressedKV(
             sink_keys=self.sink_keys,
             sink_values=self.sink_values,
-            key_indices=self.codes["key"][0] if keep_packed else self._indices("key"),
-            key_coefficients=self.codes["key"][1] if keep_levels else self._coefficients("key"),
-            value_indices=self.codes["value"][0] if keep_packed else self._indices("value"),
-            value_coefficients=self.codes["value"][1] if keep_levels else self._coefficients("value"),
+            key_indices=self.codes["key"][0] if stored["key"] else self._indices("key"),
+            key_coefficients=self._coefficients("key") if levels["key"] is None else self.codes["key"][1],
+            value_indices=self.codes["value"][0] if stored["value"] else self._indices("value"),
+            value_coefficients=self._coefficients("value") if levels["value"] is None else self.codes["value"][1],
             window_keys=self.keys,
             window_values=self.values,
             key_atoms=self.sae["key"]["W_dec"],
@@ -427,7 +466,8 @@ class SparseSemanticLayer(CacheLayerMixin):
             rope_inv_freq=self.rope_inv_freq if self.key_space == "pre_rope" else None,
             rope_scaling=self.rope_scaling,
             packed_index_bits=index_bits(self.n_atoms) if keep_packed else 0,
-            packed_level_bits=self.coefficient_bits if keep_levels else 0,
+            key_levels=levels["key"],
+            value_levels=levels["value"],
             k_key=self.k["key"],
             k_value=self.k["value"],
         )

@@ -1,5 +1,5 @@
 """Bit-packing: k atom indices of ceil(log2 N) bits each in ceil(k * bits / 8) bytes, and coefficients as b-bit
-levels on a float8 scale per vector."""
+level codes on a float8 scale per vector."""
 
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def unpack_indices(packed: torch.Tensor, k: int, n_atoms: int) -> torch.Tensor:
     return ((joined >> shift) & ((1 << bits) - 1)).long()
 
 
-# Coefficients as levels: each vector's k coefficients as signed b-bit integers times one float8 scale, in one
-# uint8 row per vector: the scale's byte, then the levels bit-packed as indices are.
+# Coefficients as levels: each vector's k coefficients as b-bit codes, each standing for a value of a table of 2^b
+# (signed integers for the coefficients of atoms, a Lloyd-Max codebook for rotated values), times one float8 scale,
+# in one uint8 row per vector: the scale's byte, then the codes bit-packed as indices are.
 LEVEL_BITS = range(2, 9)
 
 
@@ -57,9 +58,27 @@ def largest_level(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+def uniform_levels(bits: int) -> torch.Tensor:
+    """The values of ``bits``-bit level codes for :func:`pack_levels`: code u stands for u - (2^(bits-1) - 1)."""
+    return torch.arange(1 << bits, dtype=torch.float32) - largest_level(bits)
+
+
 def level_row_bytes(k: int, bits: int) -> int:
     """Bytes of one vector's ``k`` coefficients at ``bits`` bits: the scale byte and the packed levels."""
     return 1 + math.ceil(k * bits / 8)
+
+
+def pack_level_rows(scale: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``scale [..., 1]`` (float8_e4m3) and level ``codes [..., k]`` (< 2^bits) -> ``uint8 [..., level_row_bytes(k,
+    bits)]``."""
+    return torch.cat([scale.view(torch.uint8), pack_indices(codes, 1 << bits)], dim=-1)
+
+
+def unpack_level_rows(rows: torch.Tensor, k: int, level_values: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_level_rows` -> float32 ``[..., k]``: the scale times the value of each code."""
+    scale = rows[..., :1].contiguous().view(LEVEL_SCALE_DTYPE).float()
+    codes = unpack_indices(rows[..., 1:], k, level_values.numel())
+    return level_values.to(rows.device)[codes] * scale
 
 
 def pack_levels(coefficients: torch.Tensor, bits: int) -> torch.Tensor:
@@ -78,7 +97,7 @@ def pack_levels(coefficients: torch.Tensor, bits: int) -> torch.Tensor:
     step = scale.float()
     levels = torch.where(step > 0, coefficients.float() / torch.where(step > 0, step, 1.0), 0.0)
     levels = levels.round().clamp(-top, top).long() + top
-    return torch.cat([scale.view(torch.uint8), pack_indices(levels, 1 << bits)], dim=-1)
+    return pack_level_rows(scale, levels, bits)
 
 
 def levels_clip(coefficients: torch.Tensor, bits: int) -> bool:
@@ -89,6 +108,4 @@ def levels_clip(coefficients: torch.Tensor, bits: int) -> bool:
 
 def unpack_levels(rows: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_levels` -> float32 ``[..., k]``."""
-    top = largest_level(bits)
-    scale = rows[..., :1].contiguous().view(LEVEL_SCALE_DTYPE).float()
-    return (unpack_indices(rows[..., 1:], k, 1 << bits).float() - top) * scale
+    return unpack_level_rows(rows, k, uniform_levels(bits))

@@ -108,11 +108,20 @@ def check_cache_arguments(
     backend: object,
     value_pursuit: object = "mp",
     coefficient_bits: object = None,
+    value_bits: object = None,
 ) -> None:
     """The arguments of a :class:`SparseSemanticCache` (and of each of its layers), for a dictionary of
-    ``n_atoms`` atoms."""
-    for name, k in (("k_key", k_key), ("k_value", k_value)):
-        check_int(name, k, minimum=1, maximum=n_atoms, bound=" (the dictionary's N atoms)")
+    ``n_atoms`` atoms. ``k_value`` is None exactly when ``value_bits`` codes the values."""
+    check_int("k_key", k_key, minimum=1, maximum=n_atoms, bound=" (the dictionary's N atoms)")
+    if value_bits is None:
+        check_int("k_value", k_value, minimum=1, maximum=n_atoms, bound=" (the dictionary's N atoms)")
+    else:
+        check_int("value_bits", value_bits, minimum=2, maximum=8)
+        if k_value is not None:
+            raise ValueError(
+                f"value_bits={value_bits} stores every coordinate of a rotated value, k_value={k_value} atoms per "
+                "value: pass one of them"
+            )
     check_int("residual_length", residual_length, minimum=0)
     check_int("num_sink_tokens", num_sink_tokens, minimum=0)
     check_int("encode_batch", encode_batch, minimum=1)

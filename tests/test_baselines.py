@@ -11,11 +11,12 @@ import torch
 from conftest import VOCAB, tiny_model
 from sta_cache.baselines import KiviCache, RotatedQuantizedCache
 from sta_cache.baselines.kivi import dequantize_groups, quantize_groups
-from sta_cache.baselines.lloyd_max import sphere_coordinate_codebook
-from sta_cache.baselines.rotated import RotatedQuantizer, haar_rotation, split_bits
+from sta_cache.baselines.rotated import RotatedQuantizer, split_bits
 from sta_cache.compat import cache_kwargs
 from sta_cache.evaluation import cache_bytes, feed
+from sta_cache.lloyd_max import sphere_coordinate_codebook
 from sta_cache.packing import pack_indices, unpack_indices
+from sta_cache.rotated_values import haar_rotation
 
 # Lloyd-Max quantization of N(0, 1) (Max 1960): the positive centroids and the mean squared error at b bits.
 GAUSSIAN_CENTROIDS = {1: [0.7979], 2: [0.4528, 1.5104], 3: [0.2451, 0.7560, 1.3439, 2.1520]}

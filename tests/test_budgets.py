@@ -79,7 +79,8 @@ def test_the_shipped_dictionary_serves_a_size_and_stores_what_it_recorded(bits) 
         if other.bits_per_element <= bits
     )
     layer = cache.sparse_layers[0]
-    assert (layer.k["key"], layer.k["value"]) == (chosen.k_key, chosen.k_value)
+    assert (layer.k["key"], layer.value_bits) == (chosen.k_key, chosen.value_bits)
+    assert layer.k["value"] == (chosen.k_value if chosen.value_bits is None else layer.head_dim)
     storage = coefficient_arguments(chosen.coefficient_dtype)
     assert layer.requested_coefficient_dtype == storage["coefficient_dtype"] and layer.pack_indices
     assert layer.coefficient_bits == storage["coefficient_bits"]
@@ -170,9 +171,11 @@ def test_eval_records_budgets_and_serves_them_by_target_bits(tmp_path) -> None:
     assert [(b.k_key, b.k_value) for b in measured_budgets(second)] == [(expected.k_key, expected.k_value)]
 
 
-def test_level_coefficients_are_evaluated_recorded_and_served(tmp_path) -> None:
-    """`--coefficient-dtypes int4` evaluates coefficient_bits=4 caches; recorded, such a budget is served with
-    4-bit levels by bits_per_element=, storing the bits it measured."""
+@pytest.mark.parametrize("rotated_values", [False, True])
+def test_level_coefficients_are_evaluated_recorded_and_served(tmp_path, rotated_values) -> None:
+    """`--coefficient-dtypes int4` evaluates coefficient_bits=4 caches, `--budgets 4/r3` caches with values rotated
+    at 3 bits; recorded, such a budget is served by bits_per_element= as it was measured, storing the bits it
+    measured."""
     from test_analyze_eval import CharTokenizer, _ids
 
     model = tiny_model("llama")
@@ -182,7 +185,8 @@ def test_level_coefficients_are_evaluated_recorded_and_served(tmp_path) -> None:
         EvalConfig(
             out=str(tmp_path / "eval"),
             dictionary=str(folder),
-            budgets=[(4, 4)],
+            budgets=[] if rotated_values else [(4, 4)],
+            rotated_budgets=[(4, 3)] if rotated_values else [],
             coefficient_dtypes=["int4", "float8_e4m3fn"],
             record_budgets=True,
             **TINY_EVAL,
@@ -193,14 +197,17 @@ def test_level_coefficients_are_evaluated_recorded_and_served(tmp_path) -> None:
         texts=[_ids(80, seed=s)[0] for s in range(2)],
     )
     levels, floats = result["rows"][1:]
-    assert levels["name"] == "STA 4/4, int4 (sta)" and levels["params"]["coefficient_dtype"] == "int4"
+    split = "4/r3" if rotated_values else "4/4"
+    assert levels["name"] == f"STA {split}, int4 (sta)" and levels["params"]["coefficient_dtype"] == "int4"
     assert levels["bits_per_element"] < floats["bits_per_element"]
     recorded = {b.coefficient_dtype: b for b in KVDictionary.from_pretrained(folder).config.measured_budgets}
     assert recorded["int4"].bits_per_element == pytest.approx(levels["bits_per_element"], abs=1e-4)
+    assert recorded["int4"].value_bits == (3 if rotated_values else None) and recorded["int4"].split == split
     dictionary = KVDictionary.from_pretrained(folder)
     cache = SparseSemanticCache(dictionary, bits_per_element=recorded["int4"].bits_per_element)
     assert cache.budget.coefficient_dtype == "int4"
     assert all(layer.coefficient_bits == 4 for layer in cache.sparse_layers)
+    assert all(layer.value_bits == (3 if rotated_values else None) for layer in cache.sparse_layers)
     generator = torch.Generator().manual_seed(0)
     for i in range(dictionary.config.num_layers):
         states = torch.randn(1, dictionary.config.num_kv_heads, 90, dictionary.config.head_dim, generator=generator)
@@ -229,3 +236,14 @@ def test_the_command_line_takes_sizes_and_refuses_to_record_into_a_hub_id(tmp_pa
     code = main(["eval", "--dictionary", SHIPPED, "--out", str(tmp_path), "--record-budgets"])
     assert code == 2 and "is not a dictionary folder" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()  # refused before anything ran
+
+
+def test_the_command_line_takes_rotated_value_budgets() -> None:
+    """`--budgets 8/16,10/r3,12` gives atom budgets 8/16 and 12/12 and one with values rotated at 3 bits."""
+    from sta_cache.cli import _eval_options, build_parser
+
+    args = build_parser().parse_args(["eval", "--dictionary", SHIPPED, "--out", "o", "--budgets", "8/16,10/r3,12"])
+    config = EvalConfig.preset(False, **_eval_options(args))
+    assert config.budgets == [(8, 16), (12, 12)] and config.rotated_budgets == [(10, 3)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--dictionary", SHIPPED, "--out", "o", "--budgets", "10/x3"])

@@ -308,12 +308,15 @@ LEVELS = {"coefficient_bits": 4, "pack_indices": True}
         ("cpu", "pre_rope", "omp", COMPACT),  # the Triton kernels take unpacked 16/32-bit codes only (README: Defaults)
         ("cpu", "pre_rope", "omp", LEVELS),
         ("triton", "pre_rope", "omp", {"coefficient_bits": 5}),  # levels unpacked for Triton, as packed indices are
+        ("cpu", "pre_rope", "omp", {**LEVELS, "value_bits": 3}),  # rotated values: rows of Lloyd-Max codes
+        ("cpu", "post_rope", "topk", {"value_bits": 2}),
+        ("triton", "pre_rope", "omp", {"value_bits": 4}),
     ],
 )
 def test_kernel_backends_match_torch_backend_end_to_end(backend, key_space, encoder, storage, monkeypatch):
     """backend="triton" (here under TRITON_INTERPRET=1) and backend="cpu" (the C kernels) encode and attend like
-    the PyTorch path in a model, with left padding, and with fp8 coefficients, coefficient levels and packed
-    indices. The C encoder's
+    the PyTorch path in a model, with left padding, and with fp8 coefficients, coefficient levels, packed indices
+    and rotated values. The C encoder's
     picks are compared from float32 correlations: its bfloat16 default (where the CPU has bfloat16 dot products)
     breaks near-ties differently, which tests/test_kernels.py bounds and the eval measures (LAB_NOTES.md)."""
     monkeypatch.setattr(cpu_kernels, "bf16_correlations", lambda: False)

@@ -11,7 +11,8 @@ import torch
 
 from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
 from sta_cache.kernels import cpu_kernels, dispatch, reference
-from sta_cache.packing import index_bits, pack_indices, pack_levels, unpack_levels
+from sta_cache.packing import index_bits, pack_indices, pack_levels, uniform_levels, unpack_level_rows, unpack_levels
+from sta_cache.rotated_values import RotatedValueCoder
 
 
 def compare(kv: reference.CompressedKV, reference_kv: reference.CompressedKV, query, mask, softcap=None) -> float:
@@ -87,7 +88,8 @@ def test_cpu_kernels_read_coefficient_levels(bits, k_key, k_value, packed_indice
                 **vars(kv),
                 "key_coefficients": rows["key"],
                 "value_coefficients": rows["value"],
-                "packed_level_bits": bits,
+                "key_levels": uniform_levels(bits),
+                "value_levels": uniform_levels(bits),
                 "k_key": k_key,
                 "k_value": k_value,
             }
@@ -101,6 +103,48 @@ def test_cpu_kernels_read_coefficient_levels(bits, k_key, k_value, packed_indice
         assert compare(stored, unpacked, query, make_mask("left", 2, 1, kv.length)) < TOL[F32]
         with pytest.raises(ValueError, match="only the 'cpu' backend reads bit-packed indices and coefficient levels"):
             dispatch.sparse_attention(query, stored, None, 0.125, None, "torch")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize("d, hd", [(64, 1), (96, 3)])
+@pytest.mark.parametrize("c", [141, 3000])
+def test_cpu_kernels_read_rotated_values(bits, d, hd, c) -> None:
+    """Values of the rotated coder (rotated_values.py): no indices stored (slot j is atom j, the atoms a
+    rotation), level rows of a float8 gain and Lloyd-Max codes. The kernels read them as stored; the reference reads
+    explicit indices 0..d-1 and the unpacked coefficients. Long contexts split the value pass over threads; keys
+    stay packed atom codes with 6-bit levels, so the two kinds read different level tables."""
+    for pre_rope in (False, True):
+        g = gen(bits * 1000 + d + hd + c + pre_rope)
+        kv = make_cache(g, 2, 3, d, 2, c, 7, 300, 8, 16, hd, F32, pre_rope)
+        coder = RotatedValueCoder(d, bits, layer_idx=bits, device=torch.device("cpu"))
+        rows, clamped = coder.encode(randn(g, 2, 3, c, d))
+        assert not clamped and rows.shape == (2, 3, c, 1 + (d * bits + 7) // 8)
+        key_rows = pack_levels(kv.key_coefficients, 6)
+        unpacked = kv.__class__(
+            **{
+                **vars(kv),
+                "key_coefficients": unpack_levels(key_rows, 8, 6),
+                "value_indices": torch.arange(d).expand(2, 3, c, d),
+                "value_coefficients": unpack_level_rows(rows, d, coder.codebook),
+                "value_atoms": coder.rotation.expand(hd, d, d),
+            }
+        )
+        stored = kv.__class__(
+            **{
+                **vars(unpacked),
+                "key_indices": pack_indices(kv.key_indices, 300),
+                "key_coefficients": key_rows,
+                "value_indices": torch.zeros(2, 3, c, 0, dtype=torch.uint8),
+                "value_coefficients": rows,
+                "packed_index_bits": index_bits(300),
+                "key_levels": uniform_levels(6),
+                "value_levels": coder.codebook,
+                "k_key": 8,
+                "k_value": d,
+            }
+        )
+        query = randn(g, 2, 6, 1, d)
+        assert compare(stored, unpacked, query, make_mask("left", 2, 1, kv.length)) < TOL[F32]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

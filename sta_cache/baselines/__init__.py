@@ -2,7 +2,7 @@
 ``Cache`` with the same dense sinks and recent window as ours (:mod:`.window`):
 
 * :class:`RotatedQuantizedCache` (:mod:`.rotated`): random rotation + Lloyd-Max scalar codebook + float16 norm,
-  TurboQuant / PolarQuant style, at fractional bits per coordinate (:mod:`.lloyd_max`);
+  TurboQuant / PolarQuant style, at fractional bits per coordinate (:mod:`sta_cache.lloyd_max`);
 * :class:`KiviCache` (:mod:`.kivi`): KIVI's per-channel keys / per-token values, asymmetric min/max.
 """
 

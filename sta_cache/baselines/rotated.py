@@ -5,7 +5,8 @@ Each key and value vector ``x`` (one per token and KV head) is stored as
 
 * its norm ``|x|`` in float16, and
 * ``y = R x / |x|``, a random rotation of its direction, quantized coordinate by coordinate with the Lloyd-Max
-  codebook of a random unit vector's coordinate (:mod:`.lloyd_max`): ``b`` bits per coordinate, packed into bytes.
+  codebook of a random unit vector's coordinate (:mod:`sta_cache.lloyd_max`): ``b`` bits per coordinate, packed
+  into bytes.
 
 It is read back as ``|x| Rᵀ c[codes]``. ``R`` is a Haar-random orthogonal matrix, one per layer and kind, drawn
 from a seeded generator (the quality of one draw varies; average several seeds). A fractional rate ``b + f``
@@ -22,19 +23,14 @@ import torch
 from transformers import PretrainedConfig
 
 from .. import geometry
+from ..lloyd_max import sphere_coordinate_codebook
 from ..packing import pack_indices, unpack_indices
-from .lloyd_max import sphere_coordinate_codebook
+from ..rotated_values import haar_rotation
 from .window import KINDS, Stored, WindowedQuantizedCache, WindowedQuantizedLayer
 
-__all__ = ["RotatedQuantizer", "RotatedQuantizedCache", "haar_rotation", "split_bits"]
+__all__ = ["RotatedQuantizer", "RotatedQuantizedCache", "split_bits"]
 
 DEFAULT_FLUSH_TOKENS = 16  # SparseSemanticCache's encode_batch: tokens leave the window in the same steps
-
-
-def haar_rotation(head_dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A ``[d, d]`` orthogonal matrix drawn uniformly (Haar measure): QR of a Gaussian matrix, signs fixed."""
-    q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
 
 
 def split_bits(bits: float, head_dim: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from .. import geometry
 from ..baselines import KiviCache, RotatedQuantizedCache
 from ..baselines.kivi import DEFAULT_GROUP
 from ..baselines.rotated import split_bits
-from ..budgets import best_budget
+from ..budgets import best_budget, budget_split
 from ..cache import SparseSemanticCache
 from ..configs import EvalConfig
 from ..dtypes import SHORT_NAMES, coefficient_arguments
@@ -55,20 +55,27 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
         )
     ]
     sdpa_budgets = None if config.sdpa_budgets is None else {tuple(b) for b in config.sdpa_budgets}
-    for k_key, k_value in config.budgets:
+    splits = [(k_key, k_value, None) for k_key, k_value in config.budgets]  # (k_key, k_value, value_bits)
+    splits += [(k_key, None, value_bits) for k_key, value_bits in config.rotated_budgets]
+    for k_key, k_value, value_bits in splits:
         for dtype_name in config.coefficient_dtypes:
             for path in config.paths:
                 if path == "sdpa" and sdpa_budgets is not None and (k_key, k_value) not in sdpa_budgets:
                     continue
-                storage = dict(k_key=k_key, k_value=k_value, **coefficient_arguments(dtype_name))
+                storage = dict(k_key=k_key, k_value=k_value, value_bits=value_bits, **coefficient_arguments(dtype_name))
                 dtype_label = f", {SHORT_NAMES[dtype_name]}" if dtype_name else ""
-                params = dict(k_key=k_key, k_value=k_value, coefficient_dtype=dtype_name or _dtype_name(model.dtype))
+                params = dict(
+                    k_key=k_key,
+                    k_value=k_value,
+                    value_bits=value_bits,
+                    coefficient_dtype=dtype_name or _dtype_name(model.dtype),
+                )
                 specs.append(
                     _sta_spec(
                         model,
                         dictionary,
                         config,
-                        f"STA {k_key}/{k_value}{dtype_label} ({path})",
+                        f"STA {budget_split(k_key, k_value, value_bits)}{dtype_label} ({path})",
                         path,
                         {**storage, "pack_indices": config.pack_indices},
                         {**params, "pack_indices": config.pack_indices},
@@ -81,7 +88,7 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
             specs.append(CacheSpec(f"STA <= {bits:g} bits", "sta", "sta", None, {"target_bits": bits}, str(error)))
             continue
         for path in config.paths:
-            label = f"STA <= {bits:g} bits: {budget.k_key}/{budget.k_value}, {SHORT_NAMES[budget.coefficient_dtype]}"
+            label = f"STA <= {bits:g} bits: {budget.split}, {SHORT_NAMES[budget.coefficient_dtype]}"
             specs.append(
                 _sta_spec(
                     model,
