@@ -71,6 +71,7 @@ def step_times(model, cache, steps: int) -> list[float]:
     return times
 
 
+ROTATED = "STA 8/r3 pre-RoPE fp8+packed (sta, cpu)"
 ENCODE_BATCH = 16  # tokens per call during decode: SparseSemanticCache's default encode_batch
 PREFILL_TOKENS = 1024  # tokens per call when a prompt is encoded layer by layer
 
@@ -213,6 +214,14 @@ def main() -> None:
                     (space, quality_name),
                 )
 
+    # keys as 8 atoms, values rotated at 3 bits per coordinate (value_bits=3): the encoder codes keys only
+    setups[ROTATED] = (
+        "sta",
+        sparse(backend="cpu", value_bits=3, **fp8_packed),
+        fill_codes,
+        ("pre-RoPE", "STA 8/r3, fp8 (sta)"),
+    )
+
     def ratios(paths):
         return {row["name"]: row.get("ppl_ratio") for path in paths for row in json.loads(path.read_text())["rows"]}
 
@@ -253,6 +262,7 @@ def main() -> None:
         "QuantizedCache quanto int4 (sdpa)",
         "STA 8/16 pre-RoPE (sta, cpu)",
         "STA 8/16 pre-RoPE fp8+packed (sta, cpu)",
+        ROTATED,
     ]
     new_tokens = sorted(int(n) for n in args.new_tokens.split(","))
     for length in [int(c) for c in args.generate.split(",") if c]:

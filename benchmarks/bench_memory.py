@@ -47,7 +47,7 @@ from transformers.generation.streamers import BaseStreamer
 from sta_cache import KVDictionary, KVDictionaryConfig, SparseSemanticCache, cache_kwargs
 from sta_cache.layer import index_dtype
 from sta_cache.memory import storage_bytes
-from sta_cache.packing import pack_indices
+from sta_cache.packing import pack_indices, pack_levels
 
 GEOMETRIES = {
     "SmolLM2-135M (d=64)": (30, 3, 64),
@@ -112,12 +112,18 @@ def fill_sparse(cache: SparseSemanticCache, heads: int, d: int, length: int, dty
         layer.sink_real = torch.ones(1, sinks, dtype=torch.bool)
         layer.sinks_settled = True
         for kind in ("key", "value"):
+            if layer.rotated(kind):  # the rotated coder is cheap: code random values as the cache would
+                layer.codes[kind] = layer._encode(kind, torch.randn(1, heads, compressed, d))
+                continue
             k = layer.k[kind]
             indices = torch.randint(0, layer.n_atoms, (1, heads, compressed, k))
             stored = (
                 pack_indices(indices, layer.n_atoms) if layer.pack_indices else indices.to(index_dtype(layer.n_atoms))
             )
-            layer.codes[kind] = (stored, torch.randn(1, heads, compressed, k).to(layer.coefficient_dtype))
+            coefficients = torch.randn(1, heads, compressed, k) * k**-0.5
+            if layer.coefficient_bits:
+                coefficients = pack_levels(coefficients, layer.coefficient_bits)
+            layer.codes[kind] = (stored, coefficients.to(layer.coefficient_dtype))
         if layer.key_positions is not None:
             layer.key_positions = torch.arange(sinks, sinks + compressed, dtype=torch.int32).unsqueeze(0)
         layer.keys = layer.values = states

@@ -1,7 +1,8 @@
 """Time to first token on the CPU: the prefill of a held-out prompt (one forward with the last position's logits
 only, as ``generate`` computes it; the prompt's coding included for SparseSemanticCache) for DynamicCache and for
-SparseSemanticCache with float32 and with bfloat16 correlations in the Gram encoder, alternating the three
-``--reps`` times so that the machine's drift hits each alike.
+SparseSemanticCache with float32 and with bfloat16 correlations in the Gram encoder, and with values rotated at 3 bits
+(``value_bits=3``: the pursuit codes keys only), alternating them ``--reps`` times so that the machine's drift hits
+each alike.
 
     python benchmarks/bench_prefill.py --prompts 1024,4096 --reps 3
 """
@@ -21,7 +22,12 @@ from sta_cache.compat import cache_kwargs
 from sta_cache.embedded import load_model, wikipedia_text
 from sta_cache.kernels import cpu_kernels
 
-SETUPS = ("DynamicCache (sdpa)", "STA 8/16, float32 correlations", "STA 8/16, bfloat16 correlations")
+SETUPS = (
+    "DynamicCache (sdpa)",
+    "STA 8/16, float32 correlations",
+    "STA 8/16, bfloat16 correlations",
+    "STA 8/r3, bfloat16 correlations",  # values rotated at 3 bits: only the keys go through the pursuit
+)
 
 
 def main() -> None:
@@ -46,7 +52,8 @@ def main() -> None:
                     cache = DynamicCache(config=model.config)
                 else:
                     model.set_attn_implementation("sta")
-                    cache = SparseSemanticCache(dictionary, config=model.config)
+                    values = {"value_bits": 3} if "/r3" in name else {}
+                    cache = SparseSemanticCache(dictionary, config=model.config, **values)
                     bf16 = "bfloat16" in name
                     cpu_kernels.bf16_correlations = lambda bf16=bf16: bf16  # what omp_encode asks by default
                 with torch.no_grad():

@@ -102,3 +102,12 @@ def test_cache_with_rotated_values_stores_their_rows_and_rebuilds_them():
     layer.key_positions = layer.key_positions[:, :1] if layer.key_positions is not None else None
     values = layer.dense_keys_values()[1][:, :, layer.num_sinks]
     assert torch.allclose(values, bias.expand(1, 2, d).to(values.dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cells_by_comparison_are_bucketize_cells(bits):
+    """Up to 4 bits the coder counts thresholds below each coordinate; the cells must be torch.bucketize's."""
+    coder = RotatedValueCoder(64, bits, layer_idx=0, device=CPU)
+    unit = torch.randn(300, 64, generator=torch.Generator().manual_seed(bits)) / 8
+    unit[0, : len(coder.thresholds)] = coder.thresholds  # exactly on a threshold: the lower cell
+    assert torch.equal(coder._codes(unit).long(), torch.bucketize(unit, coder.thresholds))
