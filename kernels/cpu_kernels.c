@@ -76,9 +76,7 @@ static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int3
     case INDEX_I64: { const int64_t *p = (const int64_t *)c->indices + first * k;
         for (int64_t i = 0; i < count; i++) idx[i] = (int32_t)p[i];
         break; }
-    case INDEX_IMPLICIT:
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t j = 0; j < k; j++) idx[t * k + j] = (int32_t)j;
+    case INDEX_IMPLICIT: /* slot j is atom j: the caller (accumulate_dense) reads no indices */
         break;
     default: { /* little-endian bit stream per token, index j at bit j * bits (packing.py) */
         const int64_t row = c->packed_row;
@@ -123,14 +121,26 @@ static void load_block(const codes_t *c, int64_t bh, int64_t t0, int64_t n, int3
         const int64_t row = c->level_row;
         const uint32_t bits = (uint32_t)c->level_bits, mask = (1u << bits) - 1u;
         const float *values = c->level_values;
-        const uint8_t *p = (const uint8_t *)c->coefficients + first * row;
+        const uint8_t *p = (const uint8_t *)c->coefficients + first * row, *end = p + n * row;
+        const int64_t groups = k / 8; /* 8 codes fill `bits` whole bytes: one 8-byte load holds them */
         for (int64_t t = 0; t < n; t++, p += row) {
             const float scale = c->table8[p[0]];
-            for (int64_t j = 0; j < k; j++) {
+            float *out = coef + t * k;
+            int64_t j = 0;
+            /* the last group's load runs up to 8 - bits bytes past the codes, into the following rows, which
+             * exist for all but the block's last tokens: those take the byte-wise loop below */
+            if (groups && p + 1 + (groups - 1) * bits + 8 <= end) {
+                for (int64_t g = 0; g < groups; g++, j += 8) {
+                    uint64_t word;
+                    memcpy(&word, p + 1 + g * bits, sizeof word);
+                    for (uint32_t i = 0; i < 8; i++) out[j + i] = values[(word >> (i * bits)) & mask] * scale;
+                }
+            }
+            for (; j < k; j++) {
                 const int64_t bit = j * bits, byte = 1 + (bit >> 3);
                 uint32_t word = p[byte];
                 if (byte + 1 < row) word |= (uint32_t)p[byte + 1] << 8;
-                coef[t * k + j] = values[(word >> (bit & 7)) & mask] * scale;
+                out[j] = values[(word >> (bit & 7)) & mask] * scale;
             }
         }
     } }
@@ -426,6 +436,32 @@ static void accumulate_any(const codes_t *c, const float *w, int64_t stride, int
     }
 }
 
+/* accumulate_* for codes with implicit indices (slot j is atom j, every atom present: rotated values). Dense in
+ * the atom, so each token adds its k coefficients, times each row's weight, to a row-major private accumulator
+ * with full-width vector multiply-adds over the atoms; acc[n_atoms][width] gets the sum at the end. */
+static void accumulate_dense(const codes_t *c, const float *w, int64_t stride, int64_t rows, int64_t width,
+                             int64_t bh, int64_t start, int64_t stop, float *acc, float *local) {
+    int32_t idx[1];
+    float coef[BLOCK_CODES];
+    const int64_t k = c->k, per_block = block_tokens(c->k);
+    memset(local, 0, (size_t)(rows * k) * sizeof *local);
+    for (int64_t t0 = start; t0 < stop; t0 += per_block) {
+        const int64_t n = stop - t0 < per_block ? stop - t0 : per_block;
+        load_block(c, bh, t0, n, idx, coef);
+        for (int64_t r = 0; r < rows; r++) {
+            float *mine = local + r * k;
+            const float *weights = w + r * stride + t0;
+            for (int64_t t = 0; t < n; t++) {
+                const float wt = weights[t], *ct = coef + t * k;
+                if (wt == 0.0f) continue; /* masked */
+                _Pragma("omp simd") for (int64_t j = 0; j < k; j++) mine[j] += wt * ct[j];
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < k; j++) acc[j * width + r] += local[r * k + j];
+}
+
 /* Tokens per thread below which the value pass does not split a slab's tokens over threads. */
 #define SPLIT_TOKENS 512
 
@@ -443,7 +479,10 @@ int sta_attention(const attention_t *a, const codes_t *keys, const codes_t *valu
     float *scores = malloc((size_t)(slabs * rows * length) * sizeof *scores);
     float *code_weight = malloc((size_t)(slabs * rows) * sizeof *code_weight);
     float *acc = calloc((size_t)(parts * slabs * slab_atoms) + 1, sizeof *acc);
-    const int failed = scores == NULL || code_weight == NULL || acc == NULL;
+    /* implicit indices: each (part, slab) accumulates row-major first (accumulate_dense) */
+    const int implicit = values->index_kind == INDEX_IMPLICIT;
+    float *dense = implicit ? malloc((size_t)(parts * slabs * rows * values->k) * sizeof *dense + 1) : NULL;
+    const int failed = scores == NULL || code_weight == NULL || acc == NULL || (implicit && dense == NULL);
     if (failed) goto done;
     if (codes) {
         if (a->atom_scores) key_scores_post(keys, a, scores, length, threads);
@@ -462,6 +501,10 @@ int sta_attention(const attention_t *a, const codes_t *keys, const codes_t *valu
         const float *w = scores + bh * rows * length + a->sinks;
         float *mine = acc + item * slab_atoms;
         if (start >= stop) continue;
+        if (values->index_kind == INDEX_IMPLICIT) {
+            accumulate_dense(values, w, length, rows, width, bh, start, stop, mine, dense + item * rows * values->k);
+            continue;
+        }
         switch (width) {
         case 4: accumulate_4(values, w, length, rows, bh, start, stop, mine); break;
         case 8: accumulate_8(values, w, length, rows, bh, start, stop, mine); break;
@@ -487,6 +530,7 @@ done:
     free(scores);
     free(code_weight);
     free(acc);
+    free(dense);
     return failed;
 }
 
