@@ -18,6 +18,8 @@ Haar-random rotation per layer, drawn from the layer's index, so every cache of 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .kernels.reference import LEVEL_SCALE_DTYPE
@@ -33,8 +35,10 @@ def haar_rotation(head_dim: int, generator: torch.Generator) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
+@functools.cache
 def layer_rotation(head_dim: int, layer_idx: int) -> torch.Tensor:
-    """The rotation of layer ``layer_idx``'s values: drawn from seed ``layer_idx``."""
+    """The rotation of layer ``layer_idx``'s values: drawn from seed ``layer_idx``; made once per process (every
+    cache shares it, and nothing writes into it)."""
     return haar_rotation(head_dim, torch.Generator().manual_seed(layer_idx))
 
 

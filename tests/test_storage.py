@@ -20,7 +20,8 @@ from sta_cache.packing import (
 
 
 @pytest.mark.parametrize(
-    "n_atoms,k", [(2, 1), (256, 8), (1000, 7), (1024, 16), (16384, 64), (5, 3), (65536, 3), (32768, 9)]
+    "n_atoms,k",
+    [(2, 1), (256, 8), (1000, 7), (1024, 16), (16384, 64), (5, 3), (65536, 3), (32768, 9), (8, 64), (4096, 5)],
 )
 def test_pack_round_trip(n_atoms, k):
     indices = torch.randint(0, n_atoms, (3, 2, 5, k))
