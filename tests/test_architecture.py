@@ -23,10 +23,12 @@ CORE = (
     "geometry",
     "hub",
     "layer",
+    "lloyd_max",
     "memory",
     "metrics",
     "packing",
     "registration",
+    "rotated_values",
     "sae",
     "validation",
 )
