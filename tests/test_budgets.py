@@ -16,6 +16,7 @@ from sta_cache.dtypes import coefficient_arguments
 from sta_cache.evaluation import EvalConfig, cache_bytes, run_eval
 
 SHIPPED = "sta-cache/SmolLM2-135M-Instruct"
+GEMMA = "sta-cache/gemma-3-270m"
 # A quick eval on a tiny model: short prefill and chunks, STA rows only
 TINY_EVAL = dict(
     prefill=32,
@@ -64,11 +65,13 @@ def test_a_bad_measured_budget_is_refused_by_name(change, error) -> None:
         MeasuredBudget(**{**budget(8, 8, 2.3, 1.01).to_dict(), **change})
 
 
-@pytest.mark.parametrize("bits", [2, 2.5, 3, 3.5])
-def test_the_shipped_dictionary_serves_a_size_and_stores_what_it_recorded(bits) -> None:
+@pytest.mark.parametrize(
+    "name, bits", [(SHIPPED, 2), (SHIPPED, 2.5), (SHIPPED, 3), (SHIPPED, 3.5), (GEMMA, 2), (GEMMA, 3)]
+)
+def test_the_shipped_dictionary_serves_a_size_and_stores_what_it_recorded(name, bits) -> None:
     """The recorded bits per element are the cache's real stored bytes: fill a cache with the chosen setting and
-    count its tensors."""
-    dictionary = KVDictionary.from_pretrained(SHIPPED)
+    count its tensors (Gemma-3's choices store values rotated, 256 dims each)."""
+    dictionary = KVDictionary.from_pretrained(name)
     cache = SparseSemanticCache(dictionary, bits_per_element=bits)
     chosen = cache.budget
     assert chosen.bits_per_element <= bits
@@ -85,8 +88,9 @@ def test_the_shipped_dictionary_serves_a_size_and_stores_what_it_recorded(bits) 
     assert layer.requested_coefficient_dtype == storage["coefficient_dtype"] and layer.pack_indices
     assert layer.coefficient_bits == storage["coefficient_bits"]
     generator = torch.Generator().manual_seed(int(bits * 10))
-    for i in range(dictionary.config.num_layers):
-        states = torch.randn(1, 3, 90, 64, generator=generator)
+    meta = dictionary.config
+    for i in range(meta.num_layers):
+        states = torch.randn(1, meta.num_kv_heads, 90, meta.head_dim, generator=generator)
         cache.update(states, states.clone(), i)
     assert cache_bytes(cache)["bits_per_element"] == pytest.approx(chosen.bits_per_element, abs=1e-4)
 
