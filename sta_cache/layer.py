@@ -209,7 +209,8 @@ class SparseSemanticLayer(CacheLayerMixin):
         return packed_bytes(self.k[kind], self.n_atoms) if self.pack_indices else self.k[kind]
 
     def coefficient_width(self, kind: str) -> int:
-        """Last dim of one kind's stored coefficients: k, or the bytes of a row of k levels."""
+        """Last dim of one kind's stored coefficients: k, or the bytes of a row of k levels (head_dim of them for
+        rotated values)."""
         if self.rotated(kind):
             return level_row_bytes(self.head_dim, self.value_bits)
         return level_row_bytes(self.k[kind], self.coefficient_bits) if self.coefficient_bits else self.k[kind]
@@ -231,11 +232,16 @@ class SparseSemanticLayer(CacheLayerMixin):
             return f"{self.coefficient_bits}-bit levels"
         return str(self.coefficient_dtype).removeprefix("torch.")
 
+    @property
+    def value_storage(self) -> str:
+        """How values are coded, in words: "k_value=16" or "values rotated at 3 bits"."""
+        return f"values rotated at {self.value_bits} bits" if self.value_bits else f"k_value={self.k['value']}"
+
     def _warn_if_codes_outweigh(self, dense_bytes: int) -> None:
         code_bytes = self.code_bytes_per_token()
         if code_bytes >= dense_bytes:
             warnings.warn(
-                f"SparseSemanticCache with k_key={self.k['key']}, k_value={self.k['value']} and "
+                f"SparseSemanticCache with k_key={self.k['key']}, {self.value_storage} and "
                 f"{self.coefficient_storage} coefficients stores {code_bytes} bytes per "
                 f"token and KV head, the dense key and value it replaces take {dense_bytes}: this cache is larger "
                 "than a DynamicCache. Lower k_key / k_value, or store coefficient_dtype=torch.float8_e4m3fn with "

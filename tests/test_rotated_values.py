@@ -111,3 +111,12 @@ def test_cells_by_comparison_are_bucketize_cells(bits):
     unit = torch.randn(300, 64, generator=torch.Generator().manual_seed(bits)) / 8
     unit[0, : len(coder.thresholds)] = coder.thresholds  # exactly on a threshold: the lower cell
     assert torch.equal(coder._codes(unit).long(), torch.bucketize(unit, coder.thresholds))
+
+
+def test_a_cache_larger_than_dense_names_its_value_storage():
+    model = tiny_model("llama", "sta")
+    dictionary = make_dictionary(model, encoder="omp")
+    cache = SparseSemanticCache(dictionary, config=model.config, value_bits=8, k_key=dictionary.config.n_atoms)
+    with pytest.warns(UserWarning, match=r"k_key=\d+, values rotated at 8 bits and float32 coefficients stores"):
+        with torch.no_grad():
+            model(torch.randint(1, VOCAB, (1, 8)), **cache_kwargs(model, cache))
