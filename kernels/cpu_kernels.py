@@ -415,6 +415,13 @@ def _check(kv: CompressedKV) -> None:
     for name in ("key_atoms", "value_atoms", "key_indices", "value_indices"):
         if getattr(kv, name).device.type != "cpu":
             raise ValueError(f"the 'cpu' backend runs on CPU tensors; {name} is on {getattr(kv, name).device}")
+    if kv.key_indices.shape[-1] == 0 and kv.num_compressed:
+        raise ValueError("keys with no stored indices (slot j is atom j) are not served: only values code so")
+    if kv.value_indices.shape[-1] == 0 and kv.value_atoms.shape[-2] != kv.k("value"):
+        raise ValueError(
+            f"values with no stored indices use atom j for slot j: {kv.k('value')} coefficients per value need "
+            f"{kv.k('value')} atoms, the value dictionary has {kv.value_atoms.shape[-2]}"
+        )
 
 
 def omp_encode(

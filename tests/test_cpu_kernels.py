@@ -145,6 +145,12 @@ def test_cpu_kernels_read_rotated_values(bits, d, hd, c) -> None:
         )
         query = randn(g, 2, 6, 1, d)
         assert compare(stored, unpacked, query, make_mask("left", 2, 1, kv.length)) < TOL[F32]
+    implicit_keys = stored.__class__(**{**vars(stored), "key_indices": torch.zeros(2, 3, c, 0, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="keys with no stored indices"):
+        cpu_kernels.sparse_attention(query, implicit_keys, None, d**-0.5)
+    too_few_atoms = stored.__class__(**{**vars(stored), "value_atoms": coder.rotation[None, : d // 2]})
+    with pytest.raises(ValueError, match=f"{d} coefficients per value need {d} atoms, the value dictionary has"):
+        cpu_kernels.sparse_attention(query, too_few_atoms, None, d**-0.5)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
