@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-__all__ = ["sphere_coordinate_codebook"]
+__all__ = ["codebook_cells", "codebook_thresholds", "sphere_coordinate_codebook"]
 
 GRID_POINTS = 1 << 16
 ITERATIONS = 500
@@ -32,7 +32,7 @@ def _codebook(head_dim: int, bits: int) -> tuple[float, ...]:
     start = torch.searchsorted(cdf, (torch.arange(levels, dtype=torch.float64) + 0.5) / levels).clamp(max=len(x) - 1)
     centroids = x[start]  # the quantiles: a start inside every cell's mass
     for _ in range(ITERATIONS):
-        cells = torch.bucketize(x, (centroids[1:] + centroids[:-1]) / 2)
+        cells = torch.bucketize(x, codebook_thresholds(centroids))
         mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, cells, weight)
         moment = torch.zeros(levels, dtype=torch.float64).index_add_(0, cells, weight * x)
         updated = torch.where(mass > 0, moment / mass.clamp_min(1e-300), centroids)
@@ -52,3 +52,20 @@ def sphere_coordinate_codebook(head_dim: int, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits per coordinate must be between 1 and 8, got {bits}")
     return torch.tensor(_codebook(head_dim, bits), dtype=torch.float32)
+
+
+def codebook_thresholds(codebook: torch.Tensor) -> torch.Tensor:
+    """The cell boundaries of an ascending codebook: the midpoints between neighbouring centroids."""
+    return (codebook[1:] + codebook[:-1]) / 2
+
+
+def codebook_cells(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The cell of each value of ``x``: how many ``thresholds`` lie strictly below it (``torch.bucketize``'s
+    cells). Up to 15 thresholds (4-bit codebooks) one comparison each is 3-4x faster than bucketize's binary
+    search, and the result is uint8; beyond, bucketize (int64)."""
+    if len(thresholds) > 15:
+        return torch.bucketize(x, thresholds)
+    cells = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for threshold in thresholds.tolist():
+        cells += x > threshold
+    return cells

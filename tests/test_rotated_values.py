@@ -10,6 +10,7 @@ from conftest import VOCAB, make_dictionary, tiny_model
 from sta_cache import SparseSemanticCache
 from sta_cache.compat import cache_kwargs
 from sta_cache.kernels.reference import LEVEL_SCALE_DTYPE
+from sta_cache.lloyd_max import codebook_cells
 from sta_cache.packing import level_row_bytes, unpack_level_rows
 from sta_cache.rotated_values import RotatedValueCoder, layer_rotation
 
@@ -104,13 +105,13 @@ def test_cache_with_rotated_values_stores_their_rows_and_rebuilds_them():
     assert torch.allclose(values, bias.expand(1, 2, d).to(values.dtype), atol=1e-6)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
 def test_cells_by_comparison_are_bucketize_cells(bits):
-    """Up to 4 bits the coder counts thresholds below each coordinate; the cells must be torch.bucketize's."""
+    """Up to 4 bits the cells are counted thresholds below each coordinate; they must be torch.bucketize's."""
     coder = RotatedValueCoder(64, bits, layer_idx=0, device=CPU)
     unit = torch.randn(300, 64, generator=torch.Generator().manual_seed(bits)) / 8
     unit[0, : len(coder.thresholds)] = coder.thresholds  # exactly on a threshold: the lower cell
-    assert torch.equal(coder._codes(unit).long(), torch.bucketize(unit, coder.thresholds))
+    assert torch.equal(codebook_cells(unit, coder.thresholds).long(), torch.bucketize(unit, coder.thresholds))
 
 
 def test_a_cache_larger_than_dense_names_its_value_storage():

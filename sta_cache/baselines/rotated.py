@@ -23,7 +23,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .. import geometry
-from ..lloyd_max import sphere_coordinate_codebook
+from ..lloyd_max import codebook_cells, codebook_thresholds, sphere_coordinate_codebook
 from ..packing import pack_indices, unpack_indices
 from ..rotated_values import haar_rotation
 from .window import KINDS, Stored, WindowedQuantizedCache, WindowedQuantizedLayer
@@ -54,7 +54,7 @@ class RotatedQuantizer:
         # (name, channels, bits) of the channel sets with any channel: the wide ones first
         self.parts = [(n, c, b) for n, c, b in (("wide", wide, base + 1), ("narrow", self.head_dim - wide, base)) if c]
         self.codebooks = [sphere_coordinate_codebook(self.head_dim, b).to(rotation.device) for _, _, b in self.parts]
-        self.thresholds = [(c[1:] + c[:-1]) / 2 for c in self.codebooks]
+        self.thresholds = [codebook_thresholds(c) for c in self.codebooks]
 
     def to(self, device: torch.device) -> RotatedQuantizer:
         return self if self.rotation.device == device else RotatedQuantizer(self.rotation.to(device), self.bits)
@@ -68,7 +68,7 @@ class RotatedQuantizer:
         stored = {"norm": norm.half()}
         channels = rotated.split([c for _, c, _ in self.parts], dim=-1)
         for (name, _, bits), part, thresholds in zip(self.parts, channels, self.thresholds, strict=True):
-            stored[name] = pack_indices(torch.bucketize(part.contiguous(), thresholds), 1 << bits)
+            stored[name] = pack_indices(codebook_cells(part, thresholds), 1 << bits)
         return stored
 
     def dequantize(self, stored: Stored) -> torch.Tensor:
