@@ -501,7 +501,7 @@ int sta_attention(const attention_t *a, const codes_t *keys, const codes_t *valu
         const float *w = scores + bh * rows * length + a->sinks;
         float *mine = acc + item * slab_atoms;
         if (start >= stop) continue;
-        if (values->index_kind == INDEX_IMPLICIT) {
+        if (implicit) {
             accumulate_dense(values, w, length, rows, width, bh, start, stop, mine, dense + item * rows * values->k);
             continue;
         }
