@@ -30,6 +30,7 @@ __all__ = [
     "measured_budgets",
     "merged",
     "record_budgets",
+    "write_config_field",
 ]
 
 
@@ -42,10 +43,11 @@ class MeasuredBudget:
     """One storage setting of a dictionary and what it measured: ``bits_per_element`` of the compressed tokens,
     ``ppl_ratio`` (perplexity against DynamicCache over all texts) and its ``worst_text_ratio``, on ``evaluation``
     (which texts, how many tokens, which window). Values are ``k_value`` atoms, or rotated at ``value_bits`` bits
-    per coordinate (then ``k_value`` is None)."""
+    per coordinate (then ``k_value`` is None). ``k_key`` / ``k_value`` are one int for every layer, or a tuple of
+    one per dictionary layer (a per-layer allocation, :mod:`sta_cache.allocation`)."""
 
-    k_key: int
-    k_value: int | None
+    k_key: int | tuple[int, ...]
+    k_value: int | tuple[int, ...] | None
     coefficient_dtype: CoefficientDtype
     pack_indices: bool
     bits_per_element: float
@@ -55,10 +57,13 @@ class MeasuredBudget:
     value_bits: int | None = None
 
     def __post_init__(self) -> None:
-        check_int("k_key", self.k_key, minimum=1)
-        if self.value_bits is None:
-            check_int("k_value", self.k_value, minimum=1)
-        else:
+        for name in ("k_key", "k_value") if self.value_bits is None else ("k_key",):
+            atoms = getattr(self, name)
+            if isinstance(atoms, list):  # as JSON gives it
+                object.__setattr__(self, name, atoms := tuple(atoms))
+            for count in atoms if isinstance(atoms, tuple) else (atoms,):
+                check_int(name, count, minimum=1)
+        if self.value_bits is not None:
             check_int("value_bits", self.value_bits, minimum=2, maximum=8)
             if self.k_value is not None:
                 raise ValueError(f"a budget with value_bits={self.value_bits} has no k_value, got {self.k_value}")
@@ -97,9 +102,13 @@ class MeasuredBudget:
         return data
 
 
-def budget_split(k_key: int, k_value: int | None, value_bits: int | None) -> str:
-    """How a setting splits its atoms, in the eval's words: ``8/16``, or ``10/r3`` for values rotated at 3 bits."""
-    return f"{k_key}/{k_value}" if value_bits is None else f"{k_key}/r{value_bits}"
+def budget_split(k_key: int | tuple[int, ...], k_value: int | tuple[int, ...] | None, value_bits: int | None) -> str:
+    """How a setting splits its atoms, in the eval's words: ``8/16``, ``10/r3`` for values rotated at 3 bits, or
+    ``per layer 7.6/8.4`` (the mean atoms per layer) for a per-layer allocation."""
+    per_layer = isinstance(k_key, tuple) or isinstance(k_value, tuple)
+    atoms = lambda k: f"{sum(k) / len(k):.1f}" if isinstance(k, tuple) else str(k)  # noqa: E731
+    split = f"{atoms(k_key)}/{atoms(k_value)}" if value_bits is None else f"{atoms(k_key)}/r{value_bits}"
+    return f"per layer {split}" if per_layer else split
 
 
 def best_budget(budgets: list[MeasuredBudget], bits_per_element: float) -> MeasuredBudget:
@@ -181,11 +190,17 @@ def check_dictionary_folder(directory: str | os.PathLike | None) -> Path:
 def record_budgets(directory: str | os.PathLike, budgets: list[MeasuredBudget]) -> list[MeasuredBudget]:
     """Merge ``budgets`` into the ``measured`` list of the dictionary folder's config.json (a setting measured again
     replaces its old row; every other field is kept as it is) and return the list now recorded."""
+    data = json.loads(check_dictionary_folder(directory).read_text())
+    recorded = merged([MeasuredBudget(**row) for row in data.get("measured", [])], budgets)
+    write_config_field(directory, "measured", [budget.to_dict() for budget in recorded])
+    return recorded
+
+
+def write_config_field(directory: str | os.PathLike, name: str, value) -> None:
+    """Set one field of the dictionary folder's config.json, keeping every other field as it is."""
     path = check_dictionary_folder(directory)
     data = json.loads(path.read_text())
-    recorded = merged([MeasuredBudget(**row) for row in data.get("measured", [])], budgets)
-    data["measured"] = [budget.to_dict() for budget in recorded]
+    data[name] = value
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(partial, path)  # a reader sees the old file or the new one, never half of one
-    return recorded

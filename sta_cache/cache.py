@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 from transformers import PretrainedConfig
@@ -20,7 +21,7 @@ from .dictionary import KVDictionary
 from .geometry import FULL_ATTENTION, SLIDING_LAYER_TYPES
 from .layer import SparseSemanticLayer
 from .memory import owned, storage_bytes
-from .validation import check_cache_arguments
+from .validation import check_cache_arguments, per_layer_atoms
 
 DEFAULT_RESIDUAL_LENGTH = 64
 DEFAULT_NUM_SINK_TOKENS = 4
@@ -134,6 +135,11 @@ def model_config(config: PretrainedConfig | None, model: torch.nn.Module | None)
     return config
 
 
+def _as_given(atoms: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
+    """A budget as the cache keeps it: an int for every layer, or a tuple of one per dictionary layer."""
+    return tuple(atoms) if isinstance(atoms, Sequence) else atoms
+
+
 def _leading(values: torch.Tensor) -> str:
     """The first three values of a vector, for a message."""
     return "[" + ", ".join(f"{v:.4g}" for v in values[:3].tolist()) + ", ...]"
@@ -167,7 +173,8 @@ class SparseSemanticCache(Cache):
     directly; any other implementation gets the compressed tokens rebuilt densely by ``update``.
 
     ``k_key`` / ``k_value`` (ints from 1 to the dictionary's N atoms) default to the dictionary's budget (8 / 16
-    unless it says otherwise). ``coefficient_dtype`` stores coefficients in another float dtype than the model's
+    unless it says otherwise); a list of one int per dictionary layer (``dictionary.config.layer_indices`` order)
+    gives each layer its own budget. ``coefficient_dtype`` stores coefficients in another float dtype than the model's
     (a ``torch.dtype``, e.g. ``torch.float8_e4m3fn``; not a string; values beyond its range are clamped, with a
     warning); ``coefficient_bits=b`` (2 to 8) stores each vector's coefficients as signed b-bit levels on one
     float8 scale instead (4 bits at 8/8 measured the best use of bits near 2 bits per element, README "Quality");
@@ -196,8 +203,8 @@ class SparseSemanticCache(Cache):
         self,
         dictionary: KVDictionary,
         *,
-        k_key: int | None = None,
-        k_value: int | None = None,
+        k_key: int | Sequence[int] | None = None,
+        k_value: int | Sequence[int] | None = None,
         residual_length: int = DEFAULT_RESIDUAL_LENGTH,
         num_sink_tokens: int = DEFAULT_NUM_SINK_TOKENS,
         encode_batch: int = DEFAULT_ENCODE_BATCH,
@@ -246,6 +253,7 @@ class SparseSemanticCache(Cache):
         pack_indices = False if pack_indices is None else pack_indices
         check_cache_arguments(
             n_atoms=meta.n_atoms,
+            num_layers=len(meta.layer_indices),
             k_key=k_key,
             k_value=k_value,
             residual_length=residual_length,
@@ -259,7 +267,14 @@ class SparseSemanticCache(Cache):
             value_bits=value_bits,
         )
         self.dictionary = dictionary
-        self.k_key, self.k_value, self.value_bits = k_key, k_value, value_bits
+        self.k_key, self.k_value, self.value_bits = _as_given(k_key), _as_given(k_value), value_bits
+        layers_of = lambda name, atoms: dict(  # noqa: E731
+            zip(meta.layer_indices, per_layer_atoms(name, atoms, len(meta.layer_indices), meta.n_atoms), strict=True)
+        )
+        layer_atoms = {
+            "key": layers_of("k_key", k_key),
+            "value": dict.fromkeys(meta.layer_indices) if value_bits is not None else layers_of("k_value", k_value),
+        }
         self.residual_length, self.num_sink_tokens = residual_length, num_sink_tokens
         if config is not None:
             layer_types = check_model_fits(dictionary, config)
@@ -273,8 +288,8 @@ class SparseSemanticCache(Cache):
                     SparseSemanticLayer(
                         dictionary[i],
                         layer_idx=i,
-                        k_key=self.k_key,
-                        k_value=self.k_value,
+                        k_key=layer_atoms["key"][i],
+                        k_value=layer_atoms["value"][i],
                         key_space=meta.key_space,
                         encoder=meta.encoder,
                         rope_scaling=meta.rope_scaling,

@@ -249,11 +249,28 @@ def build_parser() -> argparse.ArgumentParser:
         "it, as SparseSemanticCache(..., bits_per_element=B) picks it (alone, it replaces --budgets' default)",
     )
     evaluate.add_argument(
+        "--allocate-bits",
+        type=_float_list,
+        default=None,
+        help="bits per element, e.g. 2.3,3: one STA row each whose atoms per layer and kind are allocated to fit it "
+        "(coefficients and packing as the other STA rows) where the layer sensitivity says they lower the loss "
+        "most. The sensitivity comes from --sensitivity, else the dictionary's config, else it is measured first "
+        "on 2 x 768 tokens of the training split (one run per layer, kind and atom count: ~25 min for SmolLM2) and "
+        "saved to OUT/sensitivity.json (and into the dictionary with --record-budgets). Alone, it replaces "
+        "--budgets' default",
+    )
+    evaluate.add_argument(
+        "--sensitivity",
+        default=None,
+        help="a sensitivity.json that an earlier eval wrote, for --allocate-bits (instead of measuring again)",
+    )
+    evaluate.add_argument(
         "--record-budgets",
         action="store_true",
         default=None,
         help="write the STA rows' bits per element and perplexity ratios into the dictionary folder's config.json "
-        "('measured'), where bits_per_element= and --target-bits choose from (a local folder, not a Hub id)",
+        "('measured'), where bits_per_element= and --target-bits choose from (a local folder, not a Hub id); with "
+        "--allocate-bits also the layer sensitivity ('sensitivity')",
     )
     evaluate.add_argument(
         "--paths", type=_str_list, default=None, help="attention paths for STA, among sta,sdpa (default both)"

@@ -258,6 +258,9 @@ class EvalConfig:
     rotated_budgets: list[tuple[int, int]] = field(default_factory=list)
     # bits per element: one STA row each, the dictionary's best measured budget at or under it (bits_per_element=)
     target_bits: list[float] = field(default_factory=list)
+    # bits per element: one STA row each with atoms per layer and kind allocated from the layer sensitivity
+    allocate_bits: list[float] = field(default_factory=list)
+    sensitivity: str | None = None  # a sensitivity.json to allocate from (else the dictionary's, else measured)
     record_budgets: bool = False  # write the STA rows' measurements into the dictionary folder's config.json
     paths: list[str] = field(default_factory=lambda: ["sta", "sdpa"])  # attention paths for SparseSemanticCache
     sdpa_budgets: list[tuple[int, int]] | None = None  # budgets also run on "sdpa" (None: all budgets)
@@ -287,7 +290,7 @@ class EvalConfig:
             if name is not None:
                 check_choice("coefficient dtype", name, CoefficientDtype)
         check_choice("passkey_feed", self.passkey_feed, PasskeyFeed)
-        for bits in self.target_bits:
+        for bits in self.target_bits + self.allocate_bits:
             if not bits > 0:
                 raise ValueError(f"target bits per element must be positive, got {bits}")
         if not self.rotation_seeds:
@@ -312,8 +315,8 @@ class EvalConfig:
                 rotation_seeds=[0, 1],
             )
         base.update({k: v for k, v in overrides.items() if v is not None})
-        if overrides.get("target_bits") and overrides.get("budgets") is None:
-            base["budgets"] = []  # --target-bits alone evaluates exactly the budgets it chooses
+        if (overrides.get("target_bits") or overrides.get("allocate_bits")) and overrides.get("budgets") is None:
+            base["budgets"] = []  # --target-bits / --allocate-bits alone evaluate exactly the budgets they choose
         return cls(**base)
 
     def lengths(self) -> list[int]:

@@ -8,6 +8,7 @@ import os
 import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -18,11 +19,14 @@ from .budgets import MeasuredBudget
 from .configs import Encoder, KeySpace, check_choice
 from .memory import storage_bytes
 from .sae import TopKSAE
-from .validation import check_flag, check_int, check_positive_float
+from .validation import check_flag, check_int, check_positive_float, per_layer_atoms
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "dictionary.safetensors"
+if TYPE_CHECKING:
+    from .allocation import LayerSensitivity
+
 KINDS = ("key", "value")
 SAE_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # config.json records the sha256 of the tensors under this key (not a config field: it describes the file).
@@ -61,6 +65,7 @@ class KVDictionaryConfig:
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     measured: list[dict] = field(default_factory=list)  # MeasuredBudget fields: what bits_per_element chooses from
+    sensitivity: dict = field(default_factory=dict)  # LayerSensitivity fields: what per-layer budgets are chosen by
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -102,11 +107,29 @@ class KVDictionaryConfig:
         if not isinstance(self.measured, list) or not all(isinstance(row, dict) for row in self.measured):
             raise TypeError(f"measured must be a list of JSON objects, got {self.measured!r}")
         for budget in self.measured_budgets:
-            check_int("a measured budget's k_key", budget.k_key, minimum=1, maximum=self.n_atoms, bound=" (n_atoms)")
+            per_layer_atoms("a measured budget's k_key", budget.k_key, len(self.layer_indices), self.n_atoms)
             if budget.value_bits is None:
-                check_int(
-                    "a measured budget's k_value", budget.k_value, minimum=1, maximum=self.n_atoms, bound=" (n_atoms)"
-                )
+                per_layer_atoms("a measured budget's k_value", budget.k_value, len(self.layer_indices), self.n_atoms)
+
+        sensitivity = self.layer_sensitivity
+        if sensitivity is not None and sensitivity.num_layers != len(self.layer_indices):
+            raise ValueError(
+                f"sensitivity has {sensitivity.num_layers} layers, the dictionary {len(self.layer_indices)}"
+            )
+
+    @property
+    def layer_sensitivity(self) -> LayerSensitivity | None:
+        """How much each layer and kind loses with few atoms (:mod:`sta_cache.allocation`), if it was measured."""
+        from .allocation import LayerSensitivity  # allocation reads dictionaries
+
+        if not self.sensitivity:
+            return None
+        if not isinstance(self.sensitivity, dict):
+            raise TypeError(f"sensitivity must be a JSON object (a dict), got {self.sensitivity!r}")
+        try:
+            return LayerSensitivity(**self.sensitivity)
+        except TypeError as error:  # a missing or unknown field
+            raise TypeError(f"sensitivity has the wrong fields: {error}") from None
 
     @property
     def measured_budgets(self) -> list[MeasuredBudget]:

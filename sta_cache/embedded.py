@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 __all__ = [
     "default_cache_dir",
     "eval_texts",
+    "text_windows",
     "gemma3_path",
     "load_default_model",
     "load_model",
@@ -232,17 +233,29 @@ def eval_texts(
     n_tokens: int,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> list[torch.LongTensor]:
-    """``n_texts`` disjoint windows of exactly ``n_tokens`` token ids (1-D) from the eval split, for perplexity.
+    """``n_texts`` disjoint windows of exactly ``n_tokens`` token ids (1-D) from the eval split, for perplexity
+    (:func:`text_windows`)."""
+    return text_windows(tokenizer, "eval", n_texts, n_tokens, cache_dir)
+
+
+def text_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    split: Literal["train", "eval"],
+    n_texts: int,
+    n_tokens: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> list[torch.LongTensor]:
+    """``n_texts`` disjoint windows of exactly ``n_tokens`` token ids (1-D) from the Wikipedia ``split``.
 
     Windows start at evenly spaced offsets of the tokenized split, so they cover many articles; a tokenizer
     that adds a BOS token gets it as the first of the ``n_tokens`` ids of each window.
     """
-    text = wikipedia_text("eval", cache_dir).read_text("utf-8")
+    text = wikipedia_text(split, cache_dir).read_text("utf-8")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     bos_id = tokenizer.bos_token_id
     bos = [bos_id] if bos_id is not None and tokenizer("x")["input_ids"][:1] == [bos_id] else []
     body = n_tokens - len(bos)
     stride = len(ids) // n_texts if n_texts > 0 else 0
     if n_texts <= 0 or body <= 0 or stride < body:
-        raise ValueError(f"cannot cut {n_texts} windows of {n_tokens} tokens from {len(ids)} eval tokens")
+        raise ValueError(f"cannot cut {n_texts} windows of {n_tokens} tokens from {len(ids)} {split} tokens")
     return [torch.tensor(bos + ids[i * stride : i * stride + body], dtype=torch.long) for i in range(n_texts)]

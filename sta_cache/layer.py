@@ -41,6 +41,16 @@ def index_dtype(n_atoms: int) -> torch.dtype:
     return torch.int32
 
 
+def atom_code_bytes(
+    k: int, n_atoms: int, *, pack_indices: bool, coefficient_dtype: torch.dtype, coefficient_bits: int | None = None
+) -> int:
+    """Bytes of one key or value vector stored as ``k`` atoms of ``n_atoms``: the indices (packed into
+    ceil(log2 N) bits each, or in :func:`index_dtype`) and the coefficients (``coefficient_dtype`` floats, or a row
+    of ``coefficient_bits`` levels on a float8 scale)."""
+    indices = packed_bytes(k, n_atoms) if pack_indices else k * index_dtype(n_atoms).itemsize
+    return indices + (level_row_bytes(k, coefficient_bits) if coefficient_bits else k * coefficient_dtype.itemsize)
+
+
 class SparseSemanticLayer(CacheLayerMixin):
     """The cache of one attention layer.
 
@@ -194,8 +204,16 @@ class SparseSemanticLayer(CacheLayerMixin):
         pre-RoPE keys keep."""
         total = 4 if self.key_space == "pre_rope" else 0
         for kind in KINDS:
-            total += self.index_width(kind) * self.stored_index_dtype.itemsize
-            total += self.coefficient_width(kind) * self.stored_dtype(kind).itemsize
+            if self.rotated(kind):
+                total += self.coefficient_width(kind)  # one uint8 row: the gain byte and the packed codes
+            else:
+                total += atom_code_bytes(
+                    self.k[kind],
+                    self.n_atoms,
+                    pack_indices=self.pack_indices,
+                    coefficient_dtype=self.coefficient_dtype,
+                    coefficient_bits=self.coefficient_bits,
+                )
         return total
 
     def rotated(self, kind: str) -> bool:

@@ -12,6 +12,7 @@ import importlib.util
 import math
 import numbers
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -40,6 +41,23 @@ def check_int(name: str, value: object, *, minimum: int, maximum: int | None = N
         raise TypeError(f"{name} must be an int {valid}, got {value!r} ({type(value).__name__})")
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an int {valid}, got {value}")
+
+
+def per_layer_atoms(name: str, value: object, num_layers: int, n_atoms: int) -> tuple[int, ...]:
+    """``k_key`` / ``k_value`` for each of a dictionary's ``num_layers`` layers: one int for all of them, or a
+    sequence of one int per layer (in ``layer_indices`` order), each from 1 to ``n_atoms``."""
+    bound = " (the dictionary's N atoms)"
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != num_layers:
+            raise ValueError(
+                f"{name} per layer needs one int for each of the dictionary's {num_layers} layers (in layer_indices "
+                f"order), got {len(value)}"
+            )
+        for i, atoms in enumerate(value):
+            check_int(f"{name}[{i}]", atoms, minimum=1, maximum=n_atoms, bound=bound)
+        return tuple(int(atoms) for atoms in value)
+    check_int(name, value, minimum=1, maximum=n_atoms, bound=bound + ", or a list of one per layer")
+    return (int(value),) * num_layers
 
 
 def check_flag(name: str, value: object) -> None:
@@ -98,6 +116,7 @@ def check_coefficient_dtype(dtype: object) -> None:
 def check_cache_arguments(
     *,
     n_atoms: int,
+    num_layers: int | None = None,
     k_key: object,
     k_value: object,
     residual_length: object,
@@ -111,11 +130,16 @@ def check_cache_arguments(
     value_bits: object = None,
 ) -> None:
     """The arguments of a :class:`SparseSemanticCache` (and of each of its layers), for a dictionary of
-    ``n_atoms`` atoms. ``k_value`` is None exactly when ``value_bits`` codes the values."""
-    check_int("k_key", k_key, minimum=1, maximum=n_atoms, bound=" (the dictionary's N atoms)")
-    if value_bits is None:
-        check_int("k_value", k_value, minimum=1, maximum=n_atoms, bound=" (the dictionary's N atoms)")
-    else:
+    ``n_atoms`` atoms. For a cache of ``num_layers`` dictionary layers ``k_key`` / ``k_value`` are one int for
+    every layer or one per layer (:func:`per_layer_atoms`); for one layer (``num_layers`` None) an int.
+    ``k_value`` is None exactly when ``value_bits`` codes the values."""
+    kinds = ("k_key", k_key), ("k_value", k_value)
+    for name, atoms in kinds if value_bits is None else kinds[:1]:
+        if num_layers is None:
+            check_int(name, atoms, minimum=1, maximum=n_atoms, bound=" (the dictionary's N atoms)")
+        else:
+            per_layer_atoms(name, atoms, num_layers, n_atoms)
+    if value_bits is not None:
         check_int("value_bits", value_bits, minimum=2, maximum=8)
         if k_value is not None:
             raise ValueError(

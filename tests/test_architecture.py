@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sta_cache"
 # What `SparseSemanticCache` needs at inference, and what it is built on. Everything else (collect, embedded, demo,
 # training/, evaluation/, cli) may import the core, never the other way round.
 CORE = (
+    "allocation",
     "attention",
     "budgets",
     "cache",

@@ -15,10 +15,15 @@ def _fmt(value, spec: str = ".3f", missing: str = "—") -> str:
 
 def _setting(row: dict) -> str:
     p = row["params"]
+    if row["family"] == "sta" and "allocated_bits" in p and "k_key" not in p:
+        return f"atoms per layer for {p['allocated_bits']:g} bits: none fit"
     if row["family"] == "sta" and "k_key" not in p:
         return f"bits_per_element={p['target_bits']:g}: no measured budget fits"
     if row["family"] == "sta":
         extra = f", coef {p['coefficient_dtype']}" + (", packed idx" if p.get("pack_indices") else "")
+        if "allocated_bits" in p:
+            spans = {kind: f"{min(p[kind])}-{max(p[kind])}" for kind in ("k_key", "k_value")}
+            extra += f", atoms per layer: keys {spans['k_key']}, values {spans['k_value']} (results.json)"
         return f"N={p['n_atoms']} {p.get('encoder', '')}, window {p['window']} + {p['sinks']} sinks{extra}"
     if row["family"] == "rotated":
         return (

@@ -25,25 +25,30 @@ import time
 import traceback
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from statistics import fmean
 
 import torch
 from tqdm.auto import tqdm
 
-from ..budgets import check_dictionary_folder, measured_budgets, record_budgets
+from ..allocation import LayerSensitivity
+from ..budgets import check_dictionary_folder, measured_budgets, record_budgets, write_config_field
 from ..configs import EvalConfig
-from ..embedded import eval_texts
+from ..embedded import eval_texts, text_windows
 from .bytes import amortised_bits_per_element, cache_bytes
 from .figures import plot_amortised, plot_pareto
 from .inputs import file_texts, prepare
 from .passkey import greedy_answer, passkey_correct, passkey_suite
 from .perplexity import perplexity
 from .report import render_report
+from .sensitivity import measure_sensitivity
 from .specs import CacheSpec, cache_specs
 
 __all__ = ["AMORTISED_CONTEXTS", "run_eval"]
 
 AMORTISED_CONTEXTS = (2048, 32768)  # contexts (batch 1) over which the dictionary bytes are amortised
+# --allocate-bits measures a dictionary's layer sensitivity on this much training text when it has none
+SENSITIVITY_TEXTS, SENSITIVITY_TOKENS, SENSITIVITY_PREFILL = 2, 768, 256
 
 
 def _evaluate_spec(model, tokenizer, spec: CacheSpec, texts, prompts, config: EvalConfig) -> dict:
@@ -156,6 +161,47 @@ def _add_ratios(rows: list[dict]) -> None:
             row["compression_vs_dynamic"] = dense["bytes"]["per_token"] / row["bytes"]["per_token"]
 
 
+def _layer_sensitivity(model, tokenizer, dictionary, config: EvalConfig, out: Path) -> LayerSensitivity:
+    """The layer sensitivity that ``--allocate-bits`` allocates from: ``config.sensitivity``'s file, else the
+    dictionary's, else measured now on the training split (never the held-out texts), saved to
+    ``out/sensitivity.json`` and, with ``record_budgets``, into the dictionary folder."""
+    if config.sensitivity:
+        sensitivity = LayerSensitivity(**json.loads(Path(config.sensitivity).read_text()))
+    elif dictionary.config.layer_sensitivity is not None:
+        sensitivity = dictionary.config.layer_sensitivity
+    else:
+        texts = text_windows(tokenizer, "train", SENSITIVITY_TEXTS, SENSITIVITY_TOKENS)
+        model.set_attn_implementation("sdpa")
+        sensitivity = measure_sensitivity(
+            model,
+            dictionary,
+            texts,
+            prefill=SENSITIVITY_PREFILL,
+            chunk=config.chunk,
+            cache_arguments=dict(
+                residual_length=config.residual_length,
+                num_sink_tokens=config.num_sink_tokens,
+                value_pursuit=config.value_pursuit,
+            ),
+            measured_on=(
+                f"{SENSITIVITY_TEXTS} texts x {SENSITIVITY_TOKENS} tokens of the embedded Wikipedia train split, "
+                f"prefill {SENSITIVITY_PREFILL}, chunks of {config.chunk}, window {config.residual_length} + "
+                f"{config.num_sink_tokens} sinks"
+            ),
+            progress=config.progress,
+        )
+        (out / "sensitivity.json").write_text(json.dumps(sensitivity.to_dict(), indent=1) + "\n")
+        if config.record_budgets:
+            write_config_field(config.dictionary, "sensitivity", sensitivity.to_dict())
+    layers = len(dictionary.config.layer_indices)
+    if sensitivity.num_layers != layers:
+        raise ValueError(
+            f"the sensitivity covers {sensitivity.num_layers} layers, the dictionary {layers}: it was measured for "
+            "another dictionary"
+        )
+    return sensitivity
+
+
 def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, texts=None) -> dict:
     """Run every configuration, write ``results.json``, ``report.md`` and ``pareto.png`` to ``config.out``;
     return the results. ``model``/``tokenizer``/``dictionary``/``texts`` may be passed in (tests)."""
@@ -170,14 +216,19 @@ def run_eval(config: EvalConfig, model=None, tokenizer=None, dictionary=None, te
     elif texts is None:
         texts = eval_texts(tokenizer, config.n_texts, config.context)
     prompts = passkey_suite(tokenizer, config)
-    specs = cache_specs(model, dictionary, config)
+    sensitivity = _layer_sensitivity(model, tokenizer, dictionary, config, out) if config.allocate_bits else None
+    specs = cache_specs(model, dictionary, config, sensitivity)
     rows = []
     results = {
         "config": {k: v for k, v in asdict(config).items() if k != "progress"},
         "model": getattr(model.config, "_name_or_path", config.model),
         "dictionary": {
             "path": config.dictionary,
-            **{k: v for k, v in asdict(dictionary.config).items() if k not in ("training", "evaluation", "measured")},
+            **{
+                k: v
+                for k, v in asdict(dictionary.config).items()
+                if k not in ("training", "evaluation", "measured", "sensitivity")
+            },
         },
         "texts": {
             "source": config.texts or "embedded Wikipedia eval split",

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import Cache
 
 from .. import geometry
+from ..allocation import LayerSensitivity, allocate, code_bytes_per_vector_pair
 from ..baselines import KiviCache, RotatedQuantizedCache
 from ..baselines.kivi import DEFAULT_GROUP
 from ..baselines.rotated import split_bits
@@ -24,6 +26,7 @@ from ..budgets import best_budget, budget_split
 from ..cache import SparseSemanticCache
 from ..configs import EvalConfig
 from ..dtypes import SHORT_NAMES, coefficient_arguments
+from ..layer import atom_code_bytes
 from .bytes import cache_bytes
 from .passkey import feed
 
@@ -43,8 +46,9 @@ class CacheSpec:
     seeds: list[int] = field(default_factory=list)  # runs averaged into the row (the rotated quantizer's draws)
 
 
-def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
-    """The configurations to run, in table order. Baselines that cannot be built here come back with a reason."""
+def cache_specs(model, dictionary, config: EvalConfig, sensitivity: LayerSensitivity | None = None) -> list[CacheSpec]:
+    """The configurations to run, in table order. Baselines that cannot be built here come back with a reason.
+    ``sensitivity`` allocates the per-layer rows of ``config.allocate_bits``."""
     specs = [
         CacheSpec(
             "DynamicCache",
@@ -81,6 +85,9 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
                         {**params, "pack_indices": config.pack_indices},
                     )
                 )
+    for bits in config.allocate_bits:
+        for dtype_name in config.coefficient_dtypes:
+            specs.extend(_allocated_specs(model, dictionary, config, sensitivity, bits, dtype_name))
     for bits in config.target_bits:
         try:
             budget = best_budget(dictionary.config.measured_budgets, bits)
@@ -105,6 +112,49 @@ def cache_specs(model, dictionary, config: EvalConfig) -> list[CacheSpec]:
         make_spec = {"rotated": _rotated_spec, "kivi": _kivi_spec}.get(backend, _quantized_spec)
         specs.append(make_spec(model, baseline, config))
     return specs
+
+
+def _allocated_specs(
+    model, dictionary, config: EvalConfig, sensitivity: LayerSensitivity, bits: float, dtype_name: str | None
+) -> list[CacheSpec]:
+    """The rows of one ``--allocate-bits`` target: atoms per layer and kind that fit ``bits`` per element with
+    coefficients stored as ``dtype_name``, chosen by :func:`~sta_cache.allocation.allocate`."""
+    meta = dictionary.config
+    storage = coefficient_arguments(dtype_name)
+    vector_bytes = partial(
+        atom_code_bytes,
+        n_atoms=meta.n_atoms,
+        pack_indices=config.pack_indices,
+        coefficient_dtype=storage["coefficient_dtype"] or model.dtype,
+        coefficient_bits=storage["coefficient_bits"],
+    )
+    dtype_label = f", {SHORT_NAMES[dtype_name]}" if dtype_name else ""
+    try:
+        k_key, k_value = allocate(sensitivity, vector_bytes, code_bytes_per_vector_pair(bits, meta))
+    except ValueError as error:
+        name = f"STA per layer for {bits:g} bits{dtype_label}"
+        return [CacheSpec(name, "sta", "sta", None, {"allocated_bits": bits}, str(error))]
+    params = dict(
+        k_key=k_key,
+        k_value=k_value,
+        value_bits=None,
+        coefficient_dtype=dtype_name or _dtype_name(model.dtype),
+        pack_indices=config.pack_indices,
+        allocated_bits=bits,
+    )
+    split = budget_split(k_key, k_value, None)
+    return [
+        _sta_spec(
+            model,
+            dictionary,
+            config,
+            f"STA {split} for {bits:g} bits{dtype_label} ({path})",
+            path,
+            {"k_key": k_key, "k_value": k_value, **storage, "pack_indices": config.pack_indices},
+            params,
+        )
+        for path in config.paths
+    ]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
