@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bits per element, e.g. 2.3,3: one STA row each whose atoms per layer and kind are allocated to fit it "
         "(coefficients and packing as the other STA rows) where the layer sensitivity says they lower the loss "
         "most. The sensitivity comes from --sensitivity, else the dictionary's config, else it is measured first "
-        "on 2 x 768 tokens of the training split (one run per layer, kind and atom count: ~25 min for SmolLM2) and "
+        "on 2 x 768 tokens of the training split (one run per layer, kind and atom count: ~30 min for SmolLM2) and "
         "saved to OUT/sensitivity.json (and into the dictionary with --record-budgets). Alone, it replaces "
         "--budgets' default",
     )
@@ -263,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitivity",
         default=None,
         help="a sensitivity.json that an earlier eval wrote, for --allocate-bits (instead of measuring again)",
+    )
+    evaluate.add_argument(
+        "--sensitivity-atoms",
+        type=_int_list,
+        default=None,
+        help="the atom counts a layer and kind may get, each measured when the sensitivity is (default "
+        "4,6,8,12,16,24; a long head_dim wants more, e.g. 16,24,32,48,64 for Gemma-3)",
     )
     evaluate.add_argument(
         "--record-budgets",

@@ -261,6 +261,7 @@ class EvalConfig:
     # bits per element: one STA row each with atoms per layer and kind allocated from the layer sensitivity
     allocate_bits: list[float] = field(default_factory=list)
     sensitivity: str | None = None  # a sensitivity.json to allocate from (else the dictionary's, else measured)
+    sensitivity_atoms: list[int] = field(default_factory=lambda: [4, 6, 8, 12, 16, 24])  # atom counts it measures
     record_budgets: bool = False  # write the STA rows' measurements into the dictionary folder's config.json
     paths: list[str] = field(default_factory=lambda: ["sta", "sdpa"])  # attention paths for SparseSemanticCache
     sdpa_budgets: list[tuple[int, int]] | None = None  # budgets also run on "sdpa" (None: all budgets)

@@ -15,7 +15,7 @@ from sta_cache import KVDictionary, SparseSemanticCache
 from sta_cache.allocation import LayerSensitivity, allocate, code_bytes_per_vector_pair
 from sta_cache.evaluation import EvalConfig, run_eval
 from sta_cache.evaluation.bytes import cache_bytes
-from sta_cache.evaluation.sensitivity import DEFAULT_SENSITIVITY_ATOMS, measure_sensitivity
+from sta_cache.evaluation.sensitivity import measure_sensitivity
 from sta_cache.layer import atom_code_bytes
 
 
@@ -193,7 +193,7 @@ def test_the_eval_allocates_records_and_serves_a_per_layer_budget(tmp_path, monk
     saved = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
     dictionary = KVDictionary.from_pretrained(folder)
     sensitivity = dictionary.config.layer_sensitivity
-    assert sensitivity == LayerSensitivity(**saved) and sensitivity.atoms == DEFAULT_SENSITIVITY_ATOMS
+    assert sensitivity == LayerSensitivity(**saved) and sensitivity.atoms == (4, 6, 8, 12, 16, 24)
     assert "train split" in sensitivity.measured_on
     row, too_small = first["rows"][1:]
     assert not too_small["available"] and "cannot hold even 4 atoms" in too_small["reason"]
@@ -239,5 +239,8 @@ def test_the_command_line_takes_allocation_targets_and_a_sensitivity_file() -> N
     argv = ["eval", "--dictionary", "d", "--out", "o", "--allocate-bits", "2.3,3", "--sensitivity", "s.json"]
     config = EvalConfig.preset(False, **_eval_options(build_parser().parse_args(argv)))
     assert config.allocate_bits == [2.3, 3.0] and config.sensitivity == "s.json" and config.budgets == []
+    assert config.sensitivity_atoms == [4, 6, 8, 12, 16, 24]
+    argv += ["--sensitivity-atoms", "16,32,64"]
+    assert EvalConfig.preset(False, **_eval_options(build_parser().parse_args(argv))).sensitivity_atoms == [16, 32, 64]
     with pytest.raises(ValueError, match="target bits per element must be positive"):
         EvalConfig(allocate_bits=[-1])

@@ -176,6 +176,7 @@ def _layer_sensitivity(model, tokenizer, dictionary, config: EvalConfig, out: Pa
             model,
             dictionary,
             texts,
+            atoms=tuple(config.sensitivity_atoms),
             prefill=SENSITIVITY_PREFILL,
             chunk=config.chunk,
             cache_arguments=dict(

@@ -20,9 +20,7 @@ from ..cache import SparseSemanticCache
 from ..compat import cache_kwargs
 from ..dictionary import KINDS, KVDictionary
 
-__all__ = ["DEFAULT_SENSITIVITY_ATOMS", "measure_sensitivity"]
-
-DEFAULT_SENSITIVITY_ATOMS = (4, 6, 8, 12, 16, 24)
+__all__ = ["measure_sensitivity"]
 
 
 @torch.no_grad()
@@ -31,7 +29,7 @@ def measure_sensitivity(
     dictionary: KVDictionary,
     texts: Iterable[torch.Tensor],
     *,
-    atoms: tuple[int, ...] = DEFAULT_SENSITIVITY_ATOMS,
+    atoms: tuple[int, ...],
     prefill: int = 256,
     chunk: int = 64,
     cache_arguments: dict | None = None,
