@@ -14,6 +14,7 @@ from sta_cache.budgets import MeasuredBudget, best_budget, measured_budgets, rec
 from sta_cache.dictionary import DictionaryFormatError
 from sta_cache.dtypes import coefficient_arguments
 from sta_cache.evaluation import EvalConfig, cache_bytes, run_eval
+from sta_cache.validation import per_layer_atoms
 
 SHIPPED = "sta-cache/SmolLM2-135M-Instruct"
 GEMMA = "sta-cache/gemma-3-270m"
@@ -81,14 +82,18 @@ def test_the_shipped_dictionary_serves_a_size_and_stores_what_it_recorded(name, 
         for other in dictionary.config.measured_budgets
         if other.bits_per_element <= bits
     )
+    meta = dictionary.config
+    layers = len(meta.layer_indices)
+    k_key = per_layer_atoms("k_key", chosen.k_key, layers, meta.n_atoms)  # a per-layer budget, or one for all
+    k_value = per_layer_atoms("k_value", chosen.k_value, layers, meta.n_atoms) if chosen.value_bits is None else None
+    for j, layer in enumerate(cache.sparse_layers):
+        assert (layer.k["key"], layer.value_bits) == (k_key[j], chosen.value_bits)
+        assert layer.k["value"] == (layer.head_dim if k_value is None else k_value[j])
     layer = cache.sparse_layers[0]
-    assert (layer.k["key"], layer.value_bits) == (chosen.k_key, chosen.value_bits)
-    assert layer.k["value"] == (chosen.k_value if chosen.value_bits is None else layer.head_dim)
     storage = coefficient_arguments(chosen.coefficient_dtype)
     assert layer.requested_coefficient_dtype == storage["coefficient_dtype"] and layer.pack_indices
     assert layer.coefficient_bits == storage["coefficient_bits"]
     generator = torch.Generator().manual_seed(int(bits * 10))
-    meta = dictionary.config
     for i in range(meta.num_layers):
         states = torch.randn(1, meta.num_kv_heads, 90, meta.head_dim, generator=generator)
         cache.update(states, states.clone(), i)
