@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_float_list,
         default=None,
         help="bits per element, e.g. 2,3: one STA row each with the dictionary's best measured budget at or under "
-        "it, as SparseSemanticCache(..., bits_per_element=B) picks it (alone, it replaces --budgets' default)",
+        "it, as SparseSemanticCache(..., bits_per_element=B) picks it (alone, it replaces --budgets' default; "
+        "default: 2,3 when the dictionary records measured budgets, as the shipped ones do)",
     )
     evaluate.add_argument(
         "--allocate-bits",

@@ -30,6 +30,8 @@ PasskeyFeed = Literal["generate", "chunked"]  # one prefill as model.generate, o
 DEFAULT_SINKS = 4  # SparseSemanticCache keeps the first 4 tokens dense: no need to learn them
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)  # the k grid of `sta-cache analyze`
 DEFAULT_BUDGETS = ((4, 8), (8, 16), (16, 32))  # (k_key, k_value) rows of `sta-cache eval`
+# sizes `sta-cache eval` also shows by default, as bits_per_element= serves them, for a dictionary that records budgets
+DEFAULT_TARGET_BITS = (2.0, 3.0)
 # Baseline rows of `sta-cache eval`: the rotated Lloyd-Max quantizer (sta_cache.baselines.rotated) at 2-3.5 bits per
 # coordinate, KIVI-2 with groups of 32 (sta_cache.baselines.kivi), and transformers' QuantizedCache backends.
 DEFAULT_BASELINES = (
@@ -256,8 +258,9 @@ class EvalConfig:
     budgets: list[tuple[int, int]] = field(default_factory=lambda: [tuple(b) for b in DEFAULT_BUDGETS])
     # (k_key, value_bits) rows: key atoms, values rotated at value_bits bits per coordinate (rotated_values.py)
     rotated_budgets: list[tuple[int, int]] = field(default_factory=list)
-    # bits per element: one STA row each, the dictionary's best measured budget at or under it (bits_per_element=)
-    target_bits: list[float] = field(default_factory=list)
+    # bits per element: one STA row each, the dictionary's best measured budget at or under it (bits_per_element=);
+    # None: DEFAULT_TARGET_BITS if the dictionary records measured budgets, else none
+    target_bits: list[float] | None = None
     # bits per element: one STA row each with atoms per layer and kind allocated from the layer sensitivity
     allocate_bits: list[float] = field(default_factory=list)
     sensitivity: str | None = None  # a sensitivity.json to allocate from (else the dictionary's, else measured)
@@ -291,7 +294,7 @@ class EvalConfig:
             if name is not None:
                 check_choice("coefficient dtype", name, CoefficientDtype)
         check_choice("passkey_feed", self.passkey_feed, PasskeyFeed)
-        for bits in self.target_bits + self.allocate_bits:
+        for bits in (self.target_bits or []) + self.allocate_bits:
             if not bits > 0:
                 raise ValueError(f"target bits per element must be positive, got {bits}")
         if not self.rotation_seeds:
@@ -319,6 +322,13 @@ class EvalConfig:
         if (overrides.get("target_bits") or overrides.get("allocate_bits")) and overrides.get("budgets") is None:
             base["budgets"] = []  # --target-bits / --allocate-bits alone evaluate exactly the budgets they choose
         return cls(**base)
+
+    def sizes(self, has_measured_budgets: bool) -> list[float]:
+        """The ``target_bits`` rows to run: the given ones, else the default sizes if the dictionary records any
+        measured budget (our storage at its best beside the fixed budgets), else none."""
+        if self.target_bits is not None:
+            return list(self.target_bits)
+        return list(DEFAULT_TARGET_BITS) if has_measured_budgets else []
 
     def lengths(self) -> list[int]:
         """Passkey prompt lengths: the given ones (capped at ``max_context``), else powers of two from 512."""

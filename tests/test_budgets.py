@@ -256,3 +256,21 @@ def test_the_command_line_takes_rotated_value_budgets() -> None:
     assert config.budgets == [(8, 16), (12, 12)] and config.rotated_budgets == [(10, 3)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--dictionary", SHIPPED, "--out", "o", "--budgets", "10/x3"])
+
+
+def test_the_default_eval_shows_the_sizes_a_dictionary_serves_when_it_records_budgets() -> None:
+    """Our storage at its best beside the fixed budgets: a dictionary that records measured budgets gets the rows
+    bits_per_element=2 and 3 serve; one that records none gets no row that could only say so; an explicit
+    --target-bits list (empty too) is taken as given."""
+    from sta_cache.evaluation.specs import cache_specs
+
+    model = tiny_model("llama")
+    shipped = KVDictionary.from_pretrained(SHIPPED)
+    names = [spec.name for spec in cache_specs(model, shipped, EvalConfig(baselines=[]))]  # paths sta and sdpa
+    sizes = [name for name in names if "<=" in name]
+    assert len(sizes) == 2 and all(name.endswith("(sta)") for name in sizes)  # the storage, on one path
+    for bits, name in zip((2, 3), sizes, strict=True):
+        assert name.startswith(f"STA <= {bits} bits: {best_budget(shipped.config.measured_budgets, bits).split}, ")
+    plain = make_dictionary(model)
+    assert not [s for s in cache_specs(model, plain, EvalConfig(baselines=[])) if "<=" in s.name]
+    assert not [s for s in cache_specs(model, shipped, EvalConfig(baselines=[], target_bits=[])) if "<=" in s.name]

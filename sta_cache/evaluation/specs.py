@@ -88,13 +88,15 @@ def cache_specs(model, dictionary, config: EvalConfig, sensitivity: LayerSensiti
     for bits in config.allocate_bits:
         for dtype_name in config.coefficient_dtypes:
             specs.extend(_allocated_specs(model, dictionary, config, sensitivity, bits, dtype_name))
-    for bits in config.target_bits:
+    # the default sizes show the storage, so they run on the "sta" path alone when it is one of the paths
+    size_paths = config.paths if config.target_bits is not None or "sta" not in config.paths else ["sta"]
+    for bits in config.sizes(bool(dictionary.config.measured)):
         try:
             budget = best_budget(dictionary.config.measured_budgets, bits)
         except ValueError as error:
             specs.append(CacheSpec(f"STA <= {bits:g} bits", "sta", "sta", None, {"target_bits": bits}, str(error)))
             continue
-        for path in config.paths:
+        for path in size_paths:
             label = f"STA <= {bits:g} bits: {budget.split}, {SHORT_NAMES[budget.coefficient_dtype]}"
             specs.append(
                 _sta_spec(
