@@ -1,6 +1,7 @@
 /* CPU kernels of the cache (see cpu_kernels.py, which builds and loads this file): decode-into-attention over Top-K
- * codes (sta_attention, reproducing reference.py's sparse_attention_reference in one call) and OMP
- * encode-on-append (reproducing omp_encode_reference).
+ * codes (sta_attention, reproducing reference.py's sparse_attention_reference in one call), OMP
+ * encode-on-append (reproducing omp_encode_reference) and the codes of rotated values (sta_rotated_encode,
+ * reproducing rotated_values.py's PyTorch path).
  *
  * Each kernel streams the codes once, a block of tokens at a time: indices (uint8 / int16 / int32 / int64, or
  * bit-packed) and coefficients (float32 / float16 / bfloat16, or one-byte floats through a 256-entry table) are
@@ -917,4 +918,46 @@ int sta_omp_encode_gram(const float *targets, const float *atoms, const void *co
         free(projections);
     }
     return failed;
+}
+
+/* ------------------------------------------------------------------------------------- rotated values */
+
+/* The codes of rotated values (rotated_values.py): for each of m vectors, its rotated coordinates r [dim] and their
+ * norm, each coordinate y = r_e / norm goes to the cell of the ascending `thresholds` (lloyd_max.codebook_cells:
+ * the count of thresholds strictly below y, 16 coordinates per comparison); the cells are bit-packed
+ * little-endian, `bits` each, into rows[v][1 ..] (byte 0, the float8 scale, is left to the caller), and gains[v]
+ * is the least-squares scale of the codebook values onto r: sum(r q) / sum(q q). One pass over each vector
+ * instead of the PyTorch path's dozen passes over all of them. dim is a multiple of 16. */
+void sta_rotated_encode(const float *rotated, const float *norms, const float *thresholds, int32_t n_thresholds,
+                        const float *codebook, int32_t bits, int64_t m, int64_t dim, uint8_t *rows, int64_t row_bytes,
+                        float *gains, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t v = 0; v < m; v++) {
+        const float *r = rotated + v * dim;
+        uint8_t *out = rows + v * row_bytes + 1;
+        uint64_t pending = 0; /* bits not yet written, the oldest lowest */
+        int held = 0;
+        float along = 0.0f, square = 0.0f;
+        for (int64_t e = 0; e < dim; e += 16) {
+            vec16 y;
+            memcpy(&y, r + e, sizeof y);
+            y /= norms[v];
+            ivec16 cell = {0};
+            for (int32_t t = 0; t < n_thresholds; t++) cell -= y > ((vec16){0} + thresholds[t]); /* true is -1 */
+            for (int lane = 0; lane < 16; lane++) {
+                const float q = codebook[cell[lane]];
+                along += r[e + lane] * q;
+                square += q * q;
+                pending |= (uint64_t)cell[lane] << held;
+                held += bits;
+                while (held >= 8) {
+                    *out++ = (uint8_t)pending;
+                    pending >>= 8;
+                    held -= 8;
+                }
+            }
+        }
+        if (held) *out = (uint8_t)pending;
+        gains[v] = along / square;
+    }
 }

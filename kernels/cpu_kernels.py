@@ -250,6 +250,7 @@ def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
         "sta_attention": ([ctypes.POINTER(_Attention), codes, codes, p, i32], ctypes.c_int),
         "sta_omp_encode": ([p, p, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
         "sta_omp_encode_gram": ([p, p, p, i32, p, i64, i64, i64, i64, f32, i32, p, p, i32], ctypes.c_int),
+        "sta_rotated_encode": ([p, p, p, i32, p, i32, i64, i64, p, i64, p, i32], None),
     }
     for symbol, (argtypes, restype) in signatures.items():
         try:
@@ -502,6 +503,41 @@ def omp_encode(
     if failed:
         raise MemoryError("the OMP kernel could not allocate its scratch memory")
     return indices, coefficients.to(x.dtype)
+
+
+def rotated_levels(
+    rotated: torch.Tensor, norms: torch.Tensor, thresholds: torch.Tensor, codebook: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of rotated values in C, as ``rotated_values.RotatedValueCoder`` computes them in PyTorch:
+    ``rotated [M, d]`` coordinates and their ``norms [M]`` -> ``uint8 [M, 1 + ceil(d * bits / 8)]`` rows whose
+    byte 0 (the float8 scale) is left 0 for the caller and whose other bytes hold each coordinate's codebook cell
+    bit-packed (``packing.pack_level_rows``' layout), and the float32 ``gains [M]``, sum(r q) / sum(q q) with ``q``
+    the cells' codebook values. The cells equal PyTorch's exactly; a gain differs from its float32 sum only in the
+    summation order."""
+    m, d = rotated.shape
+    if not fits(d):
+        raise ValueError(f"the C kernels need head_dim a multiple of 16 up to {MAX_HEAD_DIM}, got {d}")
+    if codebook.numel() != 1 << bits or thresholds.numel() != codebook.numel() - 1:
+        raise ValueError(f"a {bits}-bit codebook has {1 << bits} values and {(1 << bits) - 1} thresholds")
+    rotated, norms = rotated.float().contiguous(), norms.float().reshape(m).contiguous()
+    thresholds, codebook = thresholds.float().contiguous(), codebook.float().contiguous()
+    rows = torch.zeros(m, 1 + math.ceil(d * bits / 8), dtype=torch.uint8)
+    gains = torch.empty(m, dtype=torch.float32)
+    library().sta_rotated_encode(
+        rotated.data_ptr(),
+        norms.data_ptr(),
+        thresholds.data_ptr(),
+        thresholds.numel(),
+        codebook.data_ptr(),
+        bits,
+        m,
+        d,
+        rows.data_ptr(),
+        rows.shape[1],
+        gains.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return rows, gains
 
 
 @functools.cache

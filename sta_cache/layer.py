@@ -402,7 +402,7 @@ class SparseSemanticLayer(CacheLayerMixin):
         batch, heads, n, d = states.shape
         k, sae, pursuit = self.k[kind], self.sae[kind], self.pursuit[kind]
         if self.rotated(kind):
-            rows, clamped = self.value_coder.encode(states.float() - sae["b_dec"].view(1, -1, 1, d))
+            rows, clamped = self.value_coder.encode(states.float() - sae["b_dec"].view(1, -1, 1, d), self.backend)
             if clamped and not self.warned_clamping:
                 self._warn_clamping("the float8 gain of rotated values (448)")
             return states.new_empty(batch, heads, n, 0, dtype=self.stored_index_dtype), rows

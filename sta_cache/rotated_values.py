@@ -22,6 +22,7 @@ import functools
 
 import torch
 
+from .kernels import cpu_kernels
 from .kernels.reference import LEVEL_SCALE_DTYPE
 from .lloyd_max import codebook_cells, codebook_thresholds, sphere_coordinate_codebook
 from .packing import pack_level_rows
@@ -52,16 +53,27 @@ class RotatedValueCoder:
         self.codebook = sphere_coordinate_codebook(head_dim, bits).to(device)
         self.thresholds = codebook_thresholds(self.codebook)
 
-    def encode(self, centred: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def encode(self, centred: torch.Tensor, backend: str = "torch") -> tuple[torch.Tensor, bool]:
         """``centred [..., d]`` (values minus the bias) -> ``uint8 [..., level_row_bytes(d, bits)]`` rows, and
-        whether some gain was beyond the float8 scale's largest (448) and clamped (that vector is coded short)."""
+        whether some gain was beyond the float8 scale's largest (448) and clamped (that vector is coded short).
+        ``backend="cpu"`` finds the cells, gains and packed rows in one C pass (``cpu_kernels.rotated_levels``);
+        any other backend in PyTorch, the reference."""
         centred = centred.float()
         rotated = centred @ self.rotation.T  # coordinates on the atoms: centred = rotated @ rotation
         norm = centred.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        codes = codebook_cells(rotated / norm, self.thresholds)
-        quantized = self.codebook[codes.long()]
-        gain = (rotated * quantized).sum(-1, keepdim=True) / (quantized * quantized).sum(-1, keepdim=True)
+        in_c = backend == "cpu" and rotated.device.type == "cpu"
+        if in_c:
+            flat = rotated.reshape(-1, rotated.shape[-1])
+            rows, gain = cpu_kernels.rotated_levels(flat, norm.reshape(-1), self.thresholds, self.codebook, self.bits)
+            rows, gain = rows.view(*rotated.shape[:-1], -1), gain.view(*rotated.shape[:-1], 1)
+        else:
+            codes = codebook_cells(rotated / norm, self.thresholds)
+            quantized = self.codebook[codes.long()]
+            gain = (rotated * quantized).sum(-1, keepdim=True) / (quantized * quantized).sum(-1, keepdim=True)
         limit = torch.finfo(LEVEL_SCALE_DTYPE).max
         clamped = bool((gain > limit).any())
         scale = gain.clamp(max=limit).to(LEVEL_SCALE_DTYPE)  # to the nearest float8
+        if in_c:
+            rows[..., :1] = scale.view(torch.uint8)
+            return rows, clamped
         return pack_level_rows(scale, codes, self.bits), clamped

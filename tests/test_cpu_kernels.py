@@ -11,7 +11,16 @@ import torch
 
 from kernel_cases import ATTENTION_CASES, F32, TOL, gen, make_cache, make_mask, randn, rel_err
 from sta_cache.kernels import cpu_kernels, dispatch, reference
-from sta_cache.packing import index_bits, pack_indices, pack_levels, uniform_levels, unpack_level_rows, unpack_levels
+from sta_cache.kernels.reference import LEVEL_SCALE_DTYPE
+from sta_cache.packing import (
+    index_bits,
+    pack_indices,
+    pack_level_rows,
+    pack_levels,
+    uniform_levels,
+    unpack_level_rows,
+    unpack_levels,
+)
 from sta_cache.rotated_values import RotatedValueCoder
 
 
@@ -249,3 +258,40 @@ def test_kernels_build_without_openmp(monkeypatch, tmp_path) -> None:
         assert len(list((tmp_path / "kernels").glob("*.so"))) == 1
     finally:
         cpu_kernels.reset()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_cpu_rotated_levels_are_the_pytorch_cells_and_gains(bits) -> None:
+    """The C pass over rotated values gives PyTorch's cells bit for bit (coordinates exactly on a threshold, zero
+    vectors and non-unit norms included), packed as ``pack_level_rows`` packs them, and the float64 least-squares
+    gains to float32 rounding."""
+    coder = RotatedValueCoder(64, bits, layer_idx=1, device=torch.device("cpu"))
+    g = gen(bits)
+    rotated = torch.randn(257, 64, generator=g) * torch.rand(257, 1, generator=g) * 40
+    rotated[0] = 0
+    norms = rotated.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    on = coder.thresholds[:64]
+    norms[1], rotated[1, : len(on)] = 2.0, 2.0 * on  # exactly on a threshold after the division: the lower cell
+    rows, gains = cpu_kernels.rotated_levels(rotated, norms, coder.thresholds, coder.codebook, bits)
+    cells = torch.bucketize(rotated / norms[:, None], coder.thresholds)
+    expected = pack_level_rows(torch.zeros(257, 1, dtype=LEVEL_SCALE_DTYPE), cells, bits)
+    assert rows.shape == expected.shape and torch.equal(rows, expected)
+    q = coder.codebook.double()[cells]
+    exact = (rotated.double() * q).sum(-1) / q.square().sum(-1)
+    assert torch.allclose(gains.double(), exact, rtol=1e-5, atol=1e-6) and gains[0] == 0
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_rotated_values_code_alike_on_the_cpu_backend_and_in_pytorch(bits) -> None:
+    """``RotatedValueCoder.encode`` through the C pass stores the rows of the PyTorch reference: the same packed
+    cells, and the same float8 gain but where the float32 gain lies within rounding of a float8 midpoint."""
+    coder = RotatedValueCoder(64, bits, layer_idx=4, device=torch.device("cpu"))
+    g = gen(10 + bits)
+    centred = torch.randn(2, 3, 500, 64, generator=g) * torch.linspace(0.2, 4.0, 64) * 5
+    reference_rows, reference_clamped = coder.encode(centred)
+    rows, clamped = coder.encode(centred, "cpu")
+    assert rows.shape == reference_rows.shape and clamped == reference_clamped is False
+    assert torch.equal(rows[..., 1:], reference_rows[..., 1:])
+    scales = [r[..., :1].contiguous().view(LEVEL_SCALE_DTYPE).float() for r in (rows, reference_rows)]
+    assert (rows[..., 0] == reference_rows[..., 0]).float().mean() > 0.999
+    assert torch.allclose(scales[0], scales[1], rtol=0.07)  # at most one float8 step apart
