@@ -10,9 +10,9 @@ over all layers, at 16 tokens per call (decode) and at 1,024 (a prompt, coded la
 
 ``--generate 1024,4096,16384`` times ``model.generate`` end to end from held-out prompts of those lengths, greedy
 to the largest of ``--new-tokens`` (64,512): time to the first token and to each of ``--new-tokens``, against
-DynamicCache's on the same prompt, in ``--reps`` rounds that each run every cache in turn (medians; each ratio is
-the median of the rounds' ratios, so drift of the machine between rounds cancels). ``--generate-only`` skips the
-step table.
+DynamicCache's on the same prompt. Both tables run ``--reps`` rounds that each run every cache in turn (medians;
+each ratio is the median of the rounds' ratios, so drift of the machine between rounds cancels); ``--setups``
+narrows the step table to some caches. ``--generate-only`` skips the step table.
 
 Rows marked ``torch`` attend and encode through the PyTorch path, ``cpu`` through the C kernels
 (kernels/cpu_kernels.c). Post-RoPE rows use ``--post-rope-dictionary`` (scores gathered from one
@@ -24,6 +24,7 @@ Rows marked ``torch`` attend and encode through the PyTorch path, ``cpu`` throug
     python benchmarks/bench_decode_cpu.py --contexts 1024,4096,16384,32768 --threads 2 \
         --quality eval_fp32/results.json eval_fp8/results.json
     python benchmarks/bench_decode_cpu.py --generate 1024,4096 --new-tokens 64 --reps 3 --generate-only
+    python benchmarks/bench_decode_cpu.py --contexts 1024,4096 --reps 5 --setups "8/r3" "8/16 pre-RoPE (sta, cpu)"
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -167,7 +169,15 @@ def main() -> None:
         "--reps",
         type=int,
         default=1,
-        help="for --generate: rounds of every cache in turn; the table gives medians, ratios paired within a round",
+        help="rounds of every cache in turn, for the step table and --generate alike; the tables give medians, each "
+        "ratio the median of the rounds' ratios to DynamicCache",
+    )
+    parser.add_argument(
+        "--setups",
+        nargs="*",
+        default=[],
+        help="step table only: the setups whose names contain one of these strings, e.g. '8/r3' '8/16 pre-RoPE "
+        "(sta, cpu)' (DynamicCache always runs; default: all)",
     )
     parser.add_argument("--generate-only", action="store_true", help="skip the decode-step table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
@@ -233,30 +243,36 @@ def main() -> None:
         results = {"threads": args.threads, "versions": versions(), "rows": rows, "generate": generated}
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
+    step_setups = [name for name in setups if name.startswith("DynamicCache") or _chosen(name, args.setups)]
     for context in [] if args.generate_only else [int(c) for c in args.contexts.split(",")]:
-        for name, (attention, make, fill, quality_name) in setups.items():
-            model.set_attn_implementation(attention)
-            cache = make()
-            fill(cache, config, context)
-            stored = cache_bytes(cache)["total"]
-            times = step_times(model, cache, args.steps)
-            row = {
-                "cache": name,
-                "context": context,
-                "median_ms": statistics.median(times),
-                "mean_ms": statistics.fmean(times),
-                "bytes_per_token": stored / context,
-                "perplexity_ratio": quality[quality_name[0]].get(quality_name[1]) if quality_name else None,
-            }
-            if isinstance(cache, SparseSemanticCache):
-                row["encode_ms_per_token"] = encode_ms_per_token(cache, config, ENCODE_BATCH)
-                row["prefill_encode_ms_per_token"] = encode_ms_per_token(cache, config, PREFILL_TOKENS)
-            rows.append(row)
-            print(
-                f"{name:38s} ctx {context:6d}  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms  "
-                f"{row['bytes_per_token']:8.0f} B/token",
-                flush=True,
-            )
+        rounds = []  # rounds[r][name]: that cache's step times in round r
+        for round_index in range(args.reps):
+            rounds.append({})
+            for name in step_setups:
+                attention, make, fill, quality_name = setups[name]
+                model.set_attn_implementation(attention)
+                cache = make()
+                fill(cache, config, context)
+                times = step_times(model, cache, args.steps)
+                rounds[-1][name] = times
+                print(
+                    f"{name:38s} ctx {context:6d}  round {round_index + 1}  median {statistics.median(times):7.1f} ms  "
+                    f"mean {statistics.fmean(times):7.1f} ms",
+                    flush=True,
+                )
+                if round_index == 0:
+                    rows.append(
+                        {
+                            "cache": name,
+                            "context": context,
+                            "bytes_per_token": cache_bytes(cache)["total"] / context,
+                            "perplexity_ratio": quality[quality_name[0]].get(quality_name[1]) if quality_name else None,
+                        }
+                    )
+                    if isinstance(cache, SparseSemanticCache):
+                        rows[-1]["encode_ms_per_token"] = encode_ms_per_token(cache, config, ENCODE_BATCH)
+                        rows[-1]["prefill_encode_ms_per_token"] = encode_ms_per_token(cache, config, PREFILL_TOKENS)
+        step_rows(rows, rounds, context)
     generate_setups = [
         "DynamicCache (sdpa)",
         "QuantizedCache quanto int4 (sdpa)",
@@ -283,16 +299,37 @@ def main() -> None:
                     )
         generated += generate_rows(rounds, length)
         write()
-    dense = {row["context"]: row for row in rows if row["cache"].startswith("DynamicCache")}
-    for row in rows:
-        row["mean_vs_dynamic"] = row["mean_ms"] / dense[row["context"]]["mean_ms"]
-        row["compression"] = dense[row["context"]]["bytes_per_token"] / row["bytes_per_token"]
     write()
     if rows:
         plot(rows, args.out / "decode_latency.png")
         print_step_table(rows, args)
     if generated:
         print_generate_table(generated)
+
+
+def _chosen(name: str, wanted: list[str]) -> bool:
+    """Whether setup ``name`` is asked for by ``--setups`` (parts of names; none: all)."""
+    return not wanted or any(part in name for part in wanted)
+
+
+def step_rows(rows: list[dict], rounds: list[dict[str, list[float]]], context: int) -> None:
+    """Complete ``context``'s rows from the rounds' step times: medians over the rounds, and the ratio to
+    DynamicCache as the median of each round's ratio of mean steps (drift between rounds cancels)."""
+    dense = next(name for name in rounds[0] if name.startswith("DynamicCache"))
+    for row in rows:
+        if row["context"] != context:
+            continue
+        name = row["cache"]
+        each = [statistics.fmean(r[name]) / statistics.fmean(r[dense]) for r in rounds]
+        row.update(
+            rounds=len(rounds),
+            median_ms=statistics.median(statistics.median(r[name]) for r in rounds),
+            mean_ms=statistics.median(statistics.fmean(r[name]) for r in rounds),
+            mean_vs_dynamic=statistics.median(each),
+            mean_vs_dynamic_each_round=each,
+        )
+        dense_row = next(r for r in rows if r["context"] == context and r["cache"] == dense)
+        row["compression"] = dense_row["bytes_per_token"] / row["bytes_per_token"]
 
 
 def print_step_table(rows: list[dict], args) -> None:
@@ -343,7 +380,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 4.8))
-    colours = iter(plt.get_cmap("tab10").colors)
+    colours = itertools.cycle(plt.get_cmap("tab20").colors)  # 11 setups besides DynamicCache: more than tab10
     for name in dict.fromkeys(row["cache"] for row in rows):
         points = [(row["context"], row["mean_ms"]) for row in rows if row["cache"] == name]
         # the baseline in black; the PyTorch path and the dense path dashed, the C kernels solid

@@ -3,8 +3,8 @@
 Each op has a PyTorch reference (``reference.py``), a Triton kernel and a C kernel. ``backend="torch"`` runs the
 references; ``backend="triton"`` runs the Triton kernels, on CUDA or on the CPU under ``TRITON_INTERPRET=1``;
 ``backend="cpu"`` runs decode-into-attention, the OMP encoder and rotated values' codes through the C kernels
-(``cpu_kernels.c``, compiled once per machine) and the Top-K encoder through its reference. Triton is imported only when a Triton backend is
-asked for.
+(``cpu_kernels.c``, compiled once per machine) and the Top-K encoder through its reference. Triton is imported
+only when a Triton backend is asked for.
 """
 
 from __future__ import annotations
