@@ -316,6 +316,7 @@ def step_rows(rows: list[dict], rounds: list[dict[str, list[float]]], context: i
     """Complete ``context``'s rows from the rounds' step times: medians over the rounds, and the ratio to
     DynamicCache as the median of each round's ratio of mean steps (drift between rounds cancels)."""
     dense = next(name for name in rounds[0] if name.startswith("DynamicCache"))
+    dense_row = next(row for row in rows if row["context"] == context and row["cache"] == dense)
     for row in rows:
         if row["context"] != context:
             continue
@@ -328,7 +329,6 @@ def step_rows(rows: list[dict], rounds: list[dict[str, list[float]]], context: i
             mean_vs_dynamic=statistics.median(each),
             mean_vs_dynamic_each_round=each,
         )
-        dense_row = next(r for r in rows if r["context"] == context and r["cache"] == dense)
         row["compression"] = dense_row["bytes_per_token"] / row["bytes_per_token"]
 
 
