@@ -115,9 +115,9 @@ def milliseconds(fn, reps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", default="1024,4096,16384,32768")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--contexts", default="1024,4096,16384,32768", help="cache lengths in tokens, comma-separated")
+    parser.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per cell; the table gives their median")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]

@@ -151,11 +151,15 @@ def generate_rows(rounds: list[dict[str, list[dict]]], length: int) -> list[dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--dictionary", default="sta-cache/SmolLM2-135M-Instruct")
-    parser.add_argument("--contexts", default="1024,4096,16384")
+    parser.add_argument("--model", default="smollm2", help="an embedded model (smollm2, gemma3), a folder or a Hub id")
+    parser.add_argument(
+        "--dictionary", default="sta-cache/SmolLM2-135M-Instruct", help="the pre-RoPE dictionary (folder or Hub id)"
+    )
+    parser.add_argument(
+        "--contexts", default="1024,4096,16384", help="step table: cache lengths in tokens, comma-separated"
+    )
     parser.add_argument("--steps", type=int, default=16, help="timed steps (16 = one encoder batch)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads")
     parser.add_argument("--post-rope-dictionary", default=None, help="a post-RoPE dictionary (folder or Hub id)")
     parser.add_argument("--quality", type=Path, nargs="*", default=[], help="results.json files of `sta-cache eval`")
     parser.add_argument("--post-rope-quality", type=Path, nargs="*", default=[], help="the same, post-RoPE dictionary")
@@ -180,7 +184,12 @@ def main() -> None:
         "(sta, cpu)' (DynamicCache always runs; default: all)",
     )
     parser.add_argument("--generate-only", action="store_true", help="skip the decode-step table")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_cpu"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/decode_cpu"),
+        help="folder for results.json and the step table's decode_latency.png",
+    )
     args = parser.parse_args()
     if args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")

@@ -35,17 +35,28 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def parse_args() -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 32768, 131072] if cuda else [1024, 4096])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16] if cuda else [1, 4])
-    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--q-heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[1024, 4096, 32768, 131072] if cuda else [1024, 4096],
+        help="cache lengths in tokens",
+    )
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16] if cuda else [1, 4], help="batch sizes")
+    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dims d")
+    p.add_argument("--q-heads", type=int, default=32, help="query heads Hq")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads Hkv (dividing Hq)")
     p.add_argument("--atoms", type=int, default=4096, help="dictionary size N")
-    p.add_argument("--k-key", type=int, default=8)
-    p.add_argument("--k-value", type=int, default=16)
-    p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--window", type=int, default=128)
-    p.add_argument("--dtype", choices=DTYPES, default="float16" if cuda else "float32")
+    p.add_argument("--k-key", type=int, default=8, help="atoms per coded key")
+    p.add_argument("--k-value", type=int, default=16, help="atoms per coded value")
+    p.add_argument("--sinks", type=int, default=4, help="dense attention-sink tokens")
+    p.add_argument("--window", type=int, default=128, help="dense recent tokens")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float16" if cuda else "float32",
+        help="dtype of every tensor: queries, dense keys and values, coefficients, atoms",
+    )
     p.add_argument(
         "--peak-gbps",
         type=float,
@@ -53,7 +64,9 @@ def parse_args() -> argparse.Namespace:
         help="peak memory bandwidth for the byte floor (default: H100 on GPU, measured copy on CPU)",
     )
     p.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (median)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results", help="folder for results.json, .md and .png"
+    )
     return p.parse_args()
 
 

@@ -32,10 +32,12 @@ SETUPS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dictionary", default="sta-cache/SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--dictionary", default="sta-cache/SmolLM2-135M-Instruct", help="the SmolLM2 dictionary (folder or Hub id)"
+    )
     parser.add_argument("--prompts", default="1024,4096", help="prompt lengths in tokens")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3, help="rounds of every setup in turn; the table gives medians")
+    parser.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2")

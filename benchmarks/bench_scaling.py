@@ -60,9 +60,9 @@ def mib(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--n-atoms", type=int, default=1024)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072], help="context lengths in tokens")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8], help="tensor-parallel degrees (ranks)")
+    parser.add_argument("--n-atoms", type=int, default=1024, help="atoms per dictionary (N)")
     args = parser.parse_args()
     dictionaries = {per_head: one_layer(per_head, args.n_atoms) for per_head in (False, True)}
     print(

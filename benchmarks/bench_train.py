@@ -46,13 +46,13 @@ MODELS = (
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="vector widths to time")
     p.add_argument("--ks", type=int, nargs="+", default=[8, 16], help="k of keys and of values")
     p.add_argument("--vectors", type=int, default=16000, help="training vectors per dictionary")
-    p.add_argument("--atoms", type=int, default=1024)
+    p.add_argument("--atoms", type=int, default=1024, help="atoms per dictionary (N)")
     p.add_argument("--iterations", type=int, default=6, help="MOD iterations of the projected runs")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 8], help="process counts of the projection")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed iterations per cell; the table gives their median")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args()
 

@@ -119,6 +119,30 @@ def test_every_cli_option_says_what_it_does_and_lists_its_choices() -> None:
                 assert by_dest[mode].choices, f"{name} --{mode} lists no choices"
 
 
+def test_every_benchmark_option_says_what_it_does() -> None:
+    """Benchmarks are scripts (run, not imported), so their parsers are read from the source: every
+    ``add_argument`` call carries a ``help=`` that is a real sentence, or ``argparse.SUPPRESS`` for internal ones."""
+    import ast
+
+    scripts = sorted((REPO / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 8
+    options = 0
+    for script in scripts:
+        for node in ast.walk(ast.parse(script.read_text(), filename=str(script))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                options += 1
+                where = f"{script.name}:{node.lineno}"
+                given = {keyword.arg: keyword.value for keyword in node.keywords}
+                assert "help" in given, f"{where}: no help text"
+                text = given["help"]
+                if isinstance(text, ast.Attribute):
+                    assert text.attr == "SUPPRESS", f"{where}: help is {ast.unparse(text)}"
+                    continue
+                literal = ast.literal_eval(text) if not isinstance(text, ast.JoinedStr) else ast.unparse(text)
+                assert isinstance(literal, str) and len(literal) > 10, f"{where}: help {literal!r} says too little"
+    assert options >= 40
+
+
 def test_train_device_option(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
