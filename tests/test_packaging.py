@@ -4,6 +4,7 @@ library that transformers imports, with that library installed or not; ``import 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import os
 import site
@@ -121,9 +122,8 @@ def test_every_cli_option_says_what_it_does_and_lists_its_choices() -> None:
 
 def test_every_benchmark_option_says_what_it_does() -> None:
     """Benchmarks are scripts (run, not imported), so their parsers are read from the source: every
-    ``add_argument`` call carries a ``help=`` that is a real sentence, or ``argparse.SUPPRESS`` for internal ones."""
-    import ast
-
+    ``add_argument`` call carries a ``help=`` of more than ten characters, or ``argparse.SUPPRESS`` for internal
+    ones."""
     scripts = sorted((REPO / "benchmarks").glob("*.py"))
     assert len(scripts) >= 8
     options = 0
